@@ -1,0 +1,1 @@
+"""TOPD: trajectory-aware on-policy distillation on Megatron-Core."""

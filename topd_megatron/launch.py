@@ -1,0 +1,152 @@
+"""Run a function on N local ranks (gloo on CPU, NCCL on GPU) and collect every rank's result or traceback.
+
+Used by the distributed tests and by `topd run` for single-machine runs. Clusters launch through torchrun or srun
+instead (see `topd_megatron.parallel.init_distributed`), which read the same environment variables this module sets.
+
+    results = spawn(fn, world_size=2, args=(cfg,), timeout=300)   # fn(rank, world_size, *args) -> picklable
+
+Guarantees:
+- every rank's exception is reported with its full traceback (all failing ranks, not only the first);
+- a hung run is stopped after `timeout` seconds: live ranks first dump their Python stacks (faulthandler on SIGUSR1),
+  which are included in the error, then they are killed by PID;
+- ranks are started with the `spawn` method, so `fn` must be importable (a module-level function).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+class DistributedFailure(RuntimeError):
+    """One or more ranks raised, died or hung; the message holds every rank's report."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on `host` a moment ago (the OS may reuse it; callers bind soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: tuple,
+    env: dict[str, str],
+    result_dir: str,
+    init_process_group: bool,
+) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    stack_file = open(Path(result_dir) / f"stacks.{rank}.txt", "w")  # noqa: SIM115 - lives as long as the process
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    out = Path(result_dir) / f"result.{rank}.pkl"
+    try:
+        if init_process_group:
+            from topd_megatron.parallel import init_process_group as _init
+
+            _init()
+        value = fn(rank, world_size, *args)
+        payload = ("ok", value)
+    except BaseException:  # noqa: BLE001 - reported to the parent verbatim
+        payload = ("error", traceback.format_exc())
+    try:
+        blob = pickle.dumps(payload)
+    except Exception:  # noqa: BLE001
+        blob = pickle.dumps(("error", f"rank {rank}: result is not picklable:\n{traceback.format_exc()}"))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(out)
+    if init_process_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    init_process_group: bool = True,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` fresh processes and return the per-rank results.
+
+    Each rank gets MASTER_ADDR=127.0.0.1, a free MASTER_PORT, RANK/LOCAL_RANK/WORLD_SIZE, plus `env`. With
+    `init_process_group` the default process group (gloo on CPU, NCCL on GPU) is created before `fn` runs and
+    destroyed after it. Raises `DistributedFailure` naming every rank that failed, died or timed out.
+    """
+    ctx = mp.get_context("spawn")
+    base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    base_env.update(env or {})
+    with tempfile.TemporaryDirectory(prefix="topd-spawn-") as result_dir:
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, tuple(args), base_env, result_dir, init_process_group),
+                daemon=False,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        reports: dict[int, str] = {}
+        results: dict[int, Any] = {}
+        pending = set(range(world_size))
+        while pending:
+            for rank in sorted(pending):
+                out = Path(result_dir) / f"result.{rank}.pkl"
+                p = procs[rank]
+                if out.exists():
+                    status, value = pickle.loads(out.read_bytes())
+                    if status == "ok":
+                        results[rank] = value
+                    else:
+                        reports[rank] = value
+                    pending.discard(rank)
+                elif not p.is_alive():
+                    p.join()
+                    reports[rank] = f"process exited with code {p.exitcode} before reporting a result"
+                    pending.discard(rank)
+            if reports and pending:
+                # One rank failed: the others are probably blocked in a collective; give them a moment to fail too.
+                deadline = min(deadline, time.monotonic() + 10.0)
+            if pending and time.monotonic() > deadline:
+                for rank in sorted(pending):
+                    pid = procs[rank].pid
+                    if pid is not None and procs[rank].is_alive():
+                        os.kill(pid, signal.SIGUSR1)
+                time.sleep(1.0)
+                for rank in sorted(pending):
+                    stacks = (Path(result_dir) / f"stacks.{rank}.txt").read_text()
+                    reports[rank] = f"timed out after {timeout:.0f}s; Python stacks at the time:\n{stacks}"
+                    procs[rank].kill()
+                pending.clear()
+            if pending:
+                time.sleep(0.05)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if reports:
+        parts = [f"--- rank {r} ---\n{reports[r]}" for r in sorted(reports)]
+        raise DistributedFailure(f"{len(reports)} of {world_size} ranks failed:\n" + "\n".join(parts))
+    return [results[r] for r in range(world_size)]
