@@ -75,7 +75,11 @@ def dist_env() -> dict[str, str]:
         out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+        out = {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        }
     else:
         out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if "MASTER_ADDR" in env:
