@@ -1,0 +1,154 @@
+"""Student/teacher agreement, position by position, on tensor-parallel gloo (or NCCL) ranks.
+
+The smallest real piece of TOPD: both models score the same (prompt, response) sequences, logits stay sharded over
+the vocabulary, and for every response position we report whether the two models' top-1 tokens agree, the reverse
+KL(student || teacher) computed on the shards (`topd_megatron.loss.token_divergence`), and both models'
+log-probabilities of the actual token. High-divergence positions are exactly TOPD's candidates.
+
+    topd agree --tp 2                 # tiny embedded pair, 2 gloo ranks
+    torchrun --nproc-per-node 8 -m topd_megatron.cli agree --student S --teacher T --tp 8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from topd_megatron.models.build import ModelConfig
+from topd_megatron.parallel import ParallelConfig
+
+DEFAULT_EXAMPLES = (
+    ("Compute 12 + 7.", "We add 12 and 7 to get 19. The answer is \\boxed{19}."),
+    ("What is 6 times 9?", "6 * 9 = 54, so the answer is 54."),
+    ("Compute 31 + 25.", "We add 31 and 25 to get 56. The answer is \\boxed{56}."),
+    ("What is 13 times 3?", "13 * 3 = 39, so the answer is 39."),
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class AgreementConfig:
+    """Which models to compare, on which layout and which sequences."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    examples: tuple[tuple[str, str], ...] = DEFAULT_EXAMPLES
+    """(user prompt, assistant response) pairs, rendered with the student's chat template."""
+
+
+def encode_examples(tokenizer: Any, examples: tuple[tuple[str, str], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids [n, s] and a response mask [n, s] (1 on response tokens, incl. the final EOS)."""
+    rows, masks = [], []
+    for prompt, response in examples:
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        )
+        full = _ids(full)
+        prefix = _ids(prefix)
+        if full[: len(prefix)] != prefix:
+            raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
+        # Keep the response through its end-of-turn token.
+        end = full.index(tokenizer.eos_token_id, len(prefix)) + 1 if tokenizer.eos_token_id in full else len(full)
+        rows.append(full[:end])
+        masks.append([0] * len(prefix) + [1] * (end - len(prefix)))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float32)
+    return tokens, mask
+
+
+def _ids(encoded: Any) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def _vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, group: Any) -> torch.Tensor:
+    """Global argmax over the vocabulary of sharded logits [..., V_local], ignoring padded ids (no gather of V)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    v_local = logits.shape[-1]
+    ids = torch.arange(rank * v_local, (rank + 1) * v_local, device=logits.device)
+    masked = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
+    local_max, local_idx = masked.max(dim=-1)
+    best = local_max.clone()
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+    # Ties across shards resolve to the smallest global id, as torch.argmax over the full vocabulary would.
+    candidate = torch.where(local_max == best, local_idx + rank * v_local, torch.full_like(local_idx, 2**62))
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    del world
+    return candidate
+
+
+def run(rank: int, world: int, cfg: AgreementConfig) -> dict[str, Any] | None:
+    """Rank body: build both models on `cfg.parallel`, score the examples, return the report on the reporting rank
+    (TP rank 0 of the last pipeline stage, DP rank 0) and None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from topd_megatron.forward import forward_logits, make_microbatch
+    from topd_megatron.loss import token_divergence, token_logprobs
+    from topd_megatron.models.build import build_model
+    from topd_megatron.parallel import init_model_parallel
+    from topd_megatron.teacher import build_teacher, teacher_logits
+    from topd_megatron.tokenizer import load_tokenizer
+
+    init_model_parallel(cfg.parallel)
+    student = build_model(cfg.student, cfg.parallel, role="student")
+    for m in student.modules:
+        m.eval()
+    teacher = build_teacher(cfg.teacher, cfg.parallel, student)
+    tokenizer = load_tokenizer(student.tokenizer_dir)
+    tokens, mask = encode_examples(tokenizer, cfg.examples)
+    microbatches = [make_microbatch(tokens, mask)]
+    s_logits = forward_logits(student.modules, microbatches)
+    t_logits = teacher_logits(teacher, microbatches)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    b, s, v_local = s_logits[0].shape
+    # Position t predicts token t+1: align logits[:, :-1] with tokens[:, 1:].
+    s_pred = s_logits[0][:, :-1].reshape(-1, v_local)
+    t_pred = t_logits[0][:, :-1].reshape(-1, v_local)
+    next_tokens = tokens[:, 1:].reshape(-1)
+    kl = token_divergence(s_pred, t_pred, "reverse_kl", vocab_size=student.vocab_size, group=group)
+    s_lp = token_logprobs(s_pred, next_tokens, vocab_size=student.vocab_size, group=group)
+    t_lp = token_logprobs(t_pred, next_tokens, vocab_size=student.vocab_size, group=group)
+    s_top = _vocab_parallel_argmax(s_pred, student.vocab_size, group)
+    t_top = _vocab_parallel_argmax(t_pred, student.vocab_size, group)
+    if parallel_state.get_tensor_model_parallel_rank() != 0 or parallel_state.get_data_parallel_rank() != 0:
+        return None
+    resp = mask[:, 1:].reshape(-1) > 0
+    agree = (s_top == t_top).float()
+    positions = []
+    for i in range(b):
+        for j in range(s - 1):
+            k = i * (s - 1) + j
+            if resp[k]:
+                positions.append(
+                    {
+                        "example": i,
+                        "position": j + 1,
+                        "token": tokenizer.decode([int(next_tokens[k])]),
+                        "student_top": tokenizer.decode([int(s_top[k])]),
+                        "teacher_top": tokenizer.decode([int(t_top[k])]),
+                        "agree": bool(agree[k]),
+                        "reverse_kl": float(kl[k]),
+                        "student_logprob": float(s_lp[k]),
+                        "teacher_logprob": float(t_lp[k]),
+                    }
+                )
+    return {
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world": dist.get_world_size()},
+        "vocab_size": student.vocab_size,
+        "padded_vocab_size": student.padded_vocab_size,
+        "response_tokens": int(resp.sum()),
+        "top1_agreement": float(agree[resp].mean()),
+        "mean_reverse_kl": float(kl[resp].mean()),
+        "positions": positions,
+    }

@@ -1,0 +1,151 @@
+"""The `topd` command.
+
+    topd run tiny [--tp 2] [--pp 1] [--json-out PATH]    the main job on the tiny embedded default (CPU ranks)
+    topd agree --student DIR --teacher DIR [--tp N]      per-position student/teacher agreement on any pair
+
+On one machine, `topd` starts the ranks itself (gloo on CPU, NCCL on GPU). Under torchrun or srun (RANK/WORLD_SIZE or
+SLURM_PROCID set), it runs as one rank of the launched job instead:
+
+    torchrun --nproc-per-node 8 -m topd_megatron.cli agree --student S --teacher T --tp 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _launched_externally() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def _run_ranks(fn: Any, world: int, cfg: Any, timeout: float) -> Any:
+    """Run `fn(rank, world, cfg)` on this job's ranks and return the one non-None report (on global rank 0 only
+    when launched by torchrun/srun: the other ranks get None and print nothing)."""
+    if _launched_externally():
+        import torch.distributed as dist
+
+        from topd_megatron.parallel import init_process_group
+
+        init_process_group()
+        report = fn(dist.get_rank(), dist.get_world_size(), cfg)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, report)
+        if dist.get_rank() != 0:
+            return None
+        reports = [r for r in gathered if r is not None]
+    else:
+        from topd_megatron.launch import spawn
+
+        reports = [r for r in spawn(fn, world, (cfg,), timeout=timeout) if r is not None]
+    if len(reports) != 1:
+        raise RuntimeError(f"expected one reporting rank, got {len(reports)}")
+    return reports[0]
+
+
+def _print_agreement(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="student vs teacher, per response position (example 0)")
+    for col in ("pos", "token", "student top-1", "teacher top-1", "agree", "KL(s||t)", "log p_s", "log p_t"):
+        table.add_column(col, justify="right" if col not in ("token", "student top-1", "teacher top-1") else "left")
+    for p in report["positions"]:
+        if p["example"] != 0:
+            continue
+        table.add_row(
+            str(p["position"]),
+            repr(p["token"]),
+            repr(p["student_top"]),
+            repr(p["teacher_top"]),
+            "yes" if p["agree"] else "no",
+            f"{p['reverse_kl']:.4f}",
+            f"{p['student_logprob']:.3f}",
+            f"{p['teacher_logprob']:.3f}",
+        )
+    console.print(table)
+    layout = report["layout"]
+    console.print(
+        f"layout TP={layout['tp']} PP={layout['pp']} on {layout['world']} ranks; vocabulary {report['vocab_size']}"
+        f" ({report['padded_vocab_size']} rows); {report['response_tokens']} response tokens:"
+        f" top-1 agreement {report['top1_agreement']:.3f}, mean reverse KL {report['mean_reverse_kl']:.4f}"
+    )
+
+
+def cmd_agree(args: argparse.Namespace, student: str, teacher: str) -> int:
+    from topd_megatron import agreement
+    from topd_megatron.models.build import ModelConfig
+    from topd_megatron.parallel import ParallelConfig
+
+    cfg = agreement.AgreementConfig(
+        student=ModelConfig(path=student, dtype=args.dtype),
+        teacher=ModelConfig(path=teacher, dtype=args.dtype),
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp),
+    )
+    _preflight(cfg)
+    report = _run_ranks(agreement.run, args.tp * args.pp, cfg, timeout=args.timeout)
+    if report is None:
+        return 0
+    _print_agreement(report)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def _preflight(cfg: Any) -> None:
+    """Cheap checks before any rank starts: checkpoints complete, layouts valid, tokenizers identical."""
+    from transformers import AutoConfig
+
+    from topd_megatron.models.build import check_layout, checkpoint_kind
+    from topd_megatron.tokenizer import check_same_tokenizer
+
+    dirs = {}
+    for role in ("student", "teacher"):
+        mcfg = getattr(cfg, role)
+        kind = checkpoint_kind(mcfg.path)
+        dirs[role] = mcfg.path if kind == "hf" else f"{mcfg.path}/hf"
+        check_layout(AutoConfig.from_pretrained(dirs[role], local_files_only=True), cfg.parallel, mcfg, role)
+    check_same_tokenizer(dirs["student"], dirs["teacher"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="topd", description="TOPD: trajectory-aware on-policy distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (ranks on this machine: tp*pp)")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--json-out", default=None, help="also write the report as JSON here")
+        p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a hung run is stopped")
+
+    run = sub.add_parser("run", help="run a named job; `tiny` is the embedded default")
+    run.add_argument("recipe", choices=["tiny"])
+    common(run)
+    agree = sub.add_parser("agree", help="per-position student/teacher agreement on a pair of checkpoints")
+    agree.add_argument("--student", required=True, help="HF or topd checkpoint directory")
+    agree.add_argument("--teacher", required=True, help="HF or topd checkpoint directory")
+    common(agree)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from topd_megatron.models.tiny import ensure_tiny_pair
+
+            student, teacher = ensure_tiny_pair()
+            return cmd_agree(args, str(student), str(teacher))
+        return cmd_agree(args, args.student, args.teacher)
+    except ValueError as e:  # configuration and input errors: one clear message, no traceback
+        print(f"topd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model construction: HF or topd checkpoints -> Megatron-Core GPT models (student and teacher)."""
