@@ -1,0 +1,376 @@
+"""The TOPD objective: OPD baselines, suppression of surface mismatches and near-future guidance (docs/topd.md).
+
+    L = L_OPD (per-token weight beta_s on non-divergent candidates, 1 elsewhere) + lambda * L_guidance
+
+with every sum normalised by N (token mean, per-sequence mean or a constant). Presets (`preset(name)`):
+
+    opd             dense OPD: L = sum_t m_t d_t / N
+    opd_pg          policy-gradient OPD: A_t = -r_t (detached), L = -sum_t m_t A_t rho_t / N
+    opd_suppress    opd + window_ot detector + suppression (beta_s = 0), no guidance: the paper's middle arm
+    topd            window_ot detector + suppression + teacher_window guidance (the paper's method; Config())
+    topd_lookahead  lookahead detector + suppression + on_path guidance: TOPD without any extra generation
+
+One micro-batch, in the loop's order (see topd_megatron/divergence.py for why detection comes first):
+
+    batch = TokenBatch(tokens=y, seq_ids=..., response_mask=m, rollout_logprobs=...)  # or TokenBatch.from_padded
+    terms = token_terms(cfg, batch, student_logits, teacher_logits, vocab_size=V, group=tp)  # [N, V_local] shards
+    cands = divergence.select_candidates(cfg.detection, batch, terms.divergence.detach())
+    u = <teacher samples K tokens after (x, y_<t) for t in cands.positions>          # window_ot only
+    det = divergence.detect(cfg.detection, batch, cands, terms.divergence.detach(), teacher_windows=u,
+                            embedding=student_embedding_shard, vocab_size=V, group=tp)
+    g_pos, g_win = det.guidance_positions(), det.guidance_windows(u)                  # teacher_window only:
+    s_b, t_b = <student and teacher logits on (x, y_<t, u_1..u_K), packed [sum(g_win.lengths), V_local]>
+    branch = branch_terms(cfg, g_pos, g_win, s_b, t_b, vocab_size=V, group=tp)
+    loss_value, metrics = loss(cfg, batch, terms, det, branch)
+    loss_value.backward()
+
+For `opd` / `opd_pg` skip the detection lines and call `loss(cfg, batch, terms)`. For `topd_lookahead` nothing is
+generated: `detect` needs only the per-token divergences and `loss` needs no branch. With the lookahead detector and
+teacher_window guidance, the loop samples teacher windows only for `det.guidance_positions()` and passes them to
+`branch_terms` directly. `token_terms` may also be run
+under `torch.no_grad()` first (to free the student's graph while the teacher generates windows) and again with
+gradients for the loss. Logits rows are aligned with `batch.tokens` (row i scores tokens[i]); `[B, T, V_local]`
+logits are accepted and flattened. The value and metrics are identical on every rank of the TP group.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from topd_megatron import divergence as divergence_mod
+from topd_megatron.divergence import Detection, TokenBatch, Windows, future_weights
+from topd_megatron.loss import token_divergence, token_logprobs
+
+PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The distillation objective; the defaults are the paper's TOPD (window_ot + suppression + teacher_window)."""
+
+    detection: divergence_mod.Config = field(default_factory=divergence_mod.Config)
+    """Candidates and detector (q, M, tau/q_D, K, OT solver, Sinkhorn, window source, lookahead gamma)."""
+    opd: Literal["dense", "pg"] = "dense"
+    """'dense': L = sum m_t d_t / N through p_t over the whole vocabulary; 'pg': the policy-gradient form."""
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    """d_t, the per-token divergence of dense OPD, of candidate selection, lookahead and on_path guidance."""
+    jsd_beta: float = 0.5
+    """beta of JSD(beta) when divergence == 'jsd'."""
+    suppress_weight: float = 0.0
+    """beta_s: OPD weight of high-loss tokens judged non-divergent (1 elsewhere)."""
+    guidance: Literal["none", "teacher_window", "on_path"] = "teacher_window"
+    """Guidance at divergent t: the branch (x, y_<t, u_1..u_K) scored by both models, or the rollout's own future."""
+    guidance_coef: float = 1.0
+    """lambda: L = L_OPD + lambda * L_guidance."""
+    guidance_weights: Literal["uniform", "geometric"] = "uniform"
+    """omega_j over a window of real length K': 1/K', or gamma_g^j normalised to sum to 1."""
+    guidance_gamma: float = 0.9
+    """gamma_g of geometric omega."""
+    guidance_divergence: Literal["reverse_kl", "forward_kl", "cross_entropy"] = "reverse_kl"
+    """g_j of teacher_window guidance: KL at each branch position, or -log p_S(u_j) (cross-entropy on u_j)."""
+    normalization: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """N: response tokens of the micro-batch; per rollout then mean over rollouts; or `normalization_constant`."""
+    normalization_constant: float | None = None
+    """N for normalization == 'constant' (e.g. the number of tokens of the whole step, for gradient accumulation)."""
+    rho_clip: float | None = 2.0
+    """opd_pg: rho_t = pi_S(y_t) / pi_rollout(y_t) truncated at this value (value and gradient weight); None: no cap."""
+    chunk_size: int | None = None
+    """Tokens per chunk of the vocab-parallel kernels (None: chosen from V_local and the device)."""
+
+    def __post_init__(self) -> None:
+        if self.opd not in ("dense", "pg"):
+            raise ValueError(f"objective.opd must be 'dense' or 'pg', got {self.opd!r}")
+        if self.divergence not in ("reverse_kl", "forward_kl", "jsd"):
+            raise ValueError(f"objective.divergence must be reverse_kl, forward_kl or jsd, got {self.divergence!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"objective.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if not 0.0 <= self.suppress_weight <= 1.0:
+            raise ValueError(f"objective.suppress_weight (beta_s) must be in [0, 1], got {self.suppress_weight}")
+        if self.guidance not in ("none", "teacher_window", "on_path"):
+            raise ValueError(f"objective.guidance must be none, teacher_window or on_path, got {self.guidance!r}")
+        if self.guidance != "none" and self.detection.detector == "none":
+            raise ValueError(
+                f"objective.guidance={self.guidance!r} needs a detector (it acts at divergent positions); set"
+                " detection.detector to 'window_ot' or 'lookahead', or guidance='none'"
+            )
+        if self.guidance_coef < 0.0:
+            raise ValueError(f"objective.guidance_coef (lambda) must be >= 0, got {self.guidance_coef}")
+        if self.guidance_weights not in ("uniform", "geometric"):
+            raise ValueError(f"objective.guidance_weights must be uniform or geometric, got {self.guidance_weights!r}")
+        if not 0.0 < self.guidance_gamma <= 1.0:
+            raise ValueError(f"objective.guidance_gamma must be in (0, 1], got {self.guidance_gamma}")
+        if self.guidance_divergence not in ("reverse_kl", "forward_kl", "cross_entropy"):
+            raise ValueError(f"objective.guidance_divergence got {self.guidance_divergence!r}")
+        if self.normalization not in ("token_mean", "sequence_mean", "constant"):
+            raise ValueError(f"objective.normalization got {self.normalization!r}")
+        if self.normalization == "constant" and not (self.normalization_constant or 0) > 0:
+            raise ValueError("objective.normalization='constant' needs normalization_constant > 0")
+        if self.rho_clip is not None and self.rho_clip <= 0.0:
+            raise ValueError(f"objective.rho_clip must be > 0 or None, got {self.rho_clip}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"objective.chunk_size must be >= 1 or None, got {self.chunk_size}")
+
+    @property
+    def omega_gamma(self) -> float:
+        """The geometric ratio of omega (1.0 gives uniform weights)."""
+        return self.guidance_gamma if self.guidance_weights == "geometric" else 1.0
+
+
+def preset(name: str) -> Config:
+    """The Config of a named algorithm (see the module docstring); change fields with dataclasses.replace."""
+    det = divergence_mod.Config
+    if name == "opd":
+        return Config(detection=det(detector="none"), guidance="none")
+    if name == "opd_pg":
+        return Config(detection=det(detector="none"), guidance="none", opd="pg")
+    if name == "opd_suppress":
+        return Config(detection=det(detector="window_ot"), guidance="none")
+    if name == "topd":
+        return Config(detection=det(detector="window_ot"), guidance="teacher_window")
+    if name == "topd_lookahead":
+        return Config(detection=det(detector="lookahead"), guidance="on_path")
+    raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenTerms:
+    """Per-token quantities on the rollout, `[N]` each, differentiable with respect to the student's logits."""
+
+    divergence: Tensor | None
+    """d_t (cfg.divergence); computed for dense OPD, for any detector and for on_path guidance."""
+    student_logprobs: Tensor | None
+    """log p_S(y_t) (opd_pg); 0 where masked."""
+    teacher_logprobs: Tensor | None
+    """log p_T(y_t) (opd_pg), detached; 0 where masked."""
+    seconds: float
+    """Wall time of the forward computation (the OPD step's share of the metrics)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class BranchTerms:
+    """Guidance values g_j on the branch sequences (x, y_<t, u_1..u_K) of the divergent positions."""
+
+    positions: Tensor
+    """[G] anchor positions t (divergent positions of the batch)."""
+    lengths: Tensor
+    """[G] real window lengths K'_g."""
+    values: Tensor
+    """[sum(lengths)] g_j, window after window, differentiable with respect to the student's branch logits."""
+    seconds: float
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _flatten(logits: Tensor, n: int, what: str) -> Tensor:
+    if logits.dim() == 3:
+        logits = logits.reshape(-1, logits.shape[-1])
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"{what}: expected [N, V_local] or [B, T, V_local] logits, N = {n}; got {tuple(logits.shape)}")
+    return logits
+
+
+def token_terms(
+    cfg: Config,
+    batch: TokenBatch,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    vocab_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> TokenTerms:
+    """Per-token d_t and/or log-probs of the rollout tokens from this rank's `[N, V_local]` vocabulary shards."""
+    n = batch.num_positions
+    s = _flatten(student_logits, n, "token_terms: student_logits")
+    t = _flatten(teacher_logits, n, "token_terms: teacher_logits")
+    start = _now(s.device)
+    need_d = cfg.opd == "dense" or cfg.detection.detector != "none" or cfg.guidance == "on_path"
+    kw = {"vocab_size": vocab_size, "group": group, "chunk_size": cfg.chunk_size}
+    d = token_divergence(s, t, cfg.divergence, beta=cfg.jsd_beta, **kw) if need_d else None
+    slp = tlp = None
+    if cfg.opd == "pg":
+        # masked positions may hold any id (padding, -100): score a valid id there and zero it out
+        tok = torch.where(batch.response_mask, batch.tokens, torch.zeros_like(batch.tokens)).to(s.device)
+        slp = token_logprobs(s, tok, **kw)
+        with torch.no_grad():
+            tlp = token_logprobs(t, tok, **kw)
+    return TokenTerms(divergence=d, student_logprobs=slp, teacher_logprobs=tlp, seconds=_now(s.device) - start)
+
+
+def branch_terms(
+    cfg: Config,
+    positions: Tensor,
+    windows: Windows,
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    *,
+    vocab_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> BranchTerms:
+    """g_j on the branch windows: `[W, V_local]` shards, W = sum(windows.lengths), rows window after window, row j of
+    window g being the distribution over u_j given (x, y_<t_g, u_<j). `teacher_logits` may be None for
+    guidance_divergence='cross_entropy' (it needs only the student)."""
+    w = int(windows.lengths.sum())
+    if positions.shape != (windows.lengths.shape[0],):
+        raise ValueError(f"branch_terms: {positions.numel()} positions for {windows.lengths.shape[0]} windows")
+    if student_logits.dim() != 2 or student_logits.shape[0] != w:
+        raise ValueError(
+            f"branch_terms: expected packed [W, V_local] branch logits with W = sum(lengths) = {w}, got"
+            f" {tuple(student_logits.shape)}"
+        )
+    start = _now(student_logits.device)
+    kw = {"vocab_size": vocab_size, "group": group, "chunk_size": cfg.chunk_size}
+    if cfg.guidance_divergence == "cross_entropy":
+        values = -token_logprobs(student_logits, windows.packed().to(student_logits.device), **kw)
+    else:
+        if teacher_logits is None:
+            raise ValueError(f"branch_terms: guidance_divergence={cfg.guidance_divergence!r} needs teacher_logits")
+        values = token_divergence(student_logits, teacher_logits, cfg.guidance_divergence, **kw)
+    return BranchTerms(
+        positions=positions, lengths=windows.lengths, values=values, seconds=_now(student_logits.device) - start
+    )
+
+
+def normalizer(cfg: Config, batch: TokenBatch, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[N] weights 1/N per response position (0 elsewhere), for the chosen normalisation mode."""
+    m = batch.response_mask
+    mf = m.to(dtype)
+    if cfg.normalization == "constant":
+        return mf / cfg.normalization_constant
+    if cfg.normalization == "token_mean":
+        return mf / mf.sum().clamp(min=1.0)
+    n_seq = int(batch.seq_ids.max()) + 1 if batch.num_positions else 0
+    per_seq = torch.zeros(n_seq, dtype=dtype, device=m.device).index_add_(0, batch.seq_ids, mf)
+    n_active = (per_seq > 0).sum().clamp(min=1).to(dtype)
+    return mf / (per_seq[batch.seq_ids].clamp(min=1.0) * n_active)
+
+
+def _opd_per_token(cfg: Config, batch: TokenBatch, terms: TokenTerms, metrics: dict) -> Tensor:
+    """[N] per-token OPD term: d_t (dense), or -A_t rho_t = r_t.detach() * rho_t (pg)."""
+    if cfg.opd == "dense":
+        return terms.divergence
+    slp, tlp = terms.student_logprobs, terms.teacher_logprobs
+    m = batch.response_mask.to(slp.device)
+    r = (slp - tlp).detach()  # A_t = -r_t, detached
+    if batch.rollout_logprobs is None:
+        w_is = torch.ones_like(slp)
+    else:
+        roll = torch.where(m, batch.rollout_logprobs.to(slp.device, slp.dtype), slp.detach())
+        w_is = torch.exp(slp.detach() - roll)
+    raw = w_is
+    if cfg.rho_clip is not None:
+        w_is = w_is.clamp(max=cfg.rho_clip)
+    rho = w_is * torch.exp(slp - slp.detach())  # value min(rho, c); gradient min(rho, c) * grad log p_S(y_t)
+    n_resp = max(int(m.sum()), 1)
+    metrics["opd/log_ratio_mean"] = float((r * m).sum()) / n_resp
+    metrics["opd/rho_mean"] = float((raw * m).sum()) / n_resp
+    metrics["opd/rho_clipped_share"] = float(((raw != w_is) & m).sum()) / n_resp
+    return torch.where(m, r * rho, torch.zeros_like(r))
+
+
+def _omega(lengths: Tensor, gamma: float, dtype: torch.dtype) -> Tensor:
+    """[sum(lengths)] omega_j = gamma^j / sum_{i<=K'} gamma^i per window (uniform for gamma = 1), packed."""
+    if lengths.numel() == 0:
+        return torch.zeros(0, dtype=dtype, device=lengths.device)
+    win = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    j = torch.arange(win.numel(), device=lengths.device) - starts[win] + 1
+    w = torch.pow(torch.tensor(gamma, dtype=torch.float64, device=lengths.device), j.to(torch.float64))
+    total = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device).index_add_(0, win, w)
+    return (w / total[win]).to(dtype)
+
+
+def loss(
+    cfg: Config,
+    batch: TokenBatch,
+    terms: TokenTerms,
+    detection: Detection | None = None,
+    branch: BranchTerms | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The scalar TOPD loss of a micro-batch and its diagnostics.
+
+    L = sum_t n_t w_t l_t + lambda * L_g, with n_t the normaliser weights (`normalizer`), w_t = beta_s on
+    non-divergent candidates and 1 elsewhere, l_t the OPD term (`_opd_per_token`) and
+        teacher_window: L_g = sum_g n_{t_g} sum_j omega_gj g_gj over the branch windows,
+        on_path:        L_g = sum_{t divergent} n_t sum_{j=1..K'} omega_j d_{t+j} (K' cut at the response end).
+    Returns (0-dim tensor, metrics): 'loss*', 'opd/*', 'guidance/*', 'time/*' and the detection's 'detect/*'.
+    """
+    metrics: dict[str, float] = {}
+    if cfg.detection.detector != "none" and detection is None:
+        raise ValueError(f"loss: detector {cfg.detection.detector!r} is configured but no detection was passed")
+    if cfg.guidance == "teacher_window" and branch is None:
+        raise ValueError("loss: guidance='teacher_window' needs branch (branch_terms on the divergent positions)")
+    per_tok = _opd_per_token(cfg, batch, terms, metrics)
+    dev, dt = per_tok.device, per_tok.dtype
+    norm = normalizer(cfg, batch, dt).to(dev)
+    weight = norm.clone()
+    if detection is not None and cfg.detection.detector != "none":
+        weight = torch.where(detection.suppressed_mask().to(dev), weight * cfg.suppress_weight, weight)
+    # padded or masked rows have weight 0; where() keeps any value there out of the sum
+    loss_opd = torch.where(weight != 0, weight * per_tok, torch.zeros_like(per_tok)).sum()
+
+    loss_g = torch.zeros((), dtype=dt, device=dev)
+    g_windows = 0
+    if cfg.guidance == "teacher_window":
+        div_mask = detection.divergent_mask().to(dev)
+        pos = branch.positions.to(dev)
+        if pos.numel() and not bool(div_mask[pos].all()):
+            raise ValueError("loss: branch.positions must be divergent positions (detection.guidance_positions())")
+        lengths = branch.lengths.to(dev)
+        anchor = torch.repeat_interleave(pos, lengths)
+        omega = _omega(lengths, cfg.omega_gamma, dt)
+        loss_g = (norm[anchor] * omega * branch.values.to(dt)).sum()
+        g_windows = pos.numel()
+        metrics["guidance/tokens"] = float(lengths.sum())
+        metrics["time/guidance_s"] = branch.seconds
+    elif cfg.guidance == "on_path":
+        anchors = detection.guidance_positions().to(dev)
+        idx, w = future_weights(batch, anchors, cfg.detection.window, cfg.omega_gamma)
+        contrib = (w.to(dev, dt) * norm[anchors].unsqueeze(1)).reshape(-1)
+        extra = torch.zeros_like(norm).index_add_(0, idx.reshape(-1), contrib)
+        loss_g = torch.where(extra != 0, extra * terms.divergence, torch.zeros_like(per_tok)).sum()
+        g_windows = anchors.numel()
+        metrics["guidance/tokens"] = float((w > 0).sum())
+        metrics["time/guidance_s"] = 0.0  # on_path reuses the OPD step's d_t: no extra forward
+    total = loss_opd + cfg.guidance_coef * loss_g
+
+    n_resp = max(int(batch.response_mask.sum()), 1)
+    metrics["loss"] = float(total.detach())
+    metrics["loss/opd"] = float(loss_opd.detach())
+    metrics["loss/guidance"] = float(loss_g.detach())
+    if terms.divergence is not None:
+        m = batch.response_mask.to(dev)
+        metrics["opd/divergence_mean"] = float(torch.where(m, terms.divergence.detach(), 0.0).sum()) / n_resp
+    metrics["opd/response_tokens"] = float(n_resp)
+    metrics["guidance/windows"] = float(g_windows)
+    metrics["time/opd_s"] = terms.seconds
+    metrics.setdefault("time/guidance_s", 0.0)
+    if detection is not None:
+        metrics.update(detection.metrics)
+        metrics["opd/suppressed"] = float((~detection.divergent).sum()) if cfg.detection.detector != "none" else 0.0
+    t_extra = metrics.get("detect/time_s", 0.0) + metrics["time/guidance_s"]
+    metrics["time/detect_guidance_over_opd"] = t_extra / terms.seconds if terms.seconds > 0 else math.nan
+    return total, metrics
+
+
+__all__ = [
+    "PRESETS",
+    "BranchTerms",
+    "Config",
+    "TokenTerms",
+    "branch_terms",
+    "loss",
+    "normalizer",
+    "preset",
+    "token_terms",
+]
