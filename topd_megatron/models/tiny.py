@@ -52,7 +52,7 @@ class TinyModelSpec:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
 
-def _hf_config(spec: TinyModelSpec, vocab_size: int, bos_id: int | None, eos_id: int | None):
+def hf_config_for(spec: TinyModelSpec, vocab_size: int, bos_id: int | None, eos_id: int | None):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
@@ -101,7 +101,7 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinyModelSpec, tokenizer_dir
     vocab_size = spec.vocab_size or -(-len(tokenizer) // 64) * 64
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-    config = _hf_config(spec, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = hf_config_for(spec, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -217,3 +217,40 @@ def ensure_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
                     if not target.is_dir():  # someone else won the race; anything else is a real error
                         raise
     return student, teacher
+
+
+WORD_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def make_word_tokenizer(out_dir: str | Path, corpus: list[str]) -> Path:
+    """A word-level tokenizer (split on whitespace) over the words of `corpus`, saved HF-style.
+
+    For synthetic tasks whose text is whitespace-separated words: every number and word is one token, which keeps
+    sequences short for tiny models. Same specials and ChatML-style template as `make_tiny_tokenizer`, plus <unk>.
+    Ids are deterministic: specials first, then the words in sorted order.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for line in corpus for w in line.split()} | {"user", "assistant", "system"})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = WORD_CHAT_TEMPLATE
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    fast.save_pretrained(str(out))
+    return out

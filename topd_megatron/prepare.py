@@ -1,0 +1,323 @@
+"""`topd prepare`: make the tiny teacher and student for a task (cached by content hash).
+
+    topd prepare                                  # synthetic task, the tiny main job's pair
+    topd prepare --task my_pkg.tasks:make_task --force
+
+1. a word-level tokenizer over the task's vocabulary (`Task.tokenizer_corpus`);
+2. SFT of a teacher (Qwen3 architecture, ~0.4M parameters) on the task's "teacher"-style traces until it is strong
+   (>= `min_teacher_accuracy` greedy accuracy on held-out problems);
+3. SFT of a smaller student on "student"-style traces, stopped early so that it is clearly weaker
+   (<= `max_student_accuracy`) and prefers other surface forms than the teacher;
+4. both saved as Hugging Face checkpoints (config + safetensors + tokenizer) with a report.json.
+
+The SFT is plain PyTorch on the Hugging Face model (a single process is fastest for models this small); TOPD itself
+then loads the checkpoints into Megatron-Core. The result lives in `<cache>/prepared/<hash>/`, where the hash covers
+this Config, the task (its class and fields) and PREPARE_VERSION; a finished preparation is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from topd_megatron.models.tiny import TinyModelSpec, cache_root, hf_config_for, make_word_tokenizer
+from topd_megatron.tasks import Problem, Task, load_task
+
+PREPARE_VERSION = 1
+"""Bump when the preparation procedure changes: it invalidates every cached preparation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SFTConfig:
+    """Supervised fine-tuning of one tiny model."""
+
+    spec: TinyModelSpec
+    style: str
+    """Trace style of the task (its `sft_traces(style=...)`)."""
+    steps: int
+    lr: float
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class PrepareConfig:
+    """What to prepare; every field enters the cache key."""
+
+    task: str = "topd_megatron.tasks.synthetic:default"
+    """The task, as `module:attr`."""
+    teacher: SFTConfig = field(
+        default_factory=lambda: SFTConfig(
+            spec=TinyModelSpec(family="qwen3", hidden_size=96, num_layers=4, intermediate_size=256, seed=1),
+            style="teacher",
+            steps=900,
+            lr=4e-3,
+        )
+    )
+    student: SFTConfig = field(
+        default_factory=lambda: SFTConfig(
+            spec=TinyModelSpec(family="qwen3", hidden_size=64, num_layers=2, intermediate_size=128, seed=2),
+            style="student",
+            steps=500,
+            lr=3e-3,
+        )
+    )
+    train_problems: int = 20_000
+    """SFT problems (traces are drawn from the task's training split)."""
+    eval_problems: int = 200
+    """Held-out problems for the accuracy checks."""
+    eval_temperature: float = 0.6
+    """Sampling temperature of the accuracy checks (0: greedy); the tiny main job evaluates at the same one."""
+    eval_k: int = 2
+    """Samples per held-out problem in the accuracy checks (avg@k)."""
+    max_new_tokens: int = 48
+    min_teacher_accuracy: float = 0.95
+    max_student_accuracy: float = 0.60
+    vocab_multiple: int = 64
+    """The HF vocab_size is the tokenizer length rounded up to this (divisible by the TP sizes used)."""
+    threads: int = 0
+    """torch threads for the SFT (0: all cores)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Prepared:
+    """Where a preparation lives and what it measured."""
+
+    root: Path
+    teacher_dir: Path
+    student_dir: Path
+    report: dict[str, Any]
+
+
+def cache_key(cfg: PrepareConfig, task: Task) -> str:
+    blob = json.dumps(
+        {
+            "cfg": asdict(cfg),
+            "task": f"{type(task).__module__}.{type(task).__qualname__}",
+            "task_repr": repr(task),
+            "version": PREPARE_VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The chat-formatted prompt, ending where the assistant's answer starts."""
+    return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
+    """(token ids of the full conversation, number of prompt tokens); the response ends with the EOS token."""
+    prefix = encode_prompt(tokenizer, prompt)
+    full = _ids(
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    )
+    if full[: len(prefix)] != prefix:
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    end = full.index(tokenizer.eos_token_id, len(prefix)) + 1
+    return full[:end], len(prefix)
+
+
+def sft(
+    cfg: SFTConfig, tokenizer: Any, task: Task, problems: list[Problem], out_dir: Path, vocab_size: int, label: str
+) -> Path:
+    """Train a fresh model of `cfg.spec` on `problems` with the task's `cfg.style` traces; save it to `out_dir`."""
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config_for(cfg.spec, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        traces = task.sft_traces(problems, cfg.style, cfg.seed)
+        data = [encode_example(tokenizer, p.prompt, t) for p, t in zip(problems, traces, strict=True)]
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+        rng = random.Random(cfg.seed)
+        model.train()
+        with Progress(transient=True) as progress:
+            bar = progress.add_task(f"SFT {label}", total=cfg.steps)
+            for _ in range(cfg.steps):
+                batch = rng.sample(data, cfg.batch_size)
+                width = max(len(ids) for ids, _ in batch)
+                ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                for i, (seq, n_prompt) in enumerate(batch):
+                    ids[i, : len(seq)] = torch.tensor(seq)
+                    labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])  # loss on the response only
+                loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                progress.update(bar, advance=1, description=f"SFT {label} loss {loss.item():.3f}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@torch.no_grad()
+def hf_accuracy(
+    model_dir: Path,
+    tokenizer: Any,
+    task: Task,
+    problems: list[Problem],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    k: int,
+    seed: int = 0,
+) -> tuple[float, list[str]]:
+    """avg@k of an HF checkpoint on `problems`: k samples per problem at `temperature` (0: greedy, k ignored),
+    left-padded batched generation with a fixed seed. Returns (accuracy, completions)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    k = 1 if temperature == 0 else k
+    todo = [p for p in problems for _ in range(k)]
+    texts: list[str] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(todo), 64):
+            chunk = todo[start : start + 64]
+            prompts = [encode_prompt(tokenizer, p.prompt) for p in chunk]
+            width = max(map(len, prompts))
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            att = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p)
+                att[i, width - len(p) :] = 1
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
+            )
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            texts += [tokenizer.decode(out[i, width:], skip_special_tokens=True) for i in range(len(chunk))]
+    correct = sum(task.is_correct(t, p) for t, p in zip(texts, todo, strict=True))
+    return correct / len(todo), texts
+
+
+def prepare(cfg: PrepareConfig | None = None, *, force: bool = False, root: Path | None = None) -> Prepared:
+    """Prepare (or reuse) the teacher/student pair of `cfg`. Raises RuntimeError when an accuracy check fails."""
+    cfg = cfg or PrepareConfig()
+    task = load_task(cfg.task)
+    key = cache_key(cfg, task)
+    base = (root or cache_root() / "prepared") / key
+    report_path = base / "report.json"
+    if report_path.is_file() and not force:
+        return Prepared(
+            root=base,
+            teacher_dir=base / "teacher",
+            student_dir=base / "student",
+            report=json.loads(report_path.read_text()),
+        )
+    base.parent.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        with tempfile.TemporaryDirectory(dir=base.parent, prefix=f".{key}-") as tmp:
+            report = _prepare_into(cfg, task, Path(tmp))
+            report["cache_key"] = key
+            (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            if base.exists():
+                shutil.rmtree(base)
+            Path(tmp).rename(base)
+            Path(tmp).mkdir()  # TemporaryDirectory cleans up a directory of that name
+    finally:
+        torch.set_num_threads(threads)
+    return Prepared(root=base, teacher_dir=base / "teacher", student_dir=base / "student", report=report)
+
+
+def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok_dir = make_word_tokenizer(out / "tokenizer", task.tokenizer_corpus())
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    vocab_size = -(-len(tokenizer) // cfg.vocab_multiple) * cfg.vocab_multiple
+    train = task.train_problems(cfg.train_problems, seed=0)
+    held_out = task.eval_problems(cfg.eval_problems, seed=0)
+    report: dict[str, Any] = {
+        "task": cfg.task,
+        "task_repr": repr(task),
+        "vocab_size": vocab_size,
+        "tokenizer_length": len(tokenizer),
+    }
+    for role, scfg in (("teacher", cfg.teacher), ("student", cfg.student)):
+        start = time.perf_counter()
+        model_dir = sft(scfg, tokenizer, task, train, out / role, vocab_size, role)
+        acc, texts = hf_accuracy(
+            model_dir,
+            tokenizer,
+            task,
+            held_out,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.eval_temperature,
+            k=cfg.eval_k,
+        )
+        greedy, _ = hf_accuracy(
+            model_dir, tokenizer, task, held_out, max_new_tokens=cfg.max_new_tokens, temperature=0.0, k=1
+        )
+        report[role] = {
+            "accuracy": acc,
+            "greedy_accuracy": greedy,
+            "eval_temperature": cfg.eval_temperature,
+            "eval_k": cfg.eval_k,
+            "eval_problems": len(held_out),
+            "params": _count_params(model_dir),
+            "sft_steps": scfg.steps,
+            "seconds": round(time.perf_counter() - start, 1),
+            "samples": texts[:3],
+        }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    problems = []
+    if report["teacher"]["accuracy"] < cfg.min_teacher_accuracy:
+        problems.append(
+            f"teacher accuracy {report['teacher']['accuracy']:.3f} < {cfg.min_teacher_accuracy} (raise"
+            " teacher.steps or the teacher's size)"
+        )
+    if report["student"]["accuracy"] > cfg.max_student_accuracy:
+        problems.append(
+            f"student accuracy {report['student']['accuracy']:.3f} > {cfg.max_student_accuracy} (lower"
+            " student.steps or the student's size)"
+        )
+    if problems:
+        raise RuntimeError("preparation did not produce the intended pair: " + "; ".join(problems))
+    return report
+
+
+def _count_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            n = 1
+            for dim in f.get_slice(name).get_shape():
+                n *= dim
+            total += n
+    return total
