@@ -121,3 +121,157 @@ def load_chunk_weights(modules: list[Any], ckpt_dir: str | Path) -> None:
     loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), str(Path(ckpt_dir) / meta["model_dir"]))
     for i, module in enumerate(modules):
         _unwrap(module).load_state_dict(loaded[f"chunk{i}"], strict=True)
+
+
+# --- training state -------------------------------------------------------------------------------------------------
+
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""Distributed-optimizer state as its flat per-bucket shards: fully parallel, reshardable across data-parallel sizes
+(resume at the TP/PP layout it was saved with). Megatron-Core 0.19.2's "fully_reshardable" format loses the step
+counters of torch Adam on load, so it is not used."""
+LATEST = "latest"
+"""File in the run's checkpoint directory naming the newest complete training checkpoint."""
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "megatron": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+
+
+def save_training_state(
+    run_dir: str | Path, step: int, lm: MegatronLM, optimizer: Any, scheduler: Any, extra: dict[str, Any]
+) -> Path:
+    """Atomically save everything needed to continue after `step` steps (collective).
+
+    RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing: any layout, sharded optimizer
+    state), the scheduler, per-rank RNG states and `extra` (data position, counters); RUN/checkpoints/latest names
+    it once it is complete, so a crash at any point leaves the previous checkpoint as the one resumed from.
+    """
+    import torch
+    from megatron.core import dist_checkpointing
+
+    ckpt_root = Path(run_dir) / "checkpoints"
+    name = f"step_{step:06d}"
+    out = ckpt_root / name
+    tmp = ckpt_root / f".{name}.partial"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "state").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    model_sd = chunks_sharded_state_dict(lm.modules)
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)}
+    dist_checkpointing.save(state, str(tmp / "state"))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "extra": extra}
+        (tmp / "train_state.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        pointer = ckpt_root / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        pointer.replace(ckpt_root / LATEST)  # atomic: readers see the old or the new name, never a partial one
+    _barrier()
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint of a run, or None."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "train_state.json").is_file():
+        raise ValueError(f"{pointer} names {path}, which is incomplete; remove the pointer to start over")
+    return path
+
+
+def _materialize_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh optimizer its state tensors (Adam moments and step counters) so that Megatron can describe the
+    state it is about to load: one step of the inner torch optimizer on zero gradients. The values are overwritten
+    by the load."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if len(inner.state) > 0:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"] if p.numel() > 0]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in params:
+            p.grad = None
+
+
+def _restore_adam_steps(optimizer: Any, loaded: Any) -> None:
+    """Set every parameter's Adam step counter to the saved step count, each in its own tensor.
+
+    Megatron-Core 0.19.2's DistributedOptimizer (torch Adam, no Apex/TE) keeps the step count in its param_groups
+    when saving, but on load (a) the per-parameter `step` entries end up at the value of the state it loaded into,
+    not the saved one, and (b) it gives every parameter the *same* tensor, which torch Adam then increments once per
+    parameter per step. Both corrupt the bias correction from the first update after a resume.
+    """
+    import torch
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
+    for opt, part in zip(chained, parts, strict=True):
+        groups = part.get("optimizer", {}).get("param_groups", []) if isinstance(part, dict) else []
+        steps = {g["step"] for g in groups if "step" in g}
+        if len(steps) != 1:
+            continue  # an optimizer that stores its step elsewhere (Apex/TE): nothing to repair
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
+def load_training_state(ckpt: Path, lm: MegatronLM, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG from `ckpt` (collective); returns its metadata."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    meta = json.loads((ckpt / "train_state.json").read_text())
+    _materialize_optimizer_state(optimizer)
+    model_sd = chunks_sharded_state_dict(lm.modules)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    state = {"model": model_sd, "optimizer": opt_sd}
+    loaded = dist_checkpointing.load(state, str(ckpt / "state"))
+    for i, module in enumerate(lm.modules):
+        _unwrap(module).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    with torch.no_grad():  # the state is copied in place into (views of) parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
+    if not rng_file.is_file():
+        raise ValueError(f"{ckpt} has no RNG state for rank {_rank()}: resume with the world size it was saved with")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta

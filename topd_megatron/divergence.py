@@ -222,6 +222,21 @@ class Detection:
         """[G] ascending positions that need guidance (teacher_window: branch sequences to score, in this order)."""
         return self.candidates.positions[self.divergent]
 
+    def restrict(self, start: int, stop: int) -> Detection:
+        """The detection of positions [start, stop) of this batch, renumbered from 0 (a micro-batch's share of a
+        step-wide detection: same tau, same decisions)."""
+        pos = self.candidates.positions
+        keep = (pos >= start) & (pos < stop)
+        cands = Candidates(positions=pos[keep] - start, loss=self.candidates.loss[keep])
+        return Detection(
+            num_positions=stop - start,
+            candidates=cands,
+            scores=self.scores[keep.to(self.scores.device)],
+            divergent=self.divergent[keep.to(self.divergent.device)],
+            tau=self.tau,
+            metrics=self.metrics,
+        )
+
     def guidance_windows(self, teacher_windows: Windows) -> Windows:
         """The detection's teacher windows (one row per candidate) restricted to the divergent candidates."""
         return teacher_windows.select(self.divergent.nonzero().flatten().to(teacher_windows.tokens.device))

@@ -66,6 +66,9 @@ def _rank_main(
 ) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    from topd_megatron.logs import quiet_third_party
+
+    quiet_third_party()
     stack_file = open(Path(result_dir) / f"stacks.{rank}.txt", "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     out = Path(result_dir) / f"result.{rank}.pkl"

@@ -290,19 +290,36 @@ def _omega(lengths: Tensor, gamma: float, dtype: torch.dtype) -> Tensor:
     return (w / total[win]).to(dtype)
 
 
+def teacher_window_loss(cfg: Config, anchor_weights: Tensor, branch: BranchTerms) -> Tensor:
+    """L_g of teacher_window guidance: sum_g n_{t_g} sum_j omega_gj g_gj.
+
+    `anchor_weights` [G] are the normaliser weights n_t at the branch anchors (`branch.positions`), in that order;
+    the branch values are packed window after window. A 0-dim tensor, differentiable through `branch.values`.
+    """
+    lengths = branch.lengths.to(branch.values.device)
+    dt = branch.values.dtype
+    omega = _omega(lengths, cfg.omega_gamma, dt)
+    per_value = torch.repeat_interleave(anchor_weights.to(branch.values.device, dt), lengths)
+    return (per_value * omega * branch.values).sum()
+
+
 def loss(
     cfg: Config,
     batch: TokenBatch,
     terms: TokenTerms,
     detection: Detection | None = None,
     branch: BranchTerms | None = None,
+    *,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The scalar TOPD loss of a micro-batch and its diagnostics.
 
     L = sum_t n_t w_t l_t + lambda * L_g, with n_t the normaliser weights (`normalizer`), w_t = beta_s on
     non-divergent candidates and 1 elsewhere, l_t the OPD term (`_opd_per_token`) and
-        teacher_window: L_g = sum_g n_{t_g} sum_j omega_gj g_gj over the branch windows,
+        teacher_window: L_g = sum_g n_{t_g} sum_j omega_gj g_gj over the branch windows (`teacher_window_loss`),
         on_path:        L_g = sum_{t divergent} n_t sum_{j=1..K'} omega_j d_{t+j} (K' cut at the response end).
+    `weights` [N] replaces `normalizer(cfg, batch)` when the normalisation spans more than this micro-batch (a
+    training step split into micro-batches and data-parallel replicas).
     Returns (0-dim tensor, metrics): 'loss*', 'opd/*', 'guidance/*', 'time/*' and the detection's 'detect/*'.
     """
     metrics: dict[str, float] = {}
@@ -312,7 +329,9 @@ def loss(
         raise ValueError("loss: guidance='teacher_window' needs branch (branch_terms on the divergent positions)")
     per_tok = _opd_per_token(cfg, batch, terms, metrics)
     dev, dt = per_tok.device, per_tok.dtype
-    norm = normalizer(cfg, batch, dt).to(dev)
+    if weights is not None and weights.shape != (batch.num_positions,):
+        raise ValueError(f"loss: weights must be [N] = [{batch.num_positions}], got {tuple(weights.shape)}")
+    norm = (normalizer(cfg, batch, dt) if weights is None else weights.to(dt)).to(dev)
     weight = norm.clone()
     if detection is not None and cfg.detection.detector != "none":
         weight = torch.where(detection.suppressed_mask().to(dev), weight * cfg.suppress_weight, weight)
@@ -326,12 +345,9 @@ def loss(
         pos = branch.positions.to(dev)
         if pos.numel() and not bool(div_mask[pos].all()):
             raise ValueError("loss: branch.positions must be divergent positions (detection.guidance_positions())")
-        lengths = branch.lengths.to(dev)
-        anchor = torch.repeat_interleave(pos, lengths)
-        omega = _omega(lengths, cfg.omega_gamma, dt)
-        loss_g = (norm[anchor] * omega * branch.values.to(dt)).sum()
+        loss_g = teacher_window_loss(cfg, norm[pos], branch).to(dt)
         g_windows = pos.numel()
-        metrics["guidance/tokens"] = float(lengths.sum())
+        metrics["guidance/tokens"] = float(branch.lengths.sum())
         metrics["time/guidance_s"] = branch.seconds
     elif cfg.guidance == "on_path":
         anchors = detection.guidance_positions().to(dev)
@@ -372,5 +388,6 @@ __all__ = [
     "loss",
     "normalizer",
     "preset",
+    "teacher_window_loss",
     "token_terms",
 ]

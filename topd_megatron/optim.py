@@ -7,7 +7,9 @@ Order inside a training step (Megatron's contract):
     for m in student.modules: m.zero_grad_buffer()          # DDP grad buffers
     optimizer.zero_grad()
     run_pipeline(..., forward_only=False)                   # backward accumulates into main_grad; DDP reduces
+    finalize_model_grads(student.modules)                   # DP reduction, SP norms, tied embeddings
     ok, grad_norm, _ = optimizer.step()                     # clip by clip_grad, step, copy to model params
+    scheduler.step(increment=1)
 """
 
 from __future__ import annotations
@@ -75,3 +77,22 @@ def build_optimizer(cfg: OptimConfig, student: Any) -> Any:
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, student.modules)
+
+
+def build_scheduler(cfg: OptimConfig, optimizer: Any, total_steps: int) -> Any:
+    """Megatron's OptimizerParamScheduler: linear warmup, then constant / cosine / linear decay to min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr if cfg.decay != "constant" else cfg.lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        lr_decay_style=cfg.decay,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

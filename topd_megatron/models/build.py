@@ -242,6 +242,7 @@ def build_model(
     """
     from transformers import AutoConfig
 
+    from topd_megatron.logs import quiet_stdout
     from topd_megatron.models.bridge_import import import_bridge
 
     kind = checkpoint_kind(cfg.path)
@@ -271,12 +272,13 @@ def build_model(
         provider.perform_initialization = False
     _configure_provider(provider, cfg, parallel, te)
 
-    modules = provider.provide_distributed_model(
-        wrap_with_ddp=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        fp16=provider.fp16,
-        bf16=provider.bf16,
-    )
+    with quiet_stdout():  # per-rank parameter counts, weight-loading progress bars
+        modules = provider.provide_distributed_model(
+            wrap_with_ddp=False,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            fp16=provider.fp16,
+            bf16=provider.bf16,
+        )
     if kind == "megatron":
         from topd_megatron.checkpoint import load_chunk_weights
 

@@ -1,0 +1,180 @@
+"""The distillation loop end to end on gloo ranks, with tiny random student/teacher checkpoints for the synthetic
+task: every preset trains, the loss goes down, PP works, a SIGKILLed run resumes to the same metrics, and
+non-finite losses skip steps (then abort)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from topd_megatron import objective
+from topd_megatron.config import RunConfig, TrainConfig, config_from_dict
+from topd_megatron.evaluate import EvalConfig
+from topd_megatron.launch import DistributedFailure, spawn
+from topd_megatron.metrics import read_metrics
+from topd_megatron.models.build import ModelConfig
+from topd_megatron.optim import OptimConfig
+from topd_megatron.parallel import ParallelConfig
+from topd_megatron.train import train
+
+TIMING_PREFIXES = ("time/", "sync/", "detect/time_s")
+
+
+@pytest.fixture(scope="module")
+def synthetic_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint, make_word_tokenizer
+    from topd_megatron.tasks.synthetic import default
+
+    root = tmp_path_factory.mktemp("pair")
+    tok = make_word_tokenizer(root / "tok", default().tokenizer_corpus())
+    student = make_tiny_checkpoint(root / "student", TinyModelSpec(family="qwen3", num_layers=2, seed=3), tok)
+    teacher = make_tiny_checkpoint(
+        root / "teacher", TinyModelSpec(family="llama", hidden_size=96, num_layers=2, seed=4), tok
+    )
+    return student, teacher
+
+
+def make_config(
+    pair: tuple[Path, Path], run_dir: Path, arm: str, *, steps: int = 3, tp: int = 2, pp: int = 1, **train_kw
+) -> RunConfig:
+    obj = objective.preset(arm)
+    obj = dataclasses.replace(obj, detection=dataclasses.replace(obj.detection, window=4))
+    return RunConfig(
+        student=ModelConfig(path=str(pair[0]), dtype="float32"),
+        teacher=ModelConfig(path=str(pair[1]), dtype="float32"),
+        run_dir=str(run_dir),
+        parallel=ParallelConfig(tp=tp, pp=pp),
+        objective=obj,
+        optim=OptimConfig(lr=5e-3),
+        train=TrainConfig(
+            steps=steps,
+            prompts_per_step=4,
+            samples_per_prompt=2,
+            micro_batch_size=4,
+            max_new_tokens=12,
+            eval_every=0,
+            **train_kw,
+        ),
+        eval=EvalConfig(problems=4, k=1, max_new_tokens=12),
+    )
+
+
+@pytest.mark.parametrize("arm", ["opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead"])
+def test_every_preset_trains_on_two_tensor_parallel_ranks(synthetic_pair, tmp_path: Path, arm: str) -> None:
+    cfg = make_config(synthetic_pair, tmp_path / arm, arm, steps=3)
+    summary = spawn(train, 2, (cfg,), timeout=900)[0]
+    assert summary["steps"] == 3 and "avg@1" in summary["final_eval"]
+    rows = read_metrics(tmp_path / arm, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and r["loss"] == r["loss"]  # finite, not NaN
+    if objective.preset(arm).detection.detector != "none":
+        assert all(r["detect/candidates"] > 0 for r in rows)
+        assert all(0.0 <= r["detect/non_divergent_share"] <= 1.0 for r in rows)
+    if arm == "topd":
+        assert all(r["detect/windows_generated"] == r["detect/candidates"] for r in rows)
+        assert all(r["guidance/windows"] > 0 for r in rows)
+        assert any(r["loss/guidance_total"] > 0 for r in rows), "teacher_window guidance must contribute"
+    assert (tmp_path / arm / "checkpoints" / "latest").is_file()
+    assert (tmp_path / arm / "tensorboard").is_dir()
+
+
+def test_distillation_lowers_the_divergence(synthetic_pair, tmp_path: Path) -> None:
+    """The student is the teacher at a higher temperature (the teacher's final-norm weights halved: the same ranking,
+    flatter distributions). 10 OPD steps must close a good part of the reverse KL on its own rollouts."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint
+
+    teacher = make_tiny_checkpoint(
+        tmp_path / "teacher", TinyModelSpec(family="qwen3", num_layers=2, seed=5, init_std=0.2), synthetic_pair[0]
+    )
+    student = tmp_path / "student"
+    shutil.copytree(teacher, student)
+    weights = load_file(str(student / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 0.5
+    save_file(weights, str(student / "model.safetensors"), metadata={"format": "pt"})
+    cfg = make_config((student, teacher), tmp_path / "opd", "opd", steps=10)
+    cfg = dataclasses.replace(cfg, optim=OptimConfig(lr=3e-3))
+    spawn(train, 2, (cfg,), timeout=900)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "opd", "train")]
+    assert losses[0] > 0.2, losses
+    assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
+
+
+def test_topd_with_pipeline_parallel(synthetic_pair, tmp_path: Path) -> None:
+    """TP=1 x PP=2: detection and guidance see the same numbers on both stages, branches flow through the pipe."""
+    cfg = make_config(synthetic_pair, tmp_path / "pp", "topd", steps=2, tp=1, pp=2)
+    spawn(train, 2, (cfg,), timeout=900)
+    rows = read_metrics(tmp_path / "pp", "train")
+    assert len(rows) == 2 and all(r["guidance/windows"] > 0 and r["skipped"] == 0.0 for r in rows)
+
+
+def test_topd_with_data_parallel_replicas(synthetic_pair, tmp_path: Path) -> None:
+    """TP=1 on 2 ranks: 2 data-parallel replicas split each step's prompts and the evaluation problems; detection
+    and guidance run per replica, gradients are reduced by the distributed optimizer."""
+    cfg = make_config(synthetic_pair, tmp_path / "dp", "topd", steps=2, tp=1)
+    summary = spawn(train, 2, (cfg,), timeout=900)[0]
+    assert summary["final_eval"]["problems"] == 4.0
+    rows = read_metrics(tmp_path / "dp", "train")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and r["guidance/windows"] > 0
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows]
+
+
+def _train_cmd(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "topd_megatron.cli", "train", "--config", str(config_path)]
+
+
+def test_sigkill_and_resume_gives_the_metrics_of_an_uninterrupted_run(synthetic_pair, tmp_path: Path) -> None:
+    steps = 6
+    straight = make_config(synthetic_pair, tmp_path / "straight", "topd", steps=steps, save_every=2)
+    spawn(train, 2, (straight,), timeout=900)
+
+    killed = make_config(synthetic_pair, tmp_path / "killed", "topd", steps=steps, save_every=2)
+    config_path = tmp_path / "killed.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(killed)))
+    assert config_from_dict(json.loads(config_path.read_text())) == killed
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    proc = subprocess.Popen(
+        _train_cmd(config_path), start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() == "step_000004":
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, without any chance to clean up
+    proc.wait()
+    done = read_metrics(tmp_path / "killed", "train")
+    assert 4 <= len(done) < steps, f"killed after {len(done)} steps"
+
+    resumed = subprocess.run(_train_cmd(config_path), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _stable(read_metrics(tmp_path / "killed")) == _stable(read_metrics(tmp_path / "straight"))
+
+
+def test_non_finite_losses_skip_steps_then_abort(synthetic_pair, tmp_path: Path) -> None:
+    cfg = make_config(synthetic_pair, tmp_path / "nan", "opd", steps=3, inject_nan_at=(2,), max_bad_steps=1)
+    spawn(train, 2, (cfg,), timeout=900)
+    rows = read_metrics(tmp_path / "nan", "train")
+    assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
+    cfg = make_config(synthetic_pair, tmp_path / "nan2", "opd", steps=4, inject_nan_at=(1, 2), max_bad_steps=1)
+    with pytest.raises(DistributedFailure, match="the loss was not finite in 2 steps"):
+        spawn(train, 2, (cfg,), timeout=900)

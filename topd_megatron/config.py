@@ -1,0 +1,86 @@
+"""RunConfig: one training run, composed of each stage's Config. No logic beyond cross-stage checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from topd_megatron import objective
+from topd_megatron.evaluate import EvalConfig
+from topd_megatron.models.build import ModelConfig
+from topd_megatron.optim import OptimConfig
+from topd_megatron.parallel import ParallelConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The loop: how many steps, how many rollouts, how often to evaluate and save."""
+
+    steps: int = 30
+    prompts_per_step: int = 16
+    """Prompts per step over all data-parallel replicas."""
+    samples_per_prompt: int = 2
+    """Rollouts per prompt."""
+    micro_batch_size: int = 16
+    """Rollouts per micro-batch (gradient accumulation over micro-batches)."""
+    problem_pool: int = 5000
+    """Training problems drawn from the task; steps walk through them in order (wrapping around)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    eval_every: int = 10
+    """Evaluate every this many steps (and after the last); 0: only after the last."""
+    eval_at_start: bool = True
+    """Also evaluate the initial student (step 0) in a fresh run."""
+    save_every: int = 10
+    """Save a training checkpoint every this many steps (and after the last); 0: only after the last."""
+    max_bad_steps: int = 3
+    """Abort after this many steps with a non-finite loss (each is skipped and logged)."""
+    inject_nan_at: tuple[int, ...] = ()
+    """Fault injection: make the loss NaN at these (1-based) steps, to exercise the skip/abort path."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.micro_batch_size < 1:
+            raise ValueError("train.steps, prompts_per_step, samples_per_prompt and micro_batch_size must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """A complete TOPD run."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    run_dir: str
+    """Where metrics, TensorBoard logs, checkpoints and plots go (a rerun with the same run_dir resumes)."""
+    task: str = "topd_megatron.tasks.synthetic:default"
+    rollout: str = "embedded"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: objective.Config = field(default_factory=objective.Config)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from `dataclasses.asdict` output (e.g. a JSON file written by `topd train`)."""
+    import dataclasses
+    import typing
+
+    def build(cls: type, value: object) -> object:
+        if not dataclasses.is_dataclass(cls) or not isinstance(value, dict):
+            return value
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in value:
+                continue
+            kind, v = hints[f.name], value[f.name]
+            if isinstance(v, list) and typing.get_origin(kind) is tuple:
+                v = tuple(v)
+            kwargs[f.name] = build(kind, v) if dataclasses.is_dataclass(kind) else v
+        unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**kwargs)
+
+    return build(RunConfig, data)  # type: ignore[return-value]

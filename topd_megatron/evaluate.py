@@ -1,0 +1,110 @@
+"""Stage 8: evaluation through the rollout engine: avg@k, pass@k and their standard errors over problems.
+
+    avg@k   mean over problems of (correct samples / k)
+    pass@k  mean over problems of the unbiased estimator 1 - C(n - c, k) / C(n, k) (n = samples drawn, c correct)
+    stderr  standard deviation of the per-problem values / sqrt(number of problems)
+
+Problems are split over data-parallel replicas (each generates its share with the student), results are gathered,
+and every rank returns the same report. Sampling parameters and the seed are recorded with the results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from topd_megatron.rollout import SamplingParams
+from topd_megatron.tasks import Problem, Task
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Evaluation on a task's held-out problems."""
+
+    problems: int = 100
+    """Held-out problems (Task.eval_problems(problems, seed=0): the same set for every run)."""
+    k: int = 4
+    """Samples per problem."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.problems < 1 or self.k < 1:
+            raise ValueError(f"eval.problems and eval.k must be >= 1, got {self.problems}, {self.k}")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def summarize(records: list[dict[str, Any]], k: int) -> dict[str, float]:
+    """avg@k, pass@k and standard errors from per-problem records ({'correct': [bool] * n})."""
+    avg = [sum(r["correct"]) / len(r["correct"]) for r in records]
+    pk = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
+    avg_m, avg_se = _mean_stderr(avg)
+    pk_m, pk_se = _mean_stderr(pk)
+    return {
+        f"avg@{k}": avg_m,
+        f"avg@{k}_stderr": avg_se,
+        f"pass@{k}": pk_m,
+        f"pass@{k}_stderr": pk_se,
+        "problems": float(len(records)),
+    }
+
+
+def evaluate_task(
+    cfg: EvalConfig, engine: Any, tokenizer: Any, task: Task, encode_prompt: Any, step_seed: int = 0
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sample k completions per held-out problem with the student; returns (summary, per-problem records)."""
+    from megatron.core import parallel_state as ps
+
+    problems: list[Problem] = task.eval_problems(cfg.problems, seed=0)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = problems[dp_rank::dp_size]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in mine for _ in range(cfg.k)]
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_token_ids=(tokenizer.eos_token_id,),
+        seed=cfg.seed + 7919 * step_seed + dp_rank,
+    )
+    gens = engine.generate(prompts, params, model="student") if prompts else []
+    records = []
+    for i, p in enumerate(mine):
+        outs = gens[i * cfg.k : (i + 1) * cfg.k]
+        texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in outs]
+        records.append(
+            {
+                "id": p.id,
+                "answer": p.answer,
+                "completions": texts,
+                "correct": [bool(task.is_correct(t, p)) for t in texts],
+            }
+        )
+    if dp_size > 1:
+        gathered: list[Any] = [None] * dp_size
+        dist.all_gather_object(gathered, records, group=ps.get_data_parallel_group())
+        records = [r for part in gathered for r in part]
+        order = {p.id: i for i, p in enumerate(problems)}
+        records.sort(key=lambda r: order[r["id"]])
+    summary = summarize(records, cfg.k)
+    summary.update({f"sampling/{k}": v for k, v in asdict(params).items() if isinstance(v, (int, float))})
+    return summary, records
