@@ -1,6 +1,8 @@
 """The `topd` command.
 
-    topd run tiny [--tp 2] [--pp 1] [--json-out PATH]    the main job on the tiny embedded default (CPU ranks)
+    topd run tiny [--tp 2] [--pp 1] [--steps 30] [--seeds 1] [--json-out PATH]
+                                                         the main job: OPD vs TOPD on the tiny embedded default
+    topd prepare [--task module:attr] [--force]          SFT the tiny teacher/student pair for a task (cached)
     topd agree --student DIR --teacher DIR [--tp N]      per-position student/teacher agreement on any pair
 
 On one machine, `topd` starts the ranks itself (gloo on CPU, NCCL on GPU). Under torchrun or srun (RANK/WORLD_SIZE or
@@ -17,6 +19,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
+DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
 
 
 def _launched_externally() -> bool:
@@ -115,6 +120,57 @@ def _preflight(cfg: Any) -> None:
     check_same_tokenizer(dirs["student"], dirs["teacher"])
 
 
+def cmd_run_tiny(args: argparse.Namespace) -> int:
+    from topd_megatron import experiment
+
+    cfg = experiment.TinyConfig(
+        tp=args.tp,
+        pp=args.pp,
+        steps=args.steps,
+        seeds=args.seeds,
+        task=args.task,
+        out_dir=args.out_dir,
+        arms=tuple(args.arms.split(",")),
+    )
+    results = experiment.run_tiny(cfg, world_timeout=args.timeout)
+    experiment.print_table(results)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=experiment._json_default) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from topd_megatron.config import config_from_dict
+    from topd_megatron.train import train
+
+    cfg = config_from_dict(json.loads(Path(args.config).read_text()))
+    for role in ("student", "teacher"):
+        from topd_megatron.models.build import checkpoint_kind
+
+        checkpoint_kind(getattr(cfg, role).path)  # a missing or partial checkpoint fails before any rank starts
+    report = _run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
+    if report is not None:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from topd_megatron.prepare import PrepareConfig, prepare
+
+    prepared = prepare(PrepareConfig(task=args.task), force=args.force)
+    report = prepared.report
+    for role in ("teacher", "student"):
+        r = report[role]
+        print(
+            f"{role}: {r['params']} parameters, accuracy {r['accuracy']:.3f} (avg@{r['eval_k']},"
+            f" T={r['eval_temperature']}; greedy {r['greedy_accuracy']:.3f}) on {r['eval_problems']} held-out problems"
+        )
+    print(f"prepared in {prepared.root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="topd", description="TOPD: trajectory-aware on-policy distillation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,25 +178,41 @@ def main(argv: list[str] | None = None) -> int:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (ranks on this machine: tp*pp)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--json-out", default=None, help="also write the report as JSON here")
-        p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a hung run is stopped")
+        p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+        p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a hung run is stopped")
 
-    run = sub.add_parser("run", help="run a named job; `tiny` is the embedded default")
+    run = sub.add_parser("run", help="run a named job; `tiny` compares OPD and TOPD on the embedded default")
     run.add_argument("recipe", choices=["tiny"])
     common(run)
+    run.add_argument("--steps", type=int, default=30, help="training steps per arm")
+    run.add_argument("--seeds", type=int, default=1, help="repeat every arm with this many seeds")
+    run.add_argument("--arms", default=",".join(ARMS), help="comma-separated presets to train")
+    run.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
+    run.add_argument("--out-dir", default="runs/tiny", help="metrics, TensorBoard logs, checkpoints and plots")
+    tr = sub.add_parser("train", help="train (or resume) one run from a RunConfig JSON file")
+    tr.add_argument("--config", required=True, help="JSON of a topd_megatron.config.RunConfig (dataclasses.asdict)")
+    tr.add_argument("--dp", type=int, default=1, help="data-parallel replicas when topd starts the ranks itself")
+    tr.add_argument("--timeout", type=float, default=86400.0, help="seconds before a hung run is stopped")
+    prep = sub.add_parser("prepare", help="SFT the tiny teacher and student for a task (cached)")
+    prep.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
+    prep.add_argument("--force", action="store_true", help="redo it even if a cached preparation exists")
     agree = sub.add_parser("agree", help="per-position student/teacher agreement on a pair of checkpoints")
     agree.add_argument("--student", required=True, help="HF or topd checkpoint directory")
     agree.add_argument("--teacher", required=True, help="HF or topd checkpoint directory")
+    agree.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     common(agree)
 
     args = parser.parse_args(argv)
+    from topd_megatron.logs import quiet_third_party
+
+    quiet_third_party()
     try:
         if args.command == "run":
-            from topd_megatron.models.tiny import ensure_tiny_pair
-
-            student, teacher = ensure_tiny_pair()
-            return cmd_agree(args, str(student), str(teacher))
+            return cmd_run_tiny(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
+        if args.command == "train":
+            return cmd_train(args)
         return cmd_agree(args, args.student, args.teacher)
     except ValueError as e:  # configuration and input errors: one clear message, no traceback
         print(f"topd: error: {e}", file=sys.stderr)
