@@ -235,6 +235,7 @@ def prepare(cfg: PrepareConfig | None = None, *, force: bool = False, root: Path
             report=json.loads(report_path.read_text()),
         )
     base.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[topd] preparing the tiny pair for {cfg.task} (SFT of teacher and student; cached in {base})", flush=True)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -293,6 +294,11 @@ def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 1),
             "samples": texts[:3],
         }
+        print(
+            f"[topd] {role}: {report[role]['params']} parameters, {scfg.steps} SFT steps, held-out accuracy {acc:.3f}"
+            f" (avg@{cfg.eval_k}, T={cfg.eval_temperature}) in {report[role]['seconds']:.0f} s",
+            flush=True,
+        )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     problems = []
     if report["teacher"]["accuracy"] < cfg.min_teacher_accuracy:
