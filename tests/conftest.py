@@ -31,3 +31,19 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
         )
         for i, family in enumerate(FAMILIES)
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(student, teacher) tiny random HF checkpoints over the synthetic task's word-level tokenizer: a 2-layer Qwen3
+    student and a wider 2-layer Llama teacher (different architectures, one tokenizer)."""
+    from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint, make_word_tokenizer
+    from topd_megatron.tasks.synthetic import default
+
+    root = tmp_path_factory.mktemp("pair")
+    tok = make_word_tokenizer(root / "tok", default().tokenizer_corpus())
+    student = make_tiny_checkpoint(root / "student", TinyModelSpec(family="qwen3", num_layers=2, seed=3), tok)
+    teacher = make_tiny_checkpoint(
+        root / "teacher", TinyModelSpec(family="llama", hidden_size=96, num_layers=2, seed=4), tok
+    )
+    return student, teacher

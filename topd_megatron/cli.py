@@ -1,6 +1,6 @@
 """The `topd` command.
 
-    topd run tiny [--tp 2] [--pp 1] [--steps 30] [--seeds 1] [--json-out PATH]
+    topd run tiny [--tp 2] [--pp 1] [--steps 30] [--seeds 1] [--rollout embedded|sglang] [--json-out PATH]
                                                          the main job: OPD vs TOPD on the tiny embedded default
     topd prepare [--task module:attr] [--force]          SFT the tiny teacher/student pair for a task (cached)
     topd agree --student DIR --teacher DIR [--tp N]      per-position student/teacher agreement on any pair
@@ -131,6 +131,8 @@ def cmd_run_tiny(args: argparse.Namespace) -> int:
         task=args.task,
         out_dir=args.out_dir,
         arms=tuple(args.arms.split(",")),
+        rollout=args.rollout,
+        sync_mode=args.sync_mode,
     )
     results = experiment.run_tiny(cfg, world_timeout=args.timeout)
     experiment.print_table(results)
@@ -189,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--arms", default=",".join(ARMS), help="comma-separated presets to train")
     run.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
     run.add_argument("--out-dir", default="runs/tiny", help="metrics, TensorBoard logs, checkpoints and plots")
+    run.add_argument("--rollout", default="embedded", choices=["embedded", "sglang"], help="where rollouts are sampled")
+    run.add_argument(
+        "--sync-mode",
+        default="distributed",
+        choices=["disk", "tensor", "distributed"],
+        help="with --rollout sglang: how the student's weights reach its server after every step",
+    )
     tr = sub.add_parser("train", help="train (or resume) one run from a RunConfig JSON file")
     tr.add_argument("--config", required=True, help="JSON of a topd_megatron.config.RunConfig (dataclasses.asdict)")
     tr.add_argument("--dp", type=int, default=1, help="data-parallel replicas when topd starts the ranks itself")

@@ -9,6 +9,7 @@ from topd_megatron.evaluate import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
 from topd_megatron.parallel import ParallelConfig
+from topd_megatron.rollout.sglang import SGLangConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,11 +55,17 @@ class RunConfig:
     """Where metrics, TensorBoard logs, checkpoints and plots go (a rerun with the same run_dir resumes)."""
     task: str = "topd_megatron.tasks.synthetic:default"
     rollout: str = "embedded"
+    """'embedded' (sample in-process from the Megatron models) or 'sglang' (SGLang servers, see `sglang`)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     objective: objective.Config = field(default_factory=objective.Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout not in ("embedded", "sglang"):
+            raise ValueError(f"rollout must be 'embedded' or 'sglang', got {self.rollout!r}")
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -67,6 +74,8 @@ def config_from_dict(data: dict) -> RunConfig:
     import typing
 
     def build(cls: type, value: object) -> object:
+        if isinstance(value, dict) and not dataclasses.is_dataclass(cls):  # X | None with X a dataclass
+            cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), cls)
         if not dataclasses.is_dataclass(cls) or not isinstance(value, dict):
             return value
         hints = typing.get_type_hints(cls)
@@ -77,7 +86,7 @@ def config_from_dict(data: dict) -> RunConfig:
             kind, v = hints[f.name], value[f.name]
             if isinstance(v, list) and typing.get_origin(kind) is tuple:
                 v = tuple(v)
-            kwargs[f.name] = build(kind, v) if dataclasses.is_dataclass(kind) else v
+            kwargs[f.name] = build(kind, v)
         unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")

@@ -28,6 +28,7 @@ from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.prepare import PrepareConfig
+from topd_megatron.rollout.sglang import SGLangConfig
 
 ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
 ARM_DETECTOR = {
@@ -60,6 +61,10 @@ class TinyConfig:
     eval_every: int = 15
     oracle_prompts: int = 32
     task: str = "topd_megatron.tasks.synthetic:default"
+    rollout: str = "embedded"
+    """'embedded' or 'sglang' (a student SGLang server per run, weights pushed after every step)."""
+    sync_mode: str = "distributed"
+    """Weight sync to the SGLang student server: 'disk', 'tensor' or 'distributed'."""
     out_dir: str = "runs/tiny"
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
@@ -69,6 +74,9 @@ class TinyConfig:
             raise ValueError(f"unknown arms {unknown}; choose from {objective.PRESETS}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.rollout not in ("embedded", "sglang"):
+            raise ValueError(f"--rollout must be 'embedded' or 'sglang', got {self.rollout!r}")
+        SGLangConfig(sync_mode=self.sync_mode)  # validates the mode before anything runs
 
 
 def arm_objective(arm: str, window: int) -> objective.Config:
@@ -82,6 +90,8 @@ def run_config(cfg: TinyConfig, student: Path, teacher: Path, arm: str, seed: in
         teacher=ModelConfig(path=str(teacher), dtype="float32"),
         run_dir=str(Path(cfg.out_dir) / f"{arm}-seed{seed}"),
         task=cfg.task,
+        rollout=cfg.rollout,
+        sglang=SGLangConfig(sync_mode=cfg.sync_mode),
         parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=1234 + seed),
         objective=arm_objective(arm, cfg.window),
         optim=OptimConfig(lr=cfg.lr, clip_grad=1.0),

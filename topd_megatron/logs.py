@@ -28,6 +28,7 @@ def quiet_third_party() -> None:
     logging.getLogger("megatron.bridge.utils.fusions").setLevel(logging.ERROR)  # fusions unavailable on CPU
     logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)  # internal API
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)  # async save
     for pkg in NOISY_PACKAGES:
         warnings.filterwarnings("ignore", module=rf"{pkg}(\..*)?$")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,7 +124,7 @@ def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict
     from topd_megatron.models.build import build_model
     from topd_megatron.parallel import init_model_parallel
     from topd_megatron.prepare import encode_prompt
-    from topd_megatron.rollout.embedded import rollout_engine
+    from topd_megatron.rollout import rollout_engine
     from topd_megatron.tasks import load_task
     from topd_megatron.teacher import build_teacher, teacher_logits
     from topd_megatron.tokenizer import load_tokenizer
@@ -133,7 +134,9 @@ def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict
     task = load_task(run.task)
     student = build_model(run.student, run.parallel, role="student")
     teacher = build_teacher(run.teacher, run.parallel, student)
-    engine = rollout_engine(run.rollout, student, teacher, micro_batch_size=256)
+    engine = rollout_engine(
+        run.rollout, student, teacher, micro_batch_size=256, sglang=run.sglang, run_dir=Path(run.run_dir) / "oracle"
+    )
     tokenizer = load_tokenizer(student.tokenizer_dir)
     problems = task.train_problems(cfg.prompts, seed=cfg.seed)
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
@@ -177,6 +180,7 @@ def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict
             "non_divergent_share": float(det.metrics.get("detect/non_divergent_share", float("nan"))),
         }
     report["heatmap"] = _heatmap_record(step, tb, d, cands.positions, decisions, labels, tokenizer)
+    engine.close()
     if dist.get_rank() != 0:
         return None
     return report

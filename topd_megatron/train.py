@@ -23,8 +23,7 @@ from topd_megatron.models.build import build_model
 from topd_megatron.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.parallel import init_model_parallel
 from topd_megatron.prepare import encode_prompt
-from topd_megatron.rollout import SamplingParams
-from topd_megatron.rollout.embedded import rollout_engine
+from topd_megatron.rollout import SamplingParams, rollout_engine
 from topd_megatron.tasks import Problem, load_task
 from topd_megatron.teacher import build_teacher
 from topd_megatron.tokenizer import load_tokenizer
@@ -73,83 +72,94 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     teacher = build_teacher(cfg.teacher, cfg.parallel, student)
     optimizer = build_optimizer(cfg.optim, student)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-    engine = rollout_engine(cfg.rollout, student, teacher, micro_batch_size=cfg.train.micro_batch_size * 4)
-    tokenizer = load_tokenizer(student.tokenizer_dir)
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
-    start, bad_steps = 0, 0
-    ckpt = latest_checkpoint(cfg.run_dir)
-    if ckpt is not None:
-        meta = load_training_state(ckpt, student, optimizer, scheduler)
-        start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
-    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
-    pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
-    ctx = StepContext(
-        cfg=cfg.objective,
-        student=student,
-        teacher=teacher,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        engine=engine,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-        window_seed=0,
+    engine = rollout_engine(
+        cfg.rollout,
+        student,
+        teacher,
+        micro_batch_size=cfg.train.micro_batch_size * 4,
+        sglang=cfg.sglang,
+        run_dir=cfg.run_dir,
     )
+    try:
+        tokenizer = load_tokenizer(student.tokenizer_dir)
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
-    def run_eval(step: int) -> dict[str, float]:
-        summary, _ = evaluate_task(cfg.eval, engine, tokenizer, task, encode_prompt, step_seed=step)
-        logger.log(step, "eval", summary)
-        return summary
+        start, bad_steps = 0, 0
+        ckpt = latest_checkpoint(cfg.run_dir)
+        if ckpt is not None:
+            meta = load_training_state(ckpt, student, optimizer, scheduler)
+            start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
+            engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
+        logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
+        pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
+        ctx = StepContext(
+            cfg=cfg.objective,
+            student=student,
+            teacher=teacher,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            engine=engine,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            window_seed=0,
+        )
 
-    last_eval = run_eval(0) if start == 0 and cfg.train.eval_at_start else {}
-    with Progress(disable=rank != 0, transient=True) as progress:
-        bar = progress.add_task("train", total=cfg.train.steps, completed=start)
-        for step in range(start, cfg.train.steps):
-            t0 = time.perf_counter()
-            problems = prompts_for_step(pool, step, cfg.train, dp_rank, dp_size)
-            params = SamplingParams(
-                temperature=cfg.train.temperature,
-                top_p=cfg.train.top_p,
-                max_new_tokens=cfg.train.max_new_tokens,
-                stop_token_ids=(tokenizer.eos_token_id,),
-                seed=(cfg.train.seed * 1_000_003 + step) * 2,
-            )
-            rollouts = engine.generate([encode_prompt(tokenizer, p.prompt) for p in problems], params)
-            t_rollout = time.perf_counter() - t0
-            batch = build_step_batch(
-                rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=cfg.train.micro_batch_size
-            )
-            ctx.window_seed = params.seed + 1
-            ctx.inject_nan = step + 1 in cfg.train.inject_nan_at
-            metrics = train_step(ctx, batch)
-            sync = engine.sync_weights()
-            texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in rollouts]
-            metrics["rollout/accuracy"] = sum(
-                task.is_correct(t, p) for t, p in zip(texts, problems, strict=True)
-            ) / len(texts)
-            metrics["rollout/response_tokens"] = sum(len(g.output_ids) for g in rollouts) / len(rollouts)
-            metrics["time/rollout_s"] = t_rollout
-            metrics["time/step_s"] = time.perf_counter() - t0
-            metrics.update(sync)
-            metrics = gather_metrics(metrics)
-            logger.log(step + 1, "train", metrics)
-            bad_steps += int(metrics["skipped"])
-            if bad_steps > cfg.train.max_bad_steps:
-                raise TooManyBadSteps(
-                    f"step {step + 1}: the loss was not finite in {bad_steps} steps (> train.max_bad_steps ="
-                    f" {cfg.train.max_bad_steps}); lower optim.lr or check the data and the teacher"
+        def run_eval(step: int) -> dict[str, float]:
+            summary, _ = evaluate_task(cfg.eval, engine, tokenizer, task, encode_prompt, step_seed=step)
+            logger.log(step, "eval", summary)
+            return summary
+
+        last_eval = run_eval(0) if start == 0 and cfg.train.eval_at_start else {}
+        with Progress(disable=rank != 0, transient=True) as progress:
+            bar = progress.add_task("train", total=cfg.train.steps, completed=start)
+            for step in range(start, cfg.train.steps):
+                t0 = time.perf_counter()
+                problems = prompts_for_step(pool, step, cfg.train, dp_rank, dp_size)
+                params = SamplingParams(
+                    temperature=cfg.train.temperature,
+                    top_p=cfg.train.top_p,
+                    max_new_tokens=cfg.train.max_new_tokens,
+                    stop_token_ids=(tokenizer.eos_token_id,),
+                    seed=(cfg.train.seed * 1_000_003 + step) * 2,
                 )
-            if should_run(cfg.train.eval_every, step + 1, cfg.train.steps):
-                last_eval = run_eval(step + 1)
-            if should_run(cfg.train.save_every, step + 1, cfg.train.steps):
-                save_training_state(
-                    cfg.run_dir,
-                    step + 1,
-                    student,
-                    optimizer,
-                    scheduler,
-                    {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step},
+                rollouts = engine.generate([encode_prompt(tokenizer, p.prompt) for p in problems], params)
+                t_rollout = time.perf_counter() - t0
+                batch = build_step_batch(
+                    rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=cfg.train.micro_batch_size
                 )
-            progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")
-    logger.close()
+                ctx.window_seed = params.seed + 1
+                ctx.inject_nan = step + 1 in cfg.train.inject_nan_at
+                metrics = train_step(ctx, batch)
+                sync = engine.sync_weights()
+                texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in rollouts]
+                metrics["rollout/accuracy"] = sum(
+                    task.is_correct(t, p) for t, p in zip(texts, problems, strict=True)
+                ) / len(texts)
+                metrics["rollout/response_tokens"] = sum(len(g.output_ids) for g in rollouts) / len(rollouts)
+                metrics["time/rollout_s"] = t_rollout
+                metrics["time/step_s"] = time.perf_counter() - t0
+                metrics.update(sync)
+                metrics = gather_metrics(metrics)
+                logger.log(step + 1, "train", metrics)
+                bad_steps += int(metrics["skipped"])
+                if bad_steps > cfg.train.max_bad_steps:
+                    raise TooManyBadSteps(
+                        f"step {step + 1}: the loss was not finite in {bad_steps} steps (> train.max_bad_steps ="
+                        f" {cfg.train.max_bad_steps}); lower optim.lr or check the data and the teacher"
+                    )
+                if should_run(cfg.train.eval_every, step + 1, cfg.train.steps):
+                    last_eval = run_eval(step + 1)
+                if should_run(cfg.train.save_every, step + 1, cfg.train.steps):
+                    save_training_state(
+                        cfg.run_dir,
+                        step + 1,
+                        student,
+                        optimizer,
+                        scheduler,
+                        {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step},
+                    )
+                progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")
+        logger.close()
+    finally:
+        engine.close()
     return {"final_eval": last_eval, "steps": cfg.train.steps} if rank == 0 else None

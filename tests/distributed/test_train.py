@@ -28,20 +28,6 @@ from topd_megatron.train import train
 TIMING_PREFIXES = ("time/", "sync/", "detect/time_s")
 
 
-@pytest.fixture(scope="module")
-def synthetic_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint, make_word_tokenizer
-    from topd_megatron.tasks.synthetic import default
-
-    root = tmp_path_factory.mktemp("pair")
-    tok = make_word_tokenizer(root / "tok", default().tokenizer_corpus())
-    student = make_tiny_checkpoint(root / "student", TinyModelSpec(family="qwen3", num_layers=2, seed=3), tok)
-    teacher = make_tiny_checkpoint(
-        root / "teacher", TinyModelSpec(family="llama", hidden_size=96, num_layers=2, seed=4), tok
-    )
-    return student, teacher
-
-
 def make_config(
     pair: tuple[Path, Path], run_dir: Path, arm: str, *, steps: int = 3, tp: int = 2, pp: int = 1, **train_kw
 ) -> RunConfig:

@@ -43,3 +43,26 @@ def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for arm in ("opd", "topd"):
         run = tmp_path / "tiny" / f"{arm}-seed0"
         assert (run / "metrics.jsonl").is_file() and any((run / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_tiny_job_with_sglang_rollouts(tmp_path: Path) -> None:
+    """`topd run tiny --rollout sglang`: rollouts and evaluation from a student SGLang server per run, weights pushed
+    over the distributed group after every step."""
+    cfg = TinyConfig(
+        arms=("opd",),
+        steps=2,
+        eval_every=2,
+        eval_problems=8,
+        eval_k=1,
+        oracle_prompts=4,
+        rollout="sglang",
+        out_dir=str(tmp_path / "tiny"),
+    )
+    results = run_tiny(cfg, world_timeout=1800)
+    (row,) = results["table"]
+    assert row["arm"] == "opd" and 0.0 <= row["avg@1"] <= 1.0
+    train = [json.loads(line) for line in (tmp_path / "tiny" / "opd-seed0" / "metrics.jsonl").read_text().splitlines()]
+    syncs = [r for r in train if r["split"] == "train"]
+    assert len(syncs) == 2 and all(r["sync/bytes"] > 0 and r["sglang/restarts"] == 0.0 for r in syncs)
+    assert list((tmp_path / "tiny" / "opd-seed0" / "sglang").glob("sglang-student-*.log"))

@@ -3,7 +3,7 @@
 Two implementations plug into the same `RolloutEngine` protocol:
 - `embedded.EmbeddedEngine`: samples in-process from the Megatron student/teacher (any TP/PP; vocab-parallel
   sampling, no gather of the vocabulary). The laptop default.
-- SGLang servers (`rollout.sglang`, a later stage): the at-scale path.
+- `sglang.SGLangEngine`: SGLang servers (launched or attached), weight sync after every step: the at-scale path.
 
 The trainer owns tokenisation: engines see token ids only. Calls are collective over the model-parallel group for the
 embedded engine (every rank passes the same prompts, every rank gets the same result).
@@ -12,7 +12,8 @@ embedded engine (every rank passes the same prompts, every rank gets the same re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,3 +65,36 @@ class RolloutEngine(Protocol):
     def sync_weights(self) -> dict[str, float]:
         """Make the student's current weights the ones `generate` samples from; returns timing/size metrics."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine started (servers); the engine is unusable afterwards."""
+        ...
+
+
+def rollout_engine(
+    kind: str,
+    student: Any,
+    teacher: Any | None,
+    *,
+    micro_batch_size: int = 64,
+    sglang: Any = None,
+    run_dir: str | Path | None = None,
+) -> RolloutEngine:
+    """The engine named `kind` (collective: every trainer rank calls it).
+
+    'embedded': in-process sampling from the Megatron models. 'sglang': SGLang servers configured by `sglang` (an
+    `SGLangConfig`; servers and weight-sync files live under `run_dir`/sglang); the teacher's windows come from the
+    teacher server when one is configured, otherwise from the colocated Megatron teacher in-process.
+    """
+    from topd_megatron.rollout.embedded import EmbeddedEngine
+
+    if kind == "embedded":
+        return EmbeddedEngine(student, teacher, micro_batch_size=micro_batch_size)
+    if kind == "sglang":
+        from topd_megatron.rollout.sglang import SGLangConfig, SGLangEngine
+
+        fallback = EmbeddedEngine(student, teacher, micro_batch_size=micro_batch_size) if teacher else None
+        return SGLangEngine(
+            sglang or SGLangConfig(), student, teacher, run_dir=run_dir or ".", teacher_fallback=fallback
+        )
+    raise ValueError(f"unknown rollout engine {kind!r}; available: embedded, sglang")

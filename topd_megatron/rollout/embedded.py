@@ -11,7 +11,7 @@ replicas pass their own prompts); every rank returns the same generations.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ class EmbeddedEngine:
 
     def sync_weights(self) -> dict[str, float]:
         return {"sync/seconds": 0.0, "sync/bytes": 0.0}
+
+    def close(self) -> None:
+        pass
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, *, model: Literal["student", "teacher"] = "student"
@@ -110,10 +113,3 @@ class EmbeddedEngine:
             Generation(prompt_ids=list(p), output_ids=outs[i], output_logprobs=lps[i], finished=i in finished_ids)
             for i, p in enumerate(prompts)
         ]
-
-
-def rollout_engine(kind: str, student: MegatronLM, teacher: MegatronLM | None, **kwargs: Any) -> Any:
-    """The engine named `kind` ('embedded'; 'sglang' comes with the SGLang stage)."""
-    if kind == "embedded":
-        return EmbeddedEngine(student, teacher, **kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; available: embedded")

@@ -1,0 +1,212 @@
+"""SGLang as the rollout engine, against a real SGLang server running on CPU (generic torch path).
+
+Parity: the server's log-probs equal the Megatron student's (TP=2, fp32) on the same tokens, before any update and
+after every weight-sync mode. Lifecycle: attach to a running server; a server that exits or never becomes healthy
+gives a clear error within its timeout. Training: a run with rollout='sglang' whose student server is killed
+mid-rollout restarts it, pushes the weights again and finishes every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from topd_megatron.launch import spawn
+from topd_megatron.rollout import SamplingParams
+from topd_megatron.rollout.sglang_client import SGLangClient, SGLangUnavailable
+from topd_megatron.rollout.sglang_server import ServerConfig, ServerStartError, launch_server
+
+PARITY_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def student_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
+    server = launch_server(
+        ServerConfig(model_path=str(synthetic_pair[0]), startup_timeout_s=600),
+        log_dir=tmp_path_factory.mktemp("sglang-logs"),
+    )
+    yield server
+    server.stop()
+    assert not server.alive()
+
+
+def _megatron_logprobs(lm, seqs: list[list[int]], start: list[int]) -> list[torch.Tensor]:
+    """log p(seq[i] | seq[:i]) for i >= start, from the Megatron model's vocab-sharded logits."""
+    from megatron.core import parallel_state as ps
+
+    from topd_megatron.forward import forward_logits, make_microbatch
+    from topd_megatron.loss import token_logprobs
+
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    logits = forward_logits(lm.modules, [make_microbatch(tokens)])[0]
+    group = ps.get_tensor_model_parallel_group()
+    return [
+        token_logprobs(logits[i, : len(s) - 1], tokens[i, 1 : len(s)], vocab_size=lm.vocab_size, group=group)[
+            start[i] - 1 :
+        ].double()
+        for i, s in enumerate(seqs)
+    ]
+
+
+def _parity_body(rank: int, world: int, student: str, url: str, modes: tuple[str, ...], work: str) -> dict | None:
+    """TP=world: sample from the server, score the samples with Megatron; then for each sync mode perturb the
+    student (identically on every rank), push it and compare again. Returns max abs differences on rank 0."""
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.rollout.weight_sync import WeightSync
+
+    init_model_parallel(ParallelConfig(tp=world))
+    lm = build_model(ModelConfig(path=student, dtype="float32"), ParallelConfig(tp=world), role="student")
+    client = SGLangClient(url) if rank == 0 else None
+    prompts = [[1, 5, 7, 9, 11], [1, 5, 8], [3, 4, 6, 2, 9, 12]]
+    report: dict = {}
+
+    def compare(tag: str) -> None:
+        box = [None]
+        if rank == 0:
+            params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=len(report))
+            box = [client.generate(prompts, params)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        gens = box[0]
+        seqs = [g.prompt_ids + g.output_ids for g in gens]
+        start = [len(g.prompt_ids) for g in gens]
+        mine = _megatron_logprobs(lm, seqs, start)
+        if rank == 0:
+            sampled = [torch.tensor(g.output_logprobs, dtype=torch.float64) for g in gens]
+            scored = [torch.tensor(s.logprobs, dtype=torch.float64) for s in client.score(seqs, start)]
+            report[tag] = {
+                "generate": max((a - b).abs().max().item() for a, b in zip(mine, sampled, strict=True)),
+                "score": max((a - b).abs().max().item() for a, b in zip(mine, scored, strict=True)),
+                "tokens": sum(len(g.output_ids) for g in gens),
+            }
+
+    compare("initial")
+    initial = [p.detach().clone() for p in lm.modules[0].parameters()]
+    for i, mode in enumerate(modes):
+        gen = torch.Generator().manual_seed(100 + i)  # the same on every rank: replicated parameters stay equal
+        with torch.no_grad():
+            for p in lm.modules[0].parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        sync = WeightSync(mode, lm, client, server_ranks=1, work_dir=Path(work))
+        stats = sync.sync()
+        compare(mode)
+        if rank == 0:
+            report[mode]["sync"] = stats
+        sync.close()
+    with torch.no_grad():  # leave the shared server as the checkpoint: other tests compare against it
+        for p, p0 in zip(lm.modules[0].parameters(), initial, strict=True):
+            p.copy_(p0)
+    WeightSync("disk", lm, client, server_ranks=1, work_dir=Path(work)).sync()
+    return report if rank == 0 else None
+
+
+def test_logprobs_match_megatron_before_and_after_every_sync_mode(synthetic_pair, student_server, tmp_path) -> None:
+    modes = ("disk", "tensor", "distributed")
+    report = spawn(_parity_body, 2, (str(synthetic_pair[0]), student_server.url, modes, str(tmp_path)), timeout=900)[0]
+    for tag in ("initial", *modes):
+        assert report[tag]["tokens"] > 0
+        assert report[tag]["generate"] <= PARITY_TOL, (tag, report[tag])
+        assert report[tag]["score"] <= PARITY_TOL, (tag, report[tag])
+    for mode in modes:
+        stats = report[mode]["sync"]
+        assert stats["sync/bytes"] > 0 and stats["sync/tensors"] > 0 and stats["sync/seconds"] > 0, (mode, stats)
+
+
+def test_top_k_scores_match_the_models_own_ranking(student_server, synthetic_pair) -> None:
+    from transformers import AutoModelForCausalLM
+
+    client = SGLangClient(student_server.url)
+    seq = [1, 5, 7, 9, 11, 13, 4]
+    (scores,) = client.score([seq], [3], top_k=4)
+    model = AutoModelForCausalLM.from_pretrained(str(synthetic_pair[0]), dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    top = logp[2:-1].topk(4, dim=-1)
+    assert scores.top_ids == top.indices.tolist()
+    assert torch.allclose(torch.tensor(scores.top_logprobs, dtype=torch.float64), top.values, atol=PARITY_TOL)
+    want = torch.tensor([logp[i - 1, seq[i]].item() for i in range(3, len(seq))], dtype=torch.float64)
+    assert torch.allclose(torch.tensor(scores.logprobs, dtype=torch.float64), want, atol=PARITY_TOL)
+
+
+def test_attaching_leaves_the_server_running(student_server, tmp_path) -> None:
+    attached = launch_server(ServerConfig(url=student_server.url), log_dir=tmp_path)
+    assert attached.pid is None and attached.url == student_server.url
+    attached.stop()
+    assert student_server.alive() and SGLangClient(student_server.url).healthy()
+
+
+def test_a_server_that_exits_at_startup_is_reported_with_its_log(tmp_path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="exited with code") as err:
+        launch_server(ServerConfig(model_path=str(broken), startup_timeout_s=300), log_dir=tmp_path)
+    assert time.monotonic() - t0 < 300
+    assert "sglang-student-" in str(err.value)  # names the log file
+
+
+def test_a_server_that_is_not_healthy_in_time_fails_within_its_timeout(synthetic_pair, tmp_path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="not healthy within 3 s"):
+        launch_server(ServerConfig(model_path=str(synthetic_pair[0]), startup_timeout_s=3), log_dir=tmp_path)
+    assert time.monotonic() - t0 < 3 + 40  # the timeout, then stopping what was started
+    logs = list(tmp_path.glob("sglang-student-*.log"))
+    assert len(logs) == 1
+
+
+def test_an_unreachable_server_exhausts_a_bounded_retry_budget() -> None:
+    from topd_megatron.rollout.sglang_server import free_port
+
+    client = SGLangClient(f"http://127.0.0.1:{free_port()}", max_retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(SGLangUnavailable, match="after 3 attempt"):
+        client.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_server_beyond_loopback_gets_an_api_key() -> None:
+    from topd_megatron.rollout.sglang_server import server_command
+
+    cmd = server_command(ServerConfig(model_path="m", host="0.0.0.0"), 30000, "k3y", cuda=False)
+    assert cmd[cmd.index("--api-key") + 1] == "k3y" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    local = server_command(ServerConfig(model_path="m"), 30000, None, cuda=False)
+    assert "--api-key" not in local and local[local.index("--host") + 1] == "127.0.0.1"
+
+
+def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> None:
+    """rollout='sglang', distributed weight sync: the student server is SIGKILLed during the second rollout; the run
+    restarts it, pushes the weights again, retries the same rollout and finishes every step."""
+    from tests.distributed.test_train import make_config
+    from topd_megatron.metrics import read_metrics
+    from topd_megatron.rollout.sglang import SGLangConfig
+    from topd_megatron.train import train
+
+    cfg = make_config(synthetic_pair, tmp_path / "run", "topd", steps=3)
+    cfg = dataclasses.replace(
+        cfg,
+        rollout="sglang",
+        sglang=SGLangConfig(
+            student=ServerConfig(model_path="<student>", startup_timeout_s=600),
+            sync_mode="distributed",
+            kill_student_at_call=3,  # call 1: step-0 evaluation, 2: step 1's rollouts, 3: step 2's rollouts
+        ),
+    )
+    summary = spawn(train, 2, (cfg,), timeout=1500)[0]
+    assert summary["steps"] == 3
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["sglang/restarts"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(r["sync/bytes"] > 0 and r["skipped"] == 0.0 for r in rows)
+    logs = sorted((tmp_path / "run" / "sglang").glob("sglang-student-*.log"))
+    assert len(logs) == 1, "one log per server, kept in the run directory (the restart appends to it)"
+    port = logs[0].stem.rsplit("-", 1)[1]
+    survivors = [a for a in os.popen("ps -eo args").read().splitlines() if "sglang" in a and f"--port {port}" in a]
+    assert not survivors, f"a server outlived the run: {survivors}"

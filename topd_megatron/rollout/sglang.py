@@ -1,0 +1,218 @@
+"""The SGLang rollout engine: student rollouts and teacher near-future windows from SGLang servers.
+
+Same `RolloutEngine` interface as the embedded engine, same collective contract: every rank of a model-parallel
+group calls `generate` with the same prompts and gets the same generations. Inside, one *leader* per data-parallel
+replica (TP rank 0, first pipeline stage) sends the HTTP requests and broadcasts the answers to its group.
+
+Servers: global rank 0 launches them (or attaches to URLs) when the engine is built and stops them by PID in
+`close()`. When a server dies mid-request, every rank learns it (one all-reduce of a failure flag), rank 0 restarts
+it, the student's weights are pushed again, and the same `generate` call is retried: the step goes on with the same
+prompts and the same weights; restarts are counted in the metrics (`sglang/restarts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from topd_megatron.rollout import Generation, SamplingParams
+from topd_megatron.rollout.sglang_client import SGLangClient, SGLangUnavailable
+from topd_megatron.rollout.sglang_server import ServerConfig, SGLangServer, launch_server
+from topd_megatron.rollout.weight_sync import SYNC_MODES, WeightSync
+
+
+@dataclass(kw_only=True, slots=True)
+class SGLangConfig:
+    """SGLang servers of a run. model_path may stay empty: the student's and teacher's own HF directories are used."""
+
+    student: ServerConfig = field(default_factory=lambda: ServerConfig(role="student", model_path="<student>"))
+    teacher: ServerConfig | None = None
+    """A teacher server for near-future windows (and oracle continuations). None: the colocated Megatron teacher
+    generates them in-process."""
+    sync_mode: str = "distributed"
+    """How the student's weights reach its server after every step: 'disk', 'tensor' or 'distributed'."""
+    bucket_mb: int = 256
+    max_restarts: int = 3
+    """Server restarts allowed per generate call before the run fails."""
+    kill_student_at_call: int | None = None
+    """Fault injection (tests): SIGKILL the student server during this (1-based) generate call of rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.sync_mode not in SYNC_MODES:
+            raise ValueError(f"sglang.sync_mode must be one of {SYNC_MODES}, got {self.sync_mode!r}")
+
+
+def _resolve(cfg: ServerConfig, model_dir: Path) -> ServerConfig:
+    """Fill in the model's own HF directory; one without weights (a topd checkpoint's hf/) starts the server with
+    dummy weights, replaced by the first weight sync."""
+    if cfg.url or (cfg.model_path and not cfg.model_path.startswith("<")):
+        return cfg
+    cfg = dataclasses.replace(cfg, model_path=str(model_dir))
+    if not any(model_dir.glob("*.safetensors")):
+        cfg = dataclasses.replace(cfg, extra_args=(*cfg.extra_args, "--load-format", "dummy"))
+    return cfg
+
+
+class SGLangEngine:
+    """Rollouts from SGLang servers; optional fallback to an in-process engine for the teacher's windows."""
+
+    def __init__(
+        self,
+        cfg: SGLangConfig,
+        student: Any,
+        teacher: Any | None,
+        *,
+        run_dir: str | Path,
+        teacher_fallback: Any | None = None,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.student = student
+        self.fallback = teacher_fallback
+        self.work_dir = Path(run_dir) / "sglang"
+        self.restarts = 0
+        self.calls = 0
+        self._killed = False
+        mp_group = ps.get_model_parallel_group()
+        self.mp_group = mp_group
+        self.mp_src = dist.get_global_rank(mp_group, 0)
+        self.leader = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.server_cfgs = {"student": _resolve(cfg.student, student.tokenizer_dir)}
+        if cfg.teacher is not None:
+            if teacher is None and not (cfg.teacher.url or cfg.teacher.model_path):
+                raise ValueError("sglang.teacher is set but there is no teacher model path to serve")
+            self.server_cfgs["teacher"] = _resolve(cfg.teacher, teacher.tokenizer_dir if teacher else Path())
+        self.servers: dict[str, SGLangServer] = {}
+        if dist.get_rank() == 0:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            failure: BaseException | None = None
+            try:
+                for role, scfg in self.server_cfgs.items():
+                    self.servers[role] = launch_server(scfg, log_dir=self.work_dir)
+            except BaseException as e:
+                failure = e
+            endpoints = [None if failure else {r: (s.url, s.api_key) for r, s in self.servers.items()}]
+        else:
+            failure, endpoints = None, [None]
+        dist.broadcast_object_list(endpoints, src=0)
+        if failure is not None:
+            self.close()
+            raise failure
+        if endpoints[0] is None:
+            raise RuntimeError("the SGLang servers failed to start on rank 0 (see its error)")
+        self.endpoints: dict[str, tuple[str, str | None]] = endpoints[0]
+        self.clients = {r: self._client(r) for r in self.endpoints} if self.leader or dist.get_rank() == 0 else {}
+        scfg = self.server_cfgs["student"]
+        self.sync = WeightSync(
+            cfg.sync_mode,
+            student,
+            self.clients.get("student") if dist.get_rank() == 0 else None,
+            server_ranks=scfg.tp * scfg.dp,
+            work_dir=self.work_dir,
+            bucket_mb=cfg.bucket_mb,
+        )
+        if "--load-format" in self.server_cfgs["student"].extra_args:
+            self.sync.sync()  # the server started without real weights
+
+    def _client(self, role: str) -> SGLangClient:
+        url, key = self.endpoints[role]
+        scfg = self.server_cfgs[role]
+        return SGLangClient(url, api_key=key, timeout_s=scfg.request_timeout_s, max_retries=scfg.max_retries)
+
+    # -- RolloutEngine -----------------------------------------------------------------------------------------------
+    def sync_weights(self) -> dict[str, float]:
+        """Push the student's weights to its server (collective). A server lost during the push is restarted and the
+        push repeated (every rank sees the same outcome of a push, so all take the same branch)."""
+        for attempt in range(self.cfg.max_restarts + 1):
+            try:
+                return self.sync.sync() | {"sglang/restarts": float(self.restarts)}
+            except SGLangUnavailable:
+                if attempt == self.cfg.max_restarts:
+                    raise
+                self._recover(resync=False)
+        raise AssertionError("unreachable")
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, model: Literal["student", "teacher"] = "student"
+    ) -> list[Generation]:
+        if model not in self.endpoints:
+            if model == "teacher" and self.fallback is not None:
+                return self.fallback.generate(prompts, params, model="teacher")
+            raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
+        self.calls += 1
+        for attempt in range(self.cfg.max_restarts + 1):
+            result, error = None, None
+            if self.leader:
+                try:
+                    result = self._request(model, prompts, params)
+                except SGLangUnavailable as e:
+                    error = str(e)
+            failed = torch.tensor([0.0 if error is None else 1.0])
+            dist.all_reduce(failed)  # every rank learns that some leader lost its server
+            if failed.item() == 0:
+                box = [result]
+                dist.broadcast_object_list(box, src=self.mp_src, group=self.mp_group)
+                return box[0]
+            if attempt == self.cfg.max_restarts:
+                raise SGLangUnavailable(
+                    f"the SGLang {model} server failed {attempt + 1} times in one call (max_restarts ="
+                    f" {self.cfg.max_restarts}); last error: {error}"
+                )
+            self._recover()
+        raise AssertionError("unreachable")
+
+    def _request(self, model: str, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        client = self.clients[model]
+        if model == "student" and self.cfg.kill_student_at_call == self.calls and not self._killed:
+            self._killed = True  # once: the retries of this call must reach the restarted server
+            if dist.get_rank() == 0:
+                self._kill("student")
+        seeds = [int(params.seed) * 1_000_003 + i for i in range(len(prompts))]
+        return client.generate(prompts, params, seeds=seeds)
+
+    def _kill(self, role: str) -> None:
+        """Fault injection: SIGKILL the server's process group as the rollout request goes out."""
+        server = self.servers[role]
+        if server.process is not None and server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+    def _recover(self, *, resync: bool = True) -> None:
+        """Collective: rank 0 restarts every dead launched server; the student's weights are pushed again."""
+        status: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                for role, server in list(self.servers.items()):
+                    client = self.clients[role]
+                    if server.alive() and client.healthy():
+                        continue
+                    self.servers[role] = server.restart()
+                    self.restarts += 1
+                status = [{r: (s.url, s.api_key) for r, s in self.servers.items()}]
+            except Exception as e:
+                status = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(status, src=0)
+        if isinstance(status[0], str):
+            raise SGLangUnavailable(f"restarting the SGLang server failed: {status[0]}")
+        self.endpoints = status[0]
+        if self.clients:
+            self.clients = {r: self._client(r) for r in self.endpoints}
+        self.sync.reset(self.clients.get("student") if dist.get_rank() == 0 else None)
+        if resync:
+            self.sync.sync()
+
+    def close(self) -> None:
+        """Stop the servers this engine launched (rank 0; attached servers are left running)."""
+        if getattr(self, "sync", None) is not None:
+            self.sync.close()
+        for server in self.servers.values():
+            server.stop()
+        self.servers = {}
