@@ -182,8 +182,9 @@ def test_a_server_beyond_loopback_gets_an_api_key() -> None:
 
 
 def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> None:
-    """rollout='sglang', distributed weight sync: the student server is SIGKILLed during the second rollout; the run
-    restarts it, pushes the weights again, retries the same rollout and finishes every step."""
+    """rollout='sglang' with a student server (distributed weight sync) and a teacher server (TOPD's near-future
+    windows): the student server is SIGKILLed as the second step's rollout goes out; the run restarts it, pushes the
+    weights again, retries the same rollout and finishes every step."""
     from tests.distributed.test_train import make_config
     from topd_megatron.metrics import read_metrics
     from topd_megatron.rollout.sglang import SGLangConfig
@@ -195,6 +196,7 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
         rollout="sglang",
         sglang=SGLangConfig(
             student=ServerConfig(model_path="<student>", startup_timeout_s=600),
+            teacher=ServerConfig(role="teacher", model_path="<teacher>", startup_timeout_s=600),
             sync_mode="distributed",
             kill_student_at_call=3,  # call 1: step-0 evaluation, 2: step 1's rollouts, 3: step 2's rollouts
         ),
@@ -205,8 +207,11 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["sglang/restarts"] for r in rows] == [0.0, 1.0, 1.0]
     assert all(r["sync/bytes"] > 0 and r["skipped"] == 0.0 for r in rows)
-    logs = sorted((tmp_path / "run" / "sglang").glob("sglang-student-*.log"))
-    assert len(logs) == 1, "one log per server, kept in the run directory (the restart appends to it)"
-    port = logs[0].stem.rsplit("-", 1)[1]
-    survivors = [a for a in os.popen("ps -eo args").read().splitlines() if "sglang" in a and f"--port {port}" in a]
-    assert not survivors, f"a server outlived the run: {survivors}"
+    assert all(r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0 for r in rows)
+    for role in ("student", "teacher"):
+        logs = sorted((tmp_path / "run" / "sglang").glob(f"sglang-{role}-*.log"))
+        assert len(logs) == 1, "one log per server, kept in the run directory (a restart appends to it)"
+        port = logs[0].stem.rsplit("-", 1)[1]
+        ps = os.popen("ps -eo args").read().splitlines()
+        survivors = [a for a in ps if "sglang" in a and f"--port {port}" in a]
+        assert not survivors, f"a {role} server outlived the run: {survivors}"

@@ -42,7 +42,7 @@ class SGLangConfig:
     max_restarts: int = 3
     """Server restarts allowed per generate call before the run fails."""
     kill_student_at_call: int | None = None
-    """Fault injection (tests): SIGKILL the student server during this (1-based) generate call of rank 0."""
+    """Fault injection (tests): SIGKILL the student server as this (1-based) call for student samples goes out."""
 
     def __post_init__(self) -> None:
         if self.sync_mode not in SYNC_MODES:
@@ -79,7 +79,7 @@ class SGLangEngine:
         self.fallback = teacher_fallback
         self.work_dir = Path(run_dir) / "sglang"
         self.restarts = 0
-        self.calls = 0
+        self.calls = {"student": 0, "teacher": 0}
         self._killed = False
         mp_group = ps.get_model_parallel_group()
         self.mp_group = mp_group
@@ -147,7 +147,7 @@ class SGLangEngine:
             if model == "teacher" and self.fallback is not None:
                 return self.fallback.generate(prompts, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
-        self.calls += 1
+        self.calls[model] += 1
         for attempt in range(self.cfg.max_restarts + 1):
             result, error = None, None
             if self.leader:
@@ -171,7 +171,7 @@ class SGLangEngine:
 
     def _request(self, model: str, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         client = self.clients[model]
-        if model == "student" and self.cfg.kill_student_at_call == self.calls and not self._killed:
+        if model == "student" and self.cfg.kill_student_at_call == self.calls["student"] and not self._killed:
             self._killed = True  # once: the retries of this call must reach the restarted server
             if dist.get_rank() == 0:
                 self._kill("student")
