@@ -39,6 +39,9 @@ class SGLangConfig:
     sync_mode: str = "distributed"
     """How the student's weights reach its server after every step: 'disk', 'tensor' or 'distributed'."""
     bucket_mb: int = 256
+    sync_address: str = "127.0.0.1"
+    """Where the student server's ranks reach global rank 0 for the 'distributed' sync (this node's address when the
+    server runs on another node; 'disk' then needs a filesystem both see, 'tensor' the same machine)."""
     max_restarts: int = 3
     """Server restarts allowed per generate call before the run fails."""
     kill_student_at_call: int | None = None
@@ -50,12 +53,18 @@ class SGLangConfig:
 
 
 def _resolve(cfg: ServerConfig, model_dir: Path) -> ServerConfig:
-    """Fill in the model's own HF directory; one without weights (a topd checkpoint's hf/) starts the server with
-    dummy weights, replaced by the first weight sync."""
+    """Fill in the model's own HF directory. For the student, one without weights (a topd checkpoint's hf/) starts
+    the server with dummy weights, replaced by the first weight sync; the teacher is never synced, so it needs real
+    HF weights."""
     if cfg.url or (cfg.model_path and not cfg.model_path.startswith("<")):
         return cfg
     cfg = dataclasses.replace(cfg, model_path=str(model_dir))
     if not any(model_dir.glob("*.safetensors")):
+        if cfg.role == "teacher":
+            raise ValueError(
+                f"sglang.teacher: {model_dir} has no safetensors weights to serve (a topd checkpoint?); set"
+                " sglang.teacher.model_path to the teacher's Hugging Face directory"
+            )
         cfg = dataclasses.replace(cfg, extra_args=(*cfg.extra_args, "--load-format", "dummy"))
     return cfg
 
@@ -118,6 +127,7 @@ class SGLangEngine:
             server_ranks=scfg.tp * scfg.dp,
             work_dir=self.work_dir,
             bucket_mb=cfg.bucket_mb,
+            group_address=cfg.sync_address,
         )
         if "--load-format" in self.server_cfgs["student"].extra_args:
             self.sync.sync()  # the server started without real weights

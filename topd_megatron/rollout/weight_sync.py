@@ -72,6 +72,7 @@ class WeightSync:
         work_dir: Path,
         bucket_mb: int = 256,
         group_port: int = 0,
+        group_address: str = "127.0.0.1",
         group_timeout_s: float = 120.0,
     ) -> None:
         if mode not in SYNC_MODES:
@@ -82,6 +83,7 @@ class WeightSync:
         self.work_dir = Path(work_dir)
         self.bucket_bytes = bucket_mb << 20
         self.group_port = group_port
+        self.group_address = group_address
         self.group_timeout_s = group_timeout_s
         self.group_name = ""
         self._group: Any = None
@@ -184,13 +186,13 @@ class WeightSync:
 
         assert self.client is not None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        port = self.group_port or free_port()
+        port = self.group_port or free_port("0.0.0.0" if self.group_address != "127.0.0.1" else "127.0.0.1")
         world = 1 + self.server_ranks
         # a fresh name every time: a server keeps the groups of trainers that died, and refuses a name twice
         self._groups_formed += 1
         self.group_name = f"topd_weight_sync_{os.getpid()}_{self._groups_formed}_{time.time_ns()}"
         request = {
-            "master_address": "127.0.0.1",
+            "master_address": self.group_address,
             "master_port": port,
             "rank_offset": 1,
             "world_size": world,
@@ -209,7 +211,7 @@ class WeightSync:
         thread.start()
         self._group = init_custom_process_group(
             backend=backend,
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=f"tcp://{self.group_address}:{port}",
             world_size=world,
             rank=0,
             group_name=self.group_name,
