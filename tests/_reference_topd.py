@@ -51,6 +51,13 @@ def logprobs(logits: Tensor, tokens: Tensor, vocab_size: int | None = None) -> T
     return log_probs(logits, vocab_size).gather(1, tokens.long().unsqueeze(1)).squeeze(1)
 
 
+def topk_divergence(logits: Tensor, top_ids: Tensor, teacher_top_logprobs: Tensor) -> Tensor:
+    """Reverse KL on the teacher's top-k support, both renormalised there (float64, full vocabulary)."""
+    log_p = torch.log_softmax(logits.to(torch.float64).gather(1, top_ids), dim=-1)
+    log_q = torch.log_softmax(teacher_top_logprobs.to(torch.float64), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def entropy(logits: Tensor, vocab_size: int | None = None) -> Tensor:
     lp = log_probs(logits, vocab_size)
     return -(lp.exp() * lp).sum(-1)

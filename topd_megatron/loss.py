@@ -30,7 +30,7 @@ Formulas (p = softmax(student), q = softmax(teacher), over the true vocabulary):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -429,6 +429,63 @@ def token_entropy(
 ) -> Tensor:
     """Entropy -sum_v p log p of softmax(logits) per token: `[T, V_local]` shard -> `[T]`, differentiable."""
     return _run("token_entropy", logits, None, None, "entropy", 0.0, vocab_size, group, chunk_size)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) of per-rank partial values whose result every rank uses identically: the backward is the
+    identity (each rank's part receives the gradient of the replicated sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None, world: int) -> Tensor:
+        out = x.clone()
+        _all_reduce(out, dist.ReduceOp.SUM, group, world)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+def topk_divergence(
+    student_logits: Tensor,
+    top_ids: Tensor,
+    teacher_top_logprobs: Tensor,
+    *,
+    vocab_size: int | None = None,
+    group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Reverse KL on the teacher's top-k support, both distributions renormalised there, per token:
+
+        d_t = sum_j p~_tj (log p~_tj - log q~_tj),  p~_t = softmax_j log p_t(v_tj),  q~_t = softmax_j log q_t(v_tj)
+
+    for a teacher that only reports its k most likely tokens (e.g. served by an inference engine). `student_logits`
+    is this rank's `[T, V_local]` shard, `top_ids` `[T, k]` global ids below the true vocabulary, and
+    `teacher_top_logprobs` `[T, k]` the teacher's log-probs of those ids. Returns `[T]` (fp32 for 16-bit inputs,
+    else the input dtype), identical on every rank; exact gradients flow to `student_logits` only. The student's
+    logits at the k ids are summed over the group (`[T, k]` values; no rank gathers the vocabulary).
+    """
+    if top_ids.dim() != 2 or top_ids.shape != teacher_top_logprobs.shape or top_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"topk_divergence: top_ids {tuple(top_ids.shape)} and teacher_top_logprobs"
+            f" {tuple(teacher_top_logprobs.shape)} must both be [T, k] with T = {student_logits.shape[0]}"
+        )
+    if top_ids.shape[1] == 0:
+        raise ValueError("topk_divergence: k must be >= 1")
+    limit = vocab_size if vocab_size is not None else None
+    if top_ids.numel() and (int(top_ids.min()) < 0 or (limit is not None and int(top_ids.max()) >= limit)):
+        raise ValueError(f"topk_divergence: top_ids must be in [0, {limit}) (the true vocabulary)")
+    # Only the logits at the k ids matter: the full-vocabulary normaliser cancels in the renormalisation.
+    rank, world = _group_rank_world(group)
+    v_local = student_logits.shape[-1]
+    lo = rank * v_local
+    here = (top_ids >= lo) & (top_ids < lo + v_local)
+    local = student_logits.gather(1, (top_ids - lo).clamp(0, v_local - 1)).to(_acc_dtype(student_logits.dtype))
+    lp_s = _SumOverGroup.apply(torch.where(here, local, torch.zeros_like(local)), group, world)
+    log_p = lp_s - torch.logsumexp(lp_s, dim=-1, keepdim=True)
+    lq = teacher_top_logprobs.to(log_p.dtype)
+    log_q = lq - torch.logsumexp(lq, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def vocab_parallel_embedding(

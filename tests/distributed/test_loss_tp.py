@@ -24,7 +24,8 @@ from topd_megatron.launch import spawn
 
 WORLD = 4
 TPS = (1, 2, 4)
-OPS = ("reverse_kl", "forward_kl", "jsd", "log_ratio", "logprob", "entropy")
+OPS = ("reverse_kl", "forward_kl", "jsd", "log_ratio", "logprob", "entropy", "topk_kl")
+TOP_K = 5
 # name: (T, padded V, true vocab or None, dtype, chunk_size or None, extreme logits)
 DIV_CASES = {
     "plain": (19, 48, None, torch.float64, None, False),
@@ -55,9 +56,19 @@ def div_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return s, te, tokens, w
 
 
-def _run_op(op, s, te, tokens, **kw):
-    from topd_megatron.loss import token_divergence, token_entropy, token_logprobs
+def teacher_top_k(t_full: torch.Tensor, vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, TOP_K] ids and log-probs of the teacher's most likely true-vocabulary tokens (what a server reports)."""
+    lq = ref.log_probs(t_full, vocab)
+    top = lq.topk(TOP_K, dim=-1)
+    return top.indices, top.values
 
+
+def _run_op(op, s, te, tokens, *, t_full=None, **kw):
+    from topd_megatron.loss import token_divergence, token_entropy, token_logprobs, topk_divergence
+
+    if op == "topk_kl":
+        ids, lq = teacher_top_k(t_full, kw.get("vocab_size"))
+        return topk_divergence(s, ids, lq, **kw)
     if op == "logprob":
         return token_logprobs(s, tokens, **kw)
     if op == "entropy":
@@ -82,7 +93,7 @@ def _worker(rank: int, world: int) -> dict:
             for op in OPS:
                 s = cases.shard(s_full, trank, tp).to(dtype).clone().requires_grad_()
                 te = cases.shard(t_full, trank, tp).to(dtype)
-                val = _run_op(op, s, te, tokens, vocab_size=vocab, group=grp, chunk_size=chunk)
+                val = _run_op(op, s, te, tokens, t_full=t_full, vocab_size=vocab, group=grp, chunk_size=chunk)
                 (val * w.to(val.dtype)).sum().backward()
                 out["div"][(tp, name, op)] = (val.detach(), s.grad)
         for name, cfg in PRESETS.items():
@@ -142,6 +153,8 @@ def test_token_quantities_match_reference(results, tp, case):
             exp = ref.logprobs(s, tokens, vocab)
         elif op == "entropy":
             exp = ref.entropy(s, vocab)
+        elif op == "topk_kl":
+            exp = ref.topk_divergence(s, *teacher_top_k(t_full, vocab))
         else:
             exp = ref.divergence(s, t_full, op, tokens=tokens, beta=0.3, vocab_size=vocab)
         (g_exp,) = torch.autograd.grad((exp * w).sum(), s)

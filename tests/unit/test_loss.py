@@ -233,3 +233,19 @@ def test_error_bad_kind_and_beta():
         token_divergence(s, te, "jsd", beta=1.0)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         token_divergence(s, te, "jsd", chunk_size=0)
+
+
+def test_topk_divergence_refuses_bad_inputs_and_is_zero_for_the_same_ranking() -> None:
+    from topd_megatron.loss import topk_divergence
+
+    logits = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ids = logits.topk(3, dim=-1).indices
+    own = torch.log_softmax(logits, -1).gather(1, ids)
+    assert topk_divergence(logits, ids, own).abs().max() < 1e-12  # the student's own top-k: no divergence
+    assert (topk_divergence(logits, ids, own.flip(-1)) > 0).all()
+    with pytest.raises(ValueError, match=r"must both be \[T, k\]"):
+        topk_divergence(logits, ids[:, :2], own)
+    outside = ids.clone()
+    outside[0, 0] = 9
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        topk_divergence(logits, outside, own, vocab_size=8)
