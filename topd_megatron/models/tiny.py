@@ -13,6 +13,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -154,12 +155,7 @@ def make_tiny_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int 
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    fast.save_pretrained(str(out))
-    return out
+    return _save_tokenizer(fast, CHAT_TEMPLATE, out_dir)
 
 
 # --- the embedded default pair ------------------------------------------------------------------------------------
@@ -248,7 +244,12 @@ def make_word_tokenizer(out_dir: str | Path, corpus: list[str]) -> Path:
         unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = WORD_CHAT_TEMPLATE
+    return _save_tokenizer(fast, WORD_CHAT_TEMPLATE, out_dir)
+
+
+def _save_tokenizer(fast: Any, chat_template: str, out_dir: str | Path) -> Path:
+    """Attach the chat template and write the tokenizer files to `out_dir` (replacing what was there)."""
+    fast.chat_template = chat_template
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)

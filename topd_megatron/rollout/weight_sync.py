@@ -152,22 +152,15 @@ class WeightSync:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return {"sync/bytes": float(nbytes), "sync/tensors": float(len(tensors)), "sync/buckets": 1.0}
 
-    def _push_tensor(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        import torch.multiprocessing as mp
-        from sglang.srt.utils import MultiprocessingSerializer
-
+    def _push_buckets(self, named: Iterator[tuple[str, torch.Tensor]], send: Any) -> dict[str, float]:
+        """`send(bucket)` for every bucket, between /begin_weight_update and /end_weight_update; then flush the
+        server's prefix cache (it holds KV of the old weights)."""
         assert self.client is not None
-        mp.set_sharing_strategy("file_system")  # CPU tensors reach the server's processes by shared-memory name
         nbytes = count = n_buckets = 0
         self.client.post("/begin_weight_update", {})
         try:
             for bucket in buckets(named, self.bucket_bytes):
-                payload = MultiprocessingSerializer.serialize([(n, t.contiguous()) for n, t in bucket], output_str=True)
-                self.client.post(
-                    "/update_weights_from_tensor",
-                    {"serialized_named_tensors": [payload] * self.server_ranks, "flush_cache": False},
-                    retry=False,
-                )
+                send(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 count += len(bucket)
                 n_buckets += 1
@@ -175,6 +168,22 @@ class WeightSync:
             self.client.post("/end_weight_update", {}, retry=False)
         self.client.flush_cache()
         return {"sync/bytes": float(nbytes), "sync/tensors": float(count), "sync/buckets": float(n_buckets)}
+
+    def _push_tensor(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        import torch.multiprocessing as mp
+        from sglang.srt.utils import MultiprocessingSerializer
+
+        mp.set_sharing_strategy("file_system")  # CPU tensors reach the server's processes by shared-memory name
+
+        def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
+            payload = MultiprocessingSerializer.serialize([(n, t.contiguous()) for n, t in bucket], output_str=True)
+            self.client.post(
+                "/update_weights_from_tensor",
+                {"serialized_named_tensors": [payload] * self.server_ranks, "flush_cache": False},
+                retry=False,
+            )
+
+        return self._push_buckets(named, send)
 
     def _ensure_group(self) -> Any:
         """Form the update group: rank 0 of it is this process (it hosts the rendezvous store), then the server's."""
@@ -227,36 +236,29 @@ class WeightSync:
         assert self.client is not None
         group = self._ensure_group()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        nbytes = count = n_buckets = 0
-        self.client.post("/begin_weight_update", {})
-        try:
-            for bucket in buckets(named, self.bucket_bytes):
-                request = {
-                    "names": [n for n, _ in bucket],
-                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket],
-                    "group_name": self.group_name,
-                    "flush_cache": False,
-                }
-                answer: dict[str, Any] = {}
 
-                def announce(req: dict[str, Any] = request, out: dict[str, Any] = answer) -> None:
-                    try:
-                        out["body"] = self.client.post("/update_weights_from_distributed", req, retry=False)
-                    except Exception as e:
-                        out["error"] = e
+        def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
+            request = {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": self.group_name,
+                "flush_cache": False,
+            }
+            answer: dict[str, Any] = {}
 
-                thread = threading.Thread(target=announce, daemon=True)
-                thread.start()
-                for _, t in bucket:
-                    dist.broadcast(t.contiguous() if device is None else t.to(device), group_src=0, group=group)
-                thread.join()
-                if "error" in answer:
-                    raise SGLangResponseError(f"distributed weight update failed: {answer['error']}")
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                count += len(bucket)
-                n_buckets += 1
-        finally:
-            self.client.post("/end_weight_update", {}, retry=False)
-        self.client.flush_cache()
-        return {"sync/bytes": float(nbytes), "sync/tensors": float(count), "sync/buckets": float(n_buckets)}
+            def announce() -> None:  # the server blocks in this request until it has received every broadcast
+                try:
+                    answer["body"] = self.client.post("/update_weights_from_distributed", request, retry=False)
+                except Exception as e:
+                    answer["error"] = e
+
+            thread = threading.Thread(target=announce, daemon=True)
+            thread.start()
+            for _, t in bucket:
+                dist.broadcast(t.contiguous() if device is None else t.to(device), group_src=0, group=group)
+            thread.join()
+            if "error" in answer:
+                raise SGLangResponseError(f"distributed weight update failed: {answer['error']}")
+
+        return self._push_buckets(named, send)
