@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from topd_megatron import objective
+from topd_megatron.cluster import ClusterConfig
 from topd_megatron.evaluate import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
@@ -62,6 +63,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The machines the run is meant for (planner, launchers); training uses what torchrun/srun give it."""
 
     def __post_init__(self) -> None:
         if self.rollout not in ("embedded", "sglang"):
