@@ -2,6 +2,7 @@
 
     topd run tiny [--tp 2] [--pp 1] [--steps 30] [--seeds 1] [--rollout embedded|sglang] [--json-out PATH]
                                                          the main job: OPD vs TOPD on the tiny embedded default
+    topd train (--config FILE | --recipe NAME) [--set KEY=VALUE ...]   train or resume one run
     topd prepare [--task module:attr] [--force]          SFT the tiny teacher/student pair for a task (cached)
     topd agree --student DIR --teacher DIR [--tp N]      per-position student/teacher agreement on any pair
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,31 +25,15 @@ DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
 
 
 def _launched_externally() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    from topd_megatron.launch import launched_externally
+
+    return launched_externally()
 
 
 def _run_ranks(fn: Any, world: int, cfg: Any, timeout: float) -> Any:
-    """Run `fn(rank, world, cfg)` on this job's ranks and return the one non-None report (on global rank 0 only
-    when launched by torchrun/srun: the other ranks get None and print nothing)."""
-    if _launched_externally():
-        import torch.distributed as dist
+    from topd_megatron.launch import run_ranks
 
-        from topd_megatron.parallel import init_process_group
-
-        init_process_group()
-        report = fn(dist.get_rank(), dist.get_world_size(), cfg)
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, report)
-        if dist.get_rank() != 0:
-            return None
-        reports = [r for r in gathered if r is not None]
-    else:
-        from topd_megatron.launch import spawn
-
-        reports = [r for r in spawn(fn, world, (cfg,), timeout=timeout) if r is not None]
-    if len(reports) != 1:
-        raise RuntimeError(f"expected one reporting rank, got {len(reports)}")
-    return reports[0]
+    return run_ranks(fn, world, cfg, timeout=timeout)
 
 
 def _print_agreement(report: dict[str, Any]) -> None:
@@ -143,11 +127,32 @@ def cmd_run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def load_run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of `--config FILE` or `--recipe NAME`, with every `--set KEY=VALUE` applied."""
     from topd_megatron.config import config_from_dict
+    from topd_megatron.overrides import apply_overrides
+
+    if args.recipe:
+        import recipes
+
+        return recipes.get(args.recipe, args.set)
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"--config {path} does not exist")
+    return apply_overrides(config_from_dict(json.loads(path.read_text())), args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from topd_megatron.train import train
 
-    cfg = config_from_dict(json.loads(Path(args.config).read_text()))
+    cfg = load_run_config(args)
+    if args.recipe and not _launched_externally():
+        import recipes
+
+        if recipes.recipe(args.recipe).needs_tiny_pair:
+            from topd_megatron.prepare import prepare
+
+            prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
         from topd_megatron.models.build import checkpoint_kind
 
@@ -199,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         help="with --rollout sglang: how the student's weights reach its server after every step",
     )
     tr = sub.add_parser("train", help="train (or resume) one run from a RunConfig JSON file")
-    tr.add_argument("--config", required=True, help="JSON of a topd_megatron.config.RunConfig (dataclasses.asdict)")
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="JSON of a topd_megatron.config.RunConfig (dataclasses.asdict)")
+    source.add_argument("--recipe", help="a recipe name (see recipes/): tiny, qwen3_4b_from_30b_a3b, ...")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key, e.g. --set train.steps=2 (repeatable)",
+    )
     tr.add_argument("--dp", type=int, default=1, help="data-parallel replicas when topd starts the ranks itself")
     tr.add_argument("--timeout", type=float, default=86400.0, help="seconds before a hung run is stopped")
     prep = sub.add_parser("prepare", help="SFT the tiny teacher and student for a task (cached)")

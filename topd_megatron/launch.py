@@ -168,3 +168,30 @@ def spawn(
         parts = [f"--- rank {r} ---\n{reports[r]}" for r in sorted(reports)]
         raise DistributedFailure(f"{len(reports)} of {world_size} ranks failed:\n" + "\n".join(parts))
     return [results[r] for r in range(world_size)]
+
+
+def launched_externally() -> bool:
+    """Whether torchrun or srun started this process as one rank of a job."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def run_ranks(fn: Callable[..., Any], world: int, cfg: Any, *, timeout: float) -> Any:
+    """Run `fn(rank, world, cfg)` on this job's ranks and return the one non-None report (on global rank 0 only
+    when launched by torchrun/srun: the other ranks get None and print nothing)."""
+    if launched_externally():
+        import torch.distributed as dist
+
+        from topd_megatron.parallel import init_process_group
+
+        init_process_group()
+        report = fn(dist.get_rank(), dist.get_world_size(), cfg)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, report)
+        if dist.get_rank() != 0:
+            return None
+        reports = [r for r in gathered if r is not None]
+    else:
+        reports = [r for r in spawn(fn, world, (cfg,), timeout=timeout) if r is not None]
+    if len(reports) != 1:
+        raise RuntimeError(f"expected one reporting rank, got {len(reports)}")
+    return reports[0]

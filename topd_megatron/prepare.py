@@ -220,6 +220,13 @@ def hf_accuracy(
     return correct / len(todo), texts
 
 
+def prepared_paths(cfg: PrepareConfig | None = None, *, root: Path | None = None) -> tuple[Path, Path]:
+    """(student_dir, teacher_dir) where `prepare(cfg)` puts (or has put) the pair; prepares nothing."""
+    cfg = cfg or PrepareConfig()
+    base = (root or cache_root() / "prepared") / cache_key(cfg, load_task(cfg.task))
+    return base / "student", base / "teacher"
+
+
 def prepare(cfg: PrepareConfig | None = None, *, force: bool = False, root: Path | None = None) -> Prepared:
     """Prepare (or reuse) the teacher/student pair of `cfg`. Raises RuntimeError when an accuracy check fails."""
     cfg = cfg or PrepareConfig()

@@ -17,7 +17,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,11 @@ class SGLangConfig:
     """Server restarts allowed per generate call before the run fails."""
     kill_student_at_call: int | None = None
     """Fault injection (tests): SIGKILL the student server as this (1-based) call for student samples goes out."""
+
+    OVERRIDE_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "teacher": lambda: ServerConfig(role="teacher", model_path="<teacher>")
+    }
+    """What `sglang.teacher=default` sets (topd_megatron.overrides): a teacher server on the teacher's own weights."""
 
     def __post_init__(self) -> None:
         if self.sync_mode not in SYNC_MODES:
