@@ -24,6 +24,15 @@ One micro-batch, in the loop's order (see topd_megatron/divergence.py for why de
     loss_value, metrics = loss(cfg, batch, terms, det, branch)
     loss_value.backward()
 
+A teacher that cannot be colocated (served by SGLang, `teacher_source='sglang'`) reports log-probs, not logits: pass a
+`ServedTeacher` in place of the teacher logits, and set `teacher_signal`:
+    top_k          d_t = reverse KL on the teacher's top-k support, both renormalised (loss.topk_divergence); exact
+                   gradients through the student's logits at those k ids
+    sampled_token  d_t = log p_S(y_t) - log p_T(y_t), the one-sample estimate of the reverse KL at the sampled token,
+                   with the score-function gradient (log p_S(y_t) - log p_T(y_t)) * grad log p_S(y_t)
+Teacher-window guidance then uses the teacher's top-k on the branch (reverse_kl) or, with sampled_token, the
+forward-KL sample log p_T(u_j) - log p_S(u_j) (gradient: the cross-entropy on u_j, the teacher's own tokens).
+
 For `opd` / `opd_pg` skip the detection lines and call `loss(cfg, batch, terms)`. For `topd_lookahead` nothing is
 generated: `detect` needs only the per-token divergences and `loss` needs no branch. With the lookahead detector and
 teacher_window guidance, the loop samples teacher windows only for `det.guidance_positions()` and passes them to
@@ -46,9 +55,10 @@ from torch.distributed import ProcessGroup
 
 from topd_megatron import divergence as divergence_mod
 from topd_megatron.divergence import Detection, TokenBatch, Windows, future_weights
-from topd_megatron.loss import token_divergence, token_logprobs
+from topd_megatron.loss import token_divergence, token_logprobs, topk_divergence
 
 PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
+TEACHER_SIGNALS: tuple[str, ...] = ("logits", "top_k", "sampled_token")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,6 +93,12 @@ class Config:
     """opd_pg: rho_t = pi_S(y_t) / pi_rollout(y_t) truncated at this value (value and gradient weight); None: no cap."""
     chunk_size: int | None = None
     """Tokens per chunk of the vocab-parallel kernels (None: chosen from V_local and the device)."""
+    teacher_signal: Literal["logits", "top_k", "sampled_token"] = "logits"
+    """What the teacher provides: its vocab-sharded logits (a colocated Megatron teacher), or, for a teacher served
+    by SGLang, its top-k log-probs at every position ('top_k') or only the log-prob of the sampled token
+    ('sampled_token'); see the module docstring for the loss each form gives."""
+    teacher_top_k: int = 20
+    """k of teacher_signal='top_k'."""
 
     def __post_init__(self) -> None:
         if self.opd not in ("dense", "pg"):
@@ -116,6 +132,32 @@ class Config:
             raise ValueError(f"objective.rho_clip must be > 0 or None, got {self.rho_clip}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"objective.chunk_size must be >= 1 or None, got {self.chunk_size}")
+        self._check_teacher_signal()
+
+    def _check_teacher_signal(self) -> None:
+        if self.teacher_signal not in TEACHER_SIGNALS:
+            raise ValueError(f"objective.teacher_signal must be one of {TEACHER_SIGNALS}, got {self.teacher_signal!r}")
+        if self.teacher_signal == "logits":
+            return
+        if self.teacher_top_k < 1:
+            raise ValueError(f"objective.teacher_top_k must be >= 1, got {self.teacher_top_k}")
+        if self.divergence != "reverse_kl":
+            raise ValueError(
+                f"objective.teacher_signal={self.teacher_signal!r} gives the reverse KL only (a served teacher reports"
+                f" log-probs, not its whole distribution); set objective.divergence=reverse_kl"
+            )
+        allowed = ("reverse_kl", "cross_entropy") if self.teacher_signal == "top_k" else ("forward_kl", "cross_entropy")
+        if self.guidance == "teacher_window" and self.guidance_divergence not in allowed:
+            raise ValueError(
+                f"objective.guidance_divergence={self.guidance_divergence!r} is not available with"
+                f" teacher_signal={self.teacher_signal!r}; choose one of {allowed}"
+                + (
+                    " (the branch tokens u_j are the teacher's samples: log p_T(u_j) - log p_S(u_j) estimates the"
+                    " forward KL) or teacher_signal=top_k"
+                    if self.teacher_signal == "sampled_token"
+                    else ""
+                )
+            )
 
     @property
     def omega_gamma(self) -> float:
@@ -137,6 +179,54 @@ def preset(name: str) -> Config:
     if name == "topd_lookahead":
         return Config(detection=det(detector="lookahead"), guidance="on_path")
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ServedTeacher:
+    """A served teacher's report on a batch's N positions (in place of its logits), detached.
+
+    `top_ids`/`top_logprobs` are set for teacher_signal='top_k'. Masked positions may hold anything finite (0s).
+    """
+
+    token_logprobs: Tensor
+    """[N] log p_T(y_t) of the batch's tokens."""
+    top_ids: Tensor | None = None
+    """[N, k] the teacher's k most likely ids at each position (global ids, below the true vocabulary)."""
+    top_logprobs: Tensor | None = None
+    """[N, k] their log-probs."""
+
+    def __post_init__(self) -> None:
+        n = self.token_logprobs.shape[0]
+        if self.token_logprobs.dim() != 1:
+            raise ValueError(f"ServedTeacher.token_logprobs must be [N], got {tuple(self.token_logprobs.shape)}")
+        if (self.top_ids is None) != (self.top_logprobs is None):
+            raise ValueError("ServedTeacher: top_ids and top_logprobs go together")
+        if self.top_ids is not None and (self.top_ids.shape != self.top_logprobs.shape or self.top_ids.shape[0] != n):
+            raise ValueError(
+                f"ServedTeacher: top_ids {tuple(self.top_ids.shape)} and top_logprobs {tuple(self.top_logprobs.shape)}"
+                f" must both be [N, k] with N = {n}"
+            )
+
+    def slice(self, start: int, stop: int) -> ServedTeacher:
+        """Positions [start, stop)."""
+        top = (None, None) if self.top_ids is None else (self.top_ids[start:stop], self.top_logprobs[start:stop])
+        return ServedTeacher(token_logprobs=self.token_logprobs[start:stop], top_ids=top[0], top_logprobs=top[1])
+
+
+def sampled_log_ratio(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """[N] r_t = log p_S(y_t) - log p_T(y_t) as a value, with the score-function gradient r_t * grad log p_S(y_t):
+    the one-sample reverse-KL estimate at the student's own sampled token (teacher log-probs detached)."""
+    r = (student_logprobs - teacher_logprobs.to(student_logprobs)).detach()
+    return r * torch.exp(student_logprobs - student_logprobs.detach())
+
+
+def _served_divergence(cfg: Config, s: Tensor, tokens: Tensor, served: ServedTeacher, kw: dict) -> Tensor:
+    if cfg.teacher_signal == "top_k":
+        if served.top_ids is None:
+            raise ValueError("teacher_signal='top_k' needs the teacher's top-k (ServedTeacher.top_ids)")
+        k = cfg.teacher_top_k
+        return topk_divergence(s, served.top_ids[:, :k].to(s.device), served.top_logprobs[:, :k].to(s.device), **kw)
+    return sampled_log_ratio(token_logprobs(s, tokens, **kw), served.token_logprobs.to(s.device))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -180,30 +270,51 @@ def _flatten(logits: Tensor, n: int, what: str) -> Tensor:
     return logits
 
 
+def _check_teacher(cfg: Config, teacher: Tensor | ServedTeacher | None, fn: str) -> None:
+    served = isinstance(teacher, ServedTeacher)
+    if served and cfg.teacher_signal == "logits":
+        raise ValueError(f"{fn}: a ServedTeacher needs objective.teacher_signal='top_k' or 'sampled_token'")
+    if not served and teacher is not None and cfg.teacher_signal != "logits":
+        raise ValueError(f"{fn}: teacher_signal={cfg.teacher_signal!r} takes a ServedTeacher, not teacher logits")
+
+
 def token_terms(
     cfg: Config,
     batch: TokenBatch,
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher: Tensor | ServedTeacher,
     *,
     vocab_size: int | None = None,
     group: ProcessGroup | None = None,
 ) -> TokenTerms:
-    """Per-token d_t and/or log-probs of the rollout tokens from this rank's `[N, V_local]` vocabulary shards."""
+    """Per-token d_t and/or log-probs of the rollout tokens from this rank's `[N, V_local]` vocabulary shards.
+
+    `teacher` is the teacher's `[N, V_local]` logits shard (teacher_signal='logits') or a served teacher's report on
+    the same N positions (`ServedTeacher`, teacher_signal 'top_k' or 'sampled_token')."""
     n = batch.num_positions
     s = _flatten(student_logits, n, "token_terms: student_logits")
-    t = _flatten(teacher_logits, n, "token_terms: teacher_logits")
+    _check_teacher(cfg, teacher, "token_terms")
+    served = teacher if isinstance(teacher, ServedTeacher) else None
+    t = None if served is not None else _flatten(teacher, n, "token_terms: teacher_logits")
+    if served is not None and served.token_logprobs.shape[0] != n:
+        raise ValueError(f"token_terms: the ServedTeacher covers {served.token_logprobs.shape[0]} positions, N = {n}")
     start = _now(s.device)
     need_d = cfg.opd == "dense" or cfg.detection.detector != "none" or cfg.guidance == "on_path"
     kw = {"vocab_size": vocab_size, "group": group, "chunk_size": cfg.chunk_size}
-    d = token_divergence(s, t, cfg.divergence, beta=cfg.jsd_beta, **kw) if need_d else None
+    # masked positions may hold any id (padding, -100): score a valid id there and zero it out
+    tok = torch.where(batch.response_mask, batch.tokens, torch.zeros_like(batch.tokens)).to(s.device)
+    if served is None:
+        d = token_divergence(s, t, cfg.divergence, beta=cfg.jsd_beta, **kw) if need_d else None
+    else:
+        d = _served_divergence(cfg, s, tok, served, kw) if need_d else None
     slp = tlp = None
     if cfg.opd == "pg":
-        # masked positions may hold any id (padding, -100): score a valid id there and zero it out
-        tok = torch.where(batch.response_mask, batch.tokens, torch.zeros_like(batch.tokens)).to(s.device)
         slp = token_logprobs(s, tok, **kw)
-        with torch.no_grad():
-            tlp = token_logprobs(t, tok, **kw)
+        if served is None:
+            with torch.no_grad():
+                tlp = token_logprobs(t, tok, **kw)
+        else:
+            tlp = torch.where(batch.response_mask.to(s.device), served.token_logprobs.to(slp), torch.zeros_like(slp))
     return TokenTerms(divergence=d, student_logprobs=slp, teacher_logprobs=tlp, seconds=_now(s.device) - start)
 
 
@@ -212,14 +323,15 @@ def branch_terms(
     positions: Tensor,
     windows: Windows,
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: Tensor | ServedTeacher | None,
     *,
     vocab_size: int | None = None,
     group: ProcessGroup | None = None,
 ) -> BranchTerms:
     """g_j on the branch windows: `[W, V_local]` shards, W = sum(windows.lengths), rows window after window, row j of
     window g being the distribution over u_j given (x, y_<t_g, u_<j). `teacher_logits` may be None for
-    guidance_divergence='cross_entropy' (it needs only the student)."""
+    guidance_divergence='cross_entropy' (it needs only the student); for a served teacher it is the teacher's report
+    on the W window tokens (`ServedTeacher`: top-k for reverse_kl, the log-probs of u_j for forward_kl)."""
     w = int(windows.lengths.sum())
     if positions.shape != (windows.lengths.shape[0],):
         raise ValueError(f"branch_terms: {positions.numel()} positions for {windows.lengths.shape[0]} windows")
@@ -230,8 +342,21 @@ def branch_terms(
         )
     start = _now(student_logits.device)
     kw = {"vocab_size": vocab_size, "group": group, "chunk_size": cfg.chunk_size}
+    if cfg.guidance_divergence != "cross_entropy":
+        _check_teacher(cfg, teacher_logits, "branch_terms")
     if cfg.guidance_divergence == "cross_entropy":
         values = -token_logprobs(student_logits, windows.packed().to(student_logits.device), **kw)
+    elif isinstance(teacher_logits, ServedTeacher):
+        served = teacher_logits
+        if served.token_logprobs.shape[0] != w:
+            raise ValueError(f"branch_terms: the ServedTeacher covers {served.token_logprobs.shape[0]} rows, W = {w}")
+        if cfg.teacher_signal == "top_k":
+            k = cfg.teacher_top_k
+            ids, lps = served.top_ids[:, :k].to(student_logits.device), served.top_logprobs[:, :k]
+            values = topk_divergence(student_logits, ids, lps.to(student_logits.device), **kw)
+        else:  # forward_kl sample on the teacher's own tokens u_j: value log q(u_j) - log p(u_j), gradient -grad log p
+            slp = token_logprobs(student_logits, windows.packed().to(student_logits.device), **kw)
+            values = served.token_logprobs.to(slp) - slp
     else:
         if teacher_logits is None:
             raise ValueError(f"branch_terms: guidance_divergence={cfg.guidance_divergence!r} needs teacher_logits")
@@ -370,6 +495,8 @@ def loss(
     metrics["opd/response_tokens"] = float(n_resp)
     metrics["guidance/windows"] = float(g_windows)
     metrics["time/opd_s"] = terms.seconds
+    metrics[f"teacher/form_{cfg.teacher_signal}"] = 1.0  # which teacher signal the loss used (see teacher_signal)
+    metrics["teacher/top_k"] = float(cfg.teacher_top_k if cfg.teacher_signal == "top_k" else 0)
     metrics.setdefault("time/guidance_s", 0.0)
     if detection is not None:
         metrics.update(detection.metrics)
@@ -381,13 +508,16 @@ def loss(
 
 __all__ = [
     "PRESETS",
+    "TEACHER_SIGNALS",
     "BranchTerms",
     "Config",
+    "ServedTeacher",
     "TokenTerms",
     "branch_terms",
     "loss",
     "normalizer",
     "preset",
+    "sampled_log_ratio",
     "teacher_window_loss",
     "token_terms",
 ]
