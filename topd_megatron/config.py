@@ -57,6 +57,10 @@ class RunConfig:
     task: str = "topd_megatron.tasks.synthetic:default"
     rollout: str = "embedded"
     """'embedded' (sample in-process from the Megatron models) or 'sglang' (SGLang servers, see `sglang`)."""
+    teacher_source: str = "megatron"
+    """'megatron': the teacher is built in Megatron on the student's ranks and gives vocab-sharded logits;
+    'sglang': the teacher is only served (sglang.teacher), for teachers that cannot be colocated; the loss then uses
+    the served forms (objective.teacher_signal 'top_k' or 'sampled_token')."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     objective: objective.Config = field(default_factory=objective.Config)
@@ -69,6 +73,25 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.rollout not in ("embedded", "sglang"):
             raise ValueError(f"rollout must be 'embedded' or 'sglang', got {self.rollout!r}")
+        signal = self.objective.teacher_signal
+        if self.teacher_source == "megatron":
+            if signal != "logits":
+                raise ValueError(
+                    f"objective.teacher_signal={signal!r} is for a teacher served by SGLang; with the colocated"
+                    " Megatron teacher use teacher_signal=logits (or set teacher_source=sglang)"
+                )
+        elif self.teacher_source == "sglang":
+            problems = []
+            if self.rollout != "sglang":
+                problems.append("rollout=sglang (the teacher server is reached through the SGLang engine)")
+            if self.sglang.teacher is None:
+                problems.append("sglang.teacher=default (serves teacher.path) or sglang.teacher.url=URL")
+            if signal == "logits":
+                problems.append("objective.teacher_signal=top_k or sampled_token (a server reports log-probs)")
+            if problems:
+                raise ValueError("teacher_source=sglang needs " + "; ".join(problems))
+        else:
+            raise ValueError(f"teacher_source must be 'megatron' or 'sglang', got {self.teacher_source!r}")
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -6,14 +6,23 @@ The teacher may differ from the student in size and architecture (and be an MoE)
   with the student's shard for shard and the loss never gathers the vocabulary;
 - have the same true vocabulary and the same padded vocabulary (same shard boundaries).
 It is never wrapped in DDP and never handed to an optimizer: it holds no gradient and no optimizer state.
+
+A teacher that cannot be colocated is served by SGLang instead (`teacher_source='sglang'`): no Megatron teacher is
+built, and `served_rollout_scores` / `served_branch_scores` ask its server for the log-probs (and top-k) the loss
+needs, laid out on the step's positions (`objective.ServedTeacher`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from topd_megatron.batch import StepBatch, prefixes
+from topd_megatron.divergence import Windows
 from topd_megatron.forward import MicroBatch, forward_logits
 from topd_megatron.models.build import MegatronLM, ModelConfig, build_model
+from topd_megatron.objective import ServedTeacher
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.tokenizer import check_same_tokenizer
 
@@ -36,6 +45,17 @@ def build_teacher(cfg: ModelConfig, parallel: ParallelConfig, student: MegatronL
     return teacher
 
 
+def served_teacher_dir(cfg: ModelConfig, student: MegatronLM) -> str:
+    """The HF directory a served teacher is launched from (teacher.path, or a topd checkpoint's hf/), after checking
+    its tokenizer is the student's. Nothing is built."""
+    from topd_megatron.models.build import checkpoint_kind
+
+    kind = checkpoint_kind(cfg.path)
+    hf_dir = cfg.path if kind == "hf" else f"{cfg.path}/hf"
+    check_same_tokenizer(student.tokenizer_dir, hf_dir)
+    return hf_dir
+
+
 def freeze(lm: MegatronLM) -> None:
     """Eval mode (no dropout) and requires_grad=False on every parameter."""
     for module in lm.modules:
@@ -48,3 +68,51 @@ def teacher_logits(teacher: MegatronLM, microbatches: list[MicroBatch]) -> list[
     """The teacher's vocab-sharded logits [b, s, V_padded / TP] per micro-batch (last pipeline stage only; an
     empty list on other stages)."""
     return forward_logits(teacher.modules, microbatches)
+
+
+def _served_report(scores: list[Any], n: int, top_k: int, places: list[list[int]]) -> ServedTeacher:
+    """Scatter per-sequence TokenScores into a ServedTeacher over `n` positions (`places[j]`: where sequence j's
+    scored tokens go). Unscored positions hold 0 log-probs and id 0 (the loss gives them weight 0)."""
+    lp = torch.zeros(n, dtype=torch.float32)
+    ids = torch.zeros(n, max(top_k, 1), dtype=torch.long) if top_k else None
+    top = torch.zeros(n, top_k, dtype=torch.float32) if top_k else None
+    for sc, where in zip(scores, places, strict=True):
+        idx = torch.tensor(where, dtype=torch.long)
+        lp[idx] = torch.tensor(sc.logprobs, dtype=torch.float32)
+        if top_k:
+            ids[idx] = torch.tensor(sc.top_ids, dtype=torch.long)
+            top[idx] = torch.tensor(sc.top_logprobs, dtype=torch.float32)
+    return ServedTeacher(token_logprobs=lp, top_ids=ids, top_logprobs=top)
+
+
+def served_rollout_scores(engine: Any, step: StepBatch, top_k: int) -> ServedTeacher:
+    """The served teacher's report on every position of `step.token_batch()` (collective over the model-parallel
+    group, like the engine's calls): one teacher-forced request per rollout scores its response tokens; position
+    p = row * (S - 1) + (i - 1) receives the score of token i of that row."""
+    s1 = step.targets_per_row
+    seqs, starts, places = [], [], []
+    for row in range(step.num_rollouts):
+        resp = step.response_mask[row].nonzero().flatten()
+        if resp.numel() == 0:
+            continue
+        first, last = int(resp[0]), int(resp[-1])
+        seqs.append(step.tokens[row, : last + 1].tolist())
+        starts.append(first)
+        places.append([row * s1 + i - 1 for i in range(first, last + 1)])
+    scores = engine.score(seqs, starts, top_k=top_k) if seqs else []
+    return _served_report(scores, step.tokens.shape[0] * s1, top_k, places)
+
+
+def served_branch_scores(engine: Any, step: StepBatch, positions: torch.Tensor, windows: Windows, top_k: int) -> Any:
+    """The served teacher's report on the window tokens of the branch sequences (x, y_<t, u_1..u_K') of `positions`,
+    packed window after window ([sum(windows.lengths)] rows: the order `objective.branch_terms` expects)."""
+    seqs, starts, places, offset = [], [], [], 0
+    for pre, w, n in zip(prefixes(step, positions), windows.tokens, windows.lengths, strict=True):
+        n = int(n)
+        if n:
+            seqs.append(pre + w[:n].tolist())
+            starts.append(len(pre))
+            places.append(list(range(offset, offset + n)))
+        offset += n
+    scores = engine.score(seqs, starts, top_k=top_k) if seqs else []
+    return _served_report(scores, offset, top_k, places)

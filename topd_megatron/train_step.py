@@ -15,6 +15,10 @@ data-parallel replicas), and each micro-batch's loss is multiplied by the number
 schedule divides by it) and by the data-parallel size (Megatron's DDP averages over replicas), so the gradient is
 exactly that of the step's objective.
 
+Teacher served by SGLang (`ctx.teacher is None`): step 1 asks the teacher server for the log-probs (top-k with
+teacher_signal='top_k') of every rollout's response tokens, step 3 for those of the branch windows; the loss then
+uses the served forms (`objective.ServedTeacher`). Nothing else changes.
+
 Memory note: the teacher's logits of the whole step are kept until the backward pass ([B, S, V/TP] per last-stage
 rank). Size steps (rollouts per data-parallel rank) accordingly at scale.
 """
@@ -36,7 +40,7 @@ from topd_megatron.divergence import Detection, TokenBatch, Windows
 from topd_megatron.forward import forward_logits, run_pipeline
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout import SamplingParams
-from topd_megatron.teacher import teacher_logits
+from topd_megatron.teacher import served_branch_scores, served_rollout_scores, teacher_logits
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,7 +49,8 @@ class StepContext:
 
     cfg: objective.Config
     student: MegatronLM
-    teacher: MegatronLM
+    teacher: MegatronLM | None
+    """None: the teacher is served by SGLang (`engine.score`), see objective.teacher_signal."""
     optimizer: Any
     scheduler: Any
     engine: Any
@@ -145,19 +150,36 @@ def detect_step(
     return divergence.detect(cfg.detection, tb, cands, d_step, teacher_windows=u, **extra, **kw), u
 
 
+def _teacher_of(t_scores: list[torch.Tensor] | objective.ServedTeacher, microbatch: int, a: int, b: int) -> Any:
+    """What `objective.token_terms` takes for micro-batch `microbatch` (positions [a, b)): its teacher logits
+    [mb, S - 1, V_local] or the served report's slice."""
+    if isinstance(t_scores, objective.ServedTeacher):
+        return t_scores.slice(a, b)
+    return t_scores[microbatch][:, :-1]
+
+
+def _top_k(cfg: objective.Config) -> int:
+    return cfg.teacher_top_k if cfg.teacher_signal == "top_k" else 0
+
+
 def step_divergence(
-    ctx: StepContext, cfg: objective.Config, step: StepBatch, tb: TokenBatch, t_logits: list[torch.Tensor]
+    ctx: StepContext,
+    cfg: objective.Config,
+    step: StepBatch,
+    tb: TokenBatch,
+    t_logits: list[torch.Tensor] | objective.ServedTeacher,
 ) -> torch.Tensor:
-    """The student's no-grad d_t [N] for the whole step, on every rank (computed on the last pipeline stage)."""
+    """The student's no-grad d_t [N] for the whole step, on every rank (computed on the last pipeline stage).
+    `t_logits`: the teacher's logits per micro-batch, or a served teacher's report on the step's positions."""
     ps = _ps()
     kw = {"vocab_size": ctx.student.vocab_size, "group": ps.get_tensor_model_parallel_group()}
     s_logits = forward_logits(ctx.student.modules, step.microbatches())
     d_local = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         parts = []
-        for i, (s_l, t_l) in enumerate(zip(s_logits, t_logits, strict=True)):
+        for i, s_l in enumerate(s_logits):
             a, b = step.position_range(i)
-            terms = objective.token_terms(cfg, _slice(tb, a, b), s_l[:, :-1], t_l[:, :-1], **kw)
+            terms = objective.token_terms(cfg, _slice(tb, a, b), s_l[:, :-1], _teacher_of(t_logits, i, a, b), **kw)
             parts.append(terms.divergence.detach().float())
         d_local = torch.cat(parts)
     return _broadcast_from_last_stage(d_local, (tb.num_positions,), torch.float32)
@@ -176,7 +198,10 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
 
     # 1. score
     t0 = time.perf_counter()
-    t_logits = teacher_logits(teacher, mbs)
+    if teacher is None:
+        t_logits = served_rollout_scores(ctx.engine, step, _top_k(cfg))
+    else:
+        t_logits = teacher_logits(teacher, mbs)
     d_step = step_divergence(ctx, cfg, step, tb, t_logits) if cfg.detection.detector != "none" else None
     times["time/score_s"] = time.perf_counter() - t0
 
@@ -194,7 +219,11 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
         g_win = det.guidance_windows(u) if u is not None else _sample_windows(ctx, step, g_pos, "teacher")
         if g_pos.numel():
             branch = build_branch_batch(step, g_pos, g_win, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
-            t_branch = teacher_logits(teacher, branch.microbatches())
+            if teacher is None:  # the cross-entropy on u_j needs nothing from the teacher
+                ce = cfg.guidance_divergence == "cross_entropy"
+                t_branch = None if ce else served_branch_scores(ctx.engine, step, g_pos, g_win, _top_k(cfg))
+            else:
+                t_branch = teacher_logits(teacher, branch.microbatches())
     times["time/branch_score_s"] = time.perf_counter() - t0
 
     # 4. backward
@@ -210,7 +239,7 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
     def rollout_loss(mb: Any, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         a, b = step.position_range(mb.index)
         mtb = _slice(tb, a, b)
-        terms = objective.token_terms(pass1_cfg, mtb, logits[:, :-1], t_logits[mb.index][:, :-1], **kw)
+        terms = objective.token_terms(pass1_cfg, mtb, logits[:, :-1], _teacher_of(t_logits, mb.index, a, b), **kw)
         mdet = det.restrict(a, b) if det is not None else None
         value, metrics = objective.loss(pass1_cfg, mtb, terms, mdet, weights=weights[a:b])
         if ctx.inject_nan:
@@ -230,7 +259,14 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
             sel = torch.tensor(list(rows), dtype=torch.long)
             win = Windows(tokens=g_win.tokens[sel], lengths=g_win.lengths[sel])
             s_w = branch.window_logits(mb.index, logits)
-            t_w = branch.window_logits(mb.index, t_branch[mb.index])
+            if isinstance(t_branch, objective.ServedTeacher):  # packed over all windows: take this micro-batch's
+                offsets = torch.cumsum(g_win.lengths, 0) - g_win.lengths
+                lo, hi = int(offsets[rows.start]), int(offsets[rows.stop - 1] + g_win.lengths[rows.stop - 1])
+                t_w = t_branch.slice(lo, hi)
+            elif t_branch is not None:
+                t_w = branch.window_logits(mb.index, t_branch[mb.index])
+            else:
+                t_w = None
             bt = objective.branch_terms(cfg, g_pos[sel], win, s_w, t_w, **kw)
             value = cfg.guidance_coef * objective.teacher_window_loss(cfg, weights[g_pos[sel]], bt)
             return value * len(branch_mbs) * dp, {"value": value.detach().clone()}
@@ -268,6 +304,7 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
     metrics["skipped"] = float(skipped)
     metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])
+    metrics["teacher/colocated"] = float(teacher is not None)  # 0: served by SGLang, no Megatron teacher built
     if det is not None:
         metrics.update(det.metrics)
         metrics["detect/windows_generated"] = float(u.tokens.shape[0]) if u is not None else 0.0

@@ -9,6 +9,7 @@ mid-rollout restarts it, pushes the weights again and finishes every step.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -215,3 +216,156 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
         ps = os.popen("ps -eo args").read().splitlines()
         survivors = [a for a in ps if "sglang" in a and f"--port {port}" in a]
         assert not survivors, f"a {role} server outlived the run: {survivors}"
+
+
+# -- a teacher served only by SGLang -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
+    server = launch_server(
+        ServerConfig(role="teacher", model_path=str(synthetic_pair[1]), startup_timeout_s=600),
+        log_dir=tmp_path_factory.mktemp("sglang-teacher-logs"),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dummy_student_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
+    """A student server holding random (dummy) weights: whoever attaches to it must push the student's first."""
+    server = launch_server(
+        ServerConfig(model_path=str(synthetic_pair[0]), startup_timeout_s=600, extra_args=("--load-format", "dummy")),
+        log_dir=tmp_path_factory.mktemp("sglang-dummy-logs"),
+    )
+    yield server
+    server.stop()
+
+
+def _served_parity_body(rank: int, world: int, pair: tuple[str, str], urls: tuple[str, str], work: str) -> dict | None:
+    """TP=world. Rollouts from the student server; the teacher server's report on them (served_rollout_scores) and
+    on branch windows (served_branch_scores) against the Megatron teacher built here only as the reference: token
+    log-probs, and the loss's top-k form at k = V against its logits form (the same reverse KL)."""
+    from megatron.core import parallel_state as ps
+
+    from topd_megatron import objective
+    from topd_megatron.batch import build_branch_batch, build_step_batch
+    from topd_megatron.divergence import Windows
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.rollout.sglang import SGLangConfig, SGLangEngine
+    from topd_megatron.teacher import build_teacher, served_branch_scores, served_rollout_scores, teacher_logits
+
+    par = ParallelConfig(tp=world)
+    init_model_parallel(par)
+    student = build_model(ModelConfig(path=pair[0], dtype="float32"), par, role="student")
+    teacher = build_teacher(ModelConfig(path=pair[1], dtype="float32"), par, student)
+    cfg = SGLangConfig(
+        student=ServerConfig(url=urls[0]), teacher=ServerConfig(role="teacher", url=urls[1]), sync_mode="disk"
+    )
+    engine = SGLangEngine(cfg, student, None, run_dir=work, teacher_dir=pair[1])  # attaching pushes the student
+    v = teacher.vocab_size
+    kw = {"vocab_size": v, "group": ps.get_tensor_model_parallel_group()}
+    gens = engine.generate([[1, 5, 7, 9, 11], [1, 5, 8], [3, 4, 6, 2, 9, 12]], SamplingParams(max_new_tokens=8, seed=3))
+    step = build_step_batch(gens, pad_id=0, micro_batch_size=4)
+    tb = step.token_batch()
+    m = tb.response_mask
+    served = served_rollout_scores(engine, step, top_k=v)
+    t_logits = teacher_logits(teacher, step.microbatches())[0][:, :-1].reshape(tb.num_positions, -1)
+    s_logits = t_logits.clone()  # any student works for the form check; use distinct logits
+    s_logits = s_logits.roll(1, dims=0)
+    tok = torch.where(m, tb.tokens, torch.zeros_like(tb.tokens))
+    from topd_megatron.loss import token_logprobs
+
+    ref_lp = token_logprobs(t_logits, tok, **kw)
+    seqs = [g.prompt_ids + g.output_ids for g in gens]
+    starts = [len(g.prompt_ids) for g in gens]
+    student_served = engine.score(seqs, starts, model="student")
+    student_ref = _megatron_logprobs(student, seqs, starts)
+    topk_cfg = dataclasses.replace(objective.preset("opd"), teacher_signal="top_k", teacher_top_k=v)
+    d_topk = objective.token_terms(topk_cfg, tb, s_logits, served, **kw).divergence
+    d_exact = objective.token_terms(objective.preset("opd"), tb, s_logits, t_logits, **kw).divergence
+    # branches: windows of 3 teacher tokens after two response positions
+    pos = m.nonzero().flatten()[[0, 5]]
+    win_gens = engine.generate(
+        [step.tokens[int(p) // step.targets_per_row, : int(p) % step.targets_per_row + 1].tolist() for p in pos],
+        SamplingParams(max_new_tokens=3, seed=4),
+        model="teacher",
+    )
+    windows = Windows(
+        tokens=torch.tensor([(g.output_ids + [0, 0, 0])[:3] for g in win_gens]),
+        lengths=torch.tensor([min(len(g.output_ids), 3) for g in win_gens]),
+    )
+    branch_served = served_branch_scores(engine, step, pos, windows, top_k=0)
+    branch = build_branch_batch(step, pos, windows, pad_id=0, micro_batch_size=4)
+    t_b = branch.window_logits(0, teacher_logits(teacher, branch.microbatches())[0])
+    ref_branch = token_logprobs(t_b, windows.packed(), **kw)
+    engine.close()
+    if rank != 0:
+        return None
+    return {
+        "student_after_attach": max(
+            (torch.tensor(a.logprobs, dtype=torch.float64) - b).abs().max().item()
+            for a, b in zip(student_served, student_ref, strict=True)
+        ),
+        "token_logprobs": (served.token_logprobs[m].double() - ref_lp[m].double()).abs().max().item(),
+        "topk_vs_exact": (d_topk[m].double() - d_exact[m].double()).abs().max().item(),
+        "branch_logprobs": (branch_served.token_logprobs.double() - ref_branch.double()).abs().max().item(),
+        "positions": int(m.sum()),
+        "window_tokens": int(windows.lengths.sum()),
+        "top_ids_valid": bool((served.top_ids[m] < v).all()),
+    }
+
+
+def test_served_teacher_report_matches_the_megatron_teacher(
+    synthetic_pair, dummy_student_server, teacher_server, tmp_path
+):
+    """Also: attaching to a student server that holds other weights (here random) pushes the student's first."""
+    pair = (str(synthetic_pair[0]), str(synthetic_pair[1]))
+    urls = (dummy_student_server.url, teacher_server.url)
+    report = spawn(_served_parity_body, 2, (pair, urls, str(tmp_path)), timeout=900)
+    r = report[0]
+    assert r["student_after_attach"] <= PARITY_TOL, r
+    assert r["positions"] > 10 and r["window_tokens"] >= 4 and r["top_ids_valid"]
+    assert r["token_logprobs"] <= PARITY_TOL, r
+    assert r["branch_logprobs"] <= PARITY_TOL, r
+    assert r["topk_vs_exact"] <= PARITY_TOL, r
+
+
+@pytest.mark.parametrize(("signal", "guidance"), [("top_k", "reverse_kl"), ("sampled_token", "forward_kl")])
+def test_training_with_a_teacher_served_only_by_sglang(
+    synthetic_pair, dummy_student_server, teacher_server, tmp_path, signal, guidance
+):
+    """teacher_source='sglang': no Megatron teacher is built; TOPD (window-OT detection, teacher-window guidance)
+    takes every teacher quantity from the teacher server, in the top-k or the sampled-token form."""
+    from tests.distributed.test_train import make_config
+    from topd_megatron.metrics import read_metrics
+    from topd_megatron.rollout.sglang import SGLangConfig
+    from topd_megatron.train import train
+
+    cfg = make_config(synthetic_pair, tmp_path / "run", "topd", steps=2, eval_at_start=False)
+    cfg = dataclasses.replace(
+        cfg,
+        rollout="sglang",
+        teacher_source="sglang",
+        sglang=SGLangConfig(
+            student=ServerConfig(url=dummy_student_server.url),  # attached: the run pushes its student first
+            teacher=ServerConfig(role="teacher", url=teacher_server.url),
+            sync_mode="distributed",
+        ),
+        objective=dataclasses.replace(
+            cfg.objective, teacher_signal=signal, teacher_top_k=8, guidance_divergence=guidance
+        ),
+    )
+    summary = spawn(train, 2, (cfg,), timeout=1200)[0]
+    assert summary["steps"] == 2
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["teacher/colocated"] == 0.0 and r[f"teacher/form_{signal}"] == 1.0
+        assert r["teacher/top_k"] == (8.0 if signal == "top_k" else 0.0)
+        assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and math.isfinite(r["loss"])
+        assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
+    # per step: teacher windows, the rollouts' scores and the branches' scores all went to the teacher server
+    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
+    assert teacher_server.alive() and dummy_student_server.alive(), "attached servers are left running"

@@ -74,7 +74,11 @@ def test_a_short_score_is_refused(replay) -> None:
     url, handler = replay
     meta = {"input_token_logprobs": [[None, 3, None], [-0.5, 4, None]]}  # one scored token for two asked
     handler.answers = [(200, json.dumps([{"output_ids": [], "meta_info": meta}]))]
-    with pytest.raises(SGLangResponseError, match="1 usable input log-probs for 2 tokens"):
+    with pytest.raises(SGLangResponseError, match="1 input log-probs for 2 tokens"):
+        SGLangClient(url).score([[1, 3, 4, 5]], [2])
+    meta = {"input_token_logprobs": [[None, 3, None], [-0.5, 4, None], [-0.7, 9, None]]}  # 9 is not token 3 (5)
+    handler.answers = [(200, json.dumps([{"output_ids": [], "meta_info": meta}]))]
+    with pytest.raises(SGLangResponseError, match=r"token 3 of 4: expected id 5 with a log-prob, .* \[-0.7, 9\]"):
         SGLangClient(url).score([[1, 3, 4, 5]], [2])
 
 
@@ -98,3 +102,19 @@ def test_an_answer_that_is_not_json_is_named(replay) -> None:
     handler.answers = [(200, "<html>proxy error</html>")]
     with pytest.raises(SGLangResponseError, match="not JSON"):
         SGLangClient(url).generate([[1, 3]], PARAMS)
+
+
+def test_the_last_vocabulary_id_reported_as_zero_is_accepted_only_with_the_vocab_size(replay) -> None:
+    """SGLang 0.5.23 reports input id vocab_size - 1 as 0 (its log-prob is the right token's)."""
+    url, handler = replay
+    meta = {"input_token_logprobs": [[None, 3, None], [-0.5, 4, None], [-0.7, 0, None]]}
+    answer = json.dumps([{"output_ids": [], "meta_info": meta}])
+    handler.answers = [(200, answer)]
+    with pytest.raises(SGLangResponseError, match=r"expected id 191 with a log-prob, the server reported \[-0.7, 0\]"):
+        SGLangClient(url).score([[1, 3, 4, 191]], [2])
+    handler.answers = [(200, answer)]
+    (scores,) = SGLangClient(url).score([[1, 3, 4, 191]], [2], vocab_size=192)
+    assert scores.logprobs == [-0.5, -0.7]
+    handler.answers = [(200, answer)]
+    with pytest.raises(SGLangResponseError, match="expected id 190"):  # any other id must match exactly
+        SGLangClient(url).score([[1, 3, 4, 190]], [2], vocab_size=192)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from topd_megatron.rollout import Generation, SamplingParams
-from topd_megatron.rollout.sglang_client import SGLangClient, SGLangUnavailable
+from topd_megatron.rollout.sglang_client import SGLangClient, SGLangUnavailable, TokenScores
 from topd_megatron.rollout.sglang_server import ServerConfig, SGLangServer, launch_server
 from topd_megatron.rollout.weight_sync import SYNC_MODES, WeightSync
 
@@ -74,6 +74,16 @@ def _resolve(cfg: ServerConfig, model_dir: Path) -> ServerConfig:
     return cfg
 
 
+def _hf_vocab_size(model_dir: str | Path | None) -> int | None:
+    """vocab_size of a Hugging Face directory's config.json (None when unknown)."""
+    import json
+
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("vocab_size")
+
+
 class SGLangEngine:
     """Rollouts from SGLang servers; optional fallback to an in-process engine for the teacher's windows."""
 
@@ -85,6 +95,7 @@ class SGLangEngine:
         *,
         run_dir: str | Path,
         teacher_fallback: Any | None = None,
+        teacher_dir: str | Path | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
 
@@ -101,9 +112,13 @@ class SGLangEngine:
         self.leader = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
         self.server_cfgs = {"student": _resolve(cfg.student, student.tokenizer_dir)}
         if cfg.teacher is not None:
-            if teacher is None and not (cfg.teacher.url or cfg.teacher.model_path):
+            model_dir = teacher.tokenizer_dir if teacher is not None else teacher_dir
+            if model_dir is None and not (cfg.teacher.url or not cfg.teacher.model_path.startswith("<")):
                 raise ValueError("sglang.teacher is set but there is no teacher model path to serve")
-            self.server_cfgs["teacher"] = _resolve(cfg.teacher, teacher.tokenizer_dir if teacher else Path())
+            self.server_cfgs["teacher"] = _resolve(cfg.teacher, Path(model_dir) if model_dir is not None else Path())
+        self.vocab_sizes = {"student": student.vocab_size}
+        if cfg.teacher is not None:
+            self.vocab_sizes["teacher"] = teacher.vocab_size if teacher is not None else _hf_vocab_size(model_dir)
         self.servers: dict[str, SGLangServer] = {}
         if dist.get_rank() == 0:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +149,10 @@ class SGLangEngine:
             bucket_mb=cfg.bucket_mb,
             group_address=cfg.sync_address,
         )
-        if "--load-format" in self.server_cfgs["student"].extra_args:
-            self.sync.sync()  # the server started without real weights
+        if "--load-format" in scfg.extra_args or scfg.url:
+            # a server started without real weights, or one we attach to: whatever it holds (dummy weights, another
+            # run's), it must sample from this student from the first rollout on
+            self.sync.sync()
 
     def _client(self, role: str) -> SGLangClient:
         url, key = self.endpoints[role]
@@ -148,7 +165,8 @@ class SGLangEngine:
         push repeated (every rank sees the same outcome of a push, so all take the same branch)."""
         for attempt in range(self.cfg.max_restarts + 1):
             try:
-                return self.sync.sync() | {"sglang/restarts": float(self.restarts)}
+                calls = {f"sglang/{role}_calls": float(n) for role, n in self.calls.items()}
+                return self.sync.sync() | {"sglang/restarts": float(self.restarts)} | calls
             except SGLangUnavailable:
                 if attempt == self.cfg.max_restarts:
                     raise
@@ -163,11 +181,29 @@ class SGLangEngine:
                 return self.fallback.generate(prompts, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
+        return self._collective(model, lambda: self._request(model, prompts, params))
+
+    def score(
+        self, sequences: list[list[int]], starts: list[int], *, top_k: int = 0, model: str = "teacher"
+    ) -> list[TokenScores]:
+        """Teacher forcing on the `model`'s server (collective, like `generate`): log p(seq[i] | seq[:i]) for
+        i >= starts[j] of each sequence, with the top-k ids and log-probs at those positions when top_k > 0."""
+        if model not in self.endpoints:
+            raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
+        self.calls[model] += 1
+        vocab = self.vocab_sizes.get(model)
+        return self._collective(
+            model, lambda: self.clients[model].score(sequences, starts, top_k=top_k, vocab_size=vocab)
+        )
+
+    def _collective(self, model: str, request: Any) -> Any:
+        """Run `request()` on the leaders, restart a lost server and retry (everyone agrees through one all-reduce of
+        a failure flag), then broadcast the leader's answer over the model-parallel group."""
         for attempt in range(self.cfg.max_restarts + 1):
             result, error = None, None
             if self.leader:
                 try:
-                    result = self._request(model, prompts, params)
+                    result = request()
                 except SGLangUnavailable as e:
                     error = str(e)
             failed = torch.tensor([0.0 if error is None else 1.0])

@@ -148,9 +148,15 @@ class SGLangClient:
             )
         return gens
 
-    def score(self, sequences: list[list[int]], start: list[int], *, top_k: int = 0) -> list[TokenScores]:
+    def score(
+        self, sequences: list[list[int]], start: list[int], *, top_k: int = 0, vocab_size: int | None = None
+    ) -> list[TokenScores]:
         """Teacher forcing: log p(tokens[i] | tokens[:i]) for i >= start[j] of each sequence j (and the top-k tokens
-        and log-probs at those positions when top_k > 0). One prefill per sequence, no sampling."""
+        and log-probs at those positions when top_k > 0). One prefill per sequence, no sampling.
+
+        Each reported token id is checked against the sequence. SGLang 0.5.23 reports the model's last vocabulary id
+        (vocab_size - 1) as 0 in input log-probs (a clip meant for multimodal placeholder ids; the log-prob itself is
+        the right token's): given the served model's `vocab_size`, that one id is accepted as 0."""
         if len(start) != len(sequences):
             raise ValueError(f"score: {len(sequences)} sequences but {len(start)} start positions")
         for j, (seq, s) in enumerate(zip(sequences, start, strict=True)):
@@ -164,6 +170,11 @@ class SGLangClient:
             "logprob_start_len": [s - 1 for s in start],
             "top_logprobs_num": top_k,
         }
+        clipped = vocab_size - 1 if vocab_size else None
+
+        def same(reported: int, expected: int) -> bool:
+            return reported == expected or (expected == clipped and reported == 0)
+
         outs = self._as_list(self.post("/generate", payload), len(sequences), "/generate (score)")
         result = []
         for j, (seq, s, out) in enumerate(zip(sequences, start, outs, strict=True)):
@@ -173,9 +184,13 @@ class SGLangClient:
             if lps is None:
                 raise SGLangResponseError(f"score: output {j} lacks meta_info.input_token_logprobs")
             lps = lps[1:]  # the token at logprob_start_len = start - 1, reported without a log-prob
-            if len(lps) != want or any(lp[0] is None or int(lp[1]) != seq[s + i] for i, lp in enumerate(lps)):
+            if len(lps) != want:
+                raise SGLangResponseError(f"score: output {j} has {len(lps)} input log-probs for {want} tokens")
+            bad = next((i for i, lp in enumerate(lps) if lp[0] is None or not same(int(lp[1]), seq[s + i])), None)
+            if bad is not None:
                 raise SGLangResponseError(
-                    f"score: output {j} has {len(lps)} usable input log-probs for {want} tokens, or ids that differ"
+                    f"score: output {j}, token {s + bad} of {len(seq)}: expected id {seq[s + bad]} with a log-prob,"
+                    f" the server reported {lps[bad][:2]}"
                 )
             scores = TokenScores(logprobs=[float(lp[0]) for lp in lps])
             if top_k:

@@ -148,7 +148,9 @@ class WeightSync:
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-        self.client.post("/update_weights_from_disk", {"model_path": str(final.resolve()), "flush_cache": True})
+        # the format is named: a server started with --load-format dummy would otherwise reuse its dummy loader
+        payload = {"model_path": str(final.resolve()), "load_format": "safetensors", "flush_cache": True}
+        self.client.post("/update_weights_from_disk", payload)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return {"sync/bytes": float(nbytes), "sync/tensors": float(len(tensors)), "sync/buckets": 1.0}
 
