@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "topd_checkpoint.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,8 +52,19 @@ class ModelConfig:
     """Use TransformerEngine layer specs. None: when TE is importable and CUDA is available."""
     seq_length: int = 4096
     """Longest sequence (prompt + response + window) the model will see."""
+    fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
+    """TransformerEngine FP8 recipe for this model's GEMMs (the student trains in FP8 'hybrid': E4M3 forward, E5M2
+    gradients; the teacher's forward runs in E4M3). Needs TE with CUDA; elsewhere a warning and the local spec."""
+    fp8_weights: bool = False
+    """Hold the weights themselves in FP8 (Megatron's fp8_param): halves the frozen teacher's weight memory."""
 
     def __post_init__(self) -> None:
+        if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"model.fp8 must be one of {FP8_RECIPES} or None, got {self.fp8!r}")
+        if self.fp8 is not None and self.dtype != "bfloat16":
+            raise ValueError(f"model.fp8={self.fp8!r} needs model.dtype=bfloat16 (FP8 GEMMs keep bf16 elsewhere)")
+        if self.fp8_weights and self.fp8 is None:
+            raise ValueError("model.fp8_weights=True needs an FP8 recipe: set model.fp8 (e.g. 'tensorwise')")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:
@@ -177,7 +189,25 @@ def padded_vocab(vocab_size: int, cfg: ModelConfig, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _configure_provider(provider: Any, cfg: ModelConfig, parallel: ParallelConfig, te: bool) -> None:
+def fp8_settings(cfg: ModelConfig, role: str) -> dict[str, Any]:
+    """The TransformerConfig fields that turn on `cfg.fp8` for a model of this role ({} when FP8 is off).
+
+    student: fp8='hybrid' (E4M3 forward, E5M2 for gradients); teacher: fp8='e4m3' (forward only). `fp8_recipe` is the
+    recipe name (Megatron's Fp8Recipe values); delayed scaling keeps a 1024-step amax history reduced with max;
+    `fp8_param` stores the weights in FP8 (model.fp8_weights)."""
+    if cfg.fp8 is None:
+        return {}
+    settings: dict[str, Any] = {
+        "fp8": "hybrid" if role == "student" else "e4m3",
+        "fp8_recipe": cfg.fp8,
+        "fp8_param": cfg.fp8_weights,
+    }
+    if cfg.fp8 == "delayed":
+        settings.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return settings
+
+
+def _configure_provider(provider: Any, cfg: ModelConfig, parallel: ParallelConfig, te: bool, role: str) -> None:
     from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
 
     dtype = DTYPES[cfg.dtype]
@@ -200,6 +230,18 @@ def _configure_provider(provider: Any, cfg: ModelConfig, parallel: ParallelConfi
     else:
         provider.should_pad_vocab = False
     provider.transformer_layer_spec = transformer_engine_layer_spec if te else local_layer_spec
+    if cfg.fp8 is not None:
+        if te:
+            for key, value in fp8_settings(cfg, role).items():
+                setattr(provider, key, value)
+        else:
+            log.warning(
+                "%s: model.fp8=%r needs TransformerEngine with CUDA, which is not available here; running the local"
+                " layer spec in %s instead (install transformer-engine[pytorch] on a GPU machine for FP8)",
+                role,
+                cfg.fp8,
+                cfg.dtype,
+            )
     if not torch.cuda.is_available():
         # Fused CUDA kernels do not exist on CPU; these flags select plain PyTorch paths with identical math.
         for flag in (
@@ -213,6 +255,9 @@ def _configure_provider(provider: Any, cfg: ModelConfig, parallel: ParallelConfi
         ):
             if hasattr(provider, flag):
                 setattr(provider, flag, False)
+        if getattr(provider, "num_moe_experts", None):
+            provider.moe_permute_fusion = False  # TE's fused permutation kernels (the bridge turns them on)
+            provider.moe_token_dispatcher_type = "allgather"  # the all-to-all dispatcher creates CUDA streams
     if parallel.vpp is not None and parallel.pp == 2:
         # With two stages both pipeline neighbours are the same rank, and Megatron's batched send/recv of the
         # interleaved schedule pairs activations with gradients the wrong way round (silently wrong numbers,
@@ -270,7 +315,7 @@ def build_model(
         bridge = bridge_mod.AutoBridge.from_hf_config(hf_config)
         provider = bridge.to_megatron_provider(load_weights=False)
         provider.perform_initialization = False
-    _configure_provider(provider, cfg, parallel, te)
+    _configure_provider(provider, cfg, parallel, te, role)
 
     with quiet_stdout():  # per-rank parameter counts, weight-loading progress bars
         modules = provider.provide_distributed_model(
