@@ -35,6 +35,9 @@ class TrainConfig:
     """Also evaluate the initial student (step 0) in a fresh run."""
     save_every: int = 10
     """Save a training checkpoint every this many steps (and after the last); 0: only after the last."""
+    offload_teacher_logits: bool = False
+    """Keep the step's teacher logits ([B, S, V/TP] per last-stage rank) in host memory between scoring and the
+    backward pass, copied back one micro-batch at a time (GPU only; the planner counts one micro-batch then)."""
     max_bad_steps: int = 3
     """Abort after this many steps with a non-finite loss (each is skipped and logged)."""
     inject_nan_at: tuple[int, ...] = ()

@@ -109,13 +109,16 @@ def run_pipeline(
 
 
 @torch.no_grad()
-def forward_logits(modules: list[Any], microbatches: list[MicroBatch]) -> list[torch.Tensor]:
+def forward_logits(
+    modules: list[Any], microbatches: list[MicroBatch], reduce: Callable[[MicroBatch, torch.Tensor], Any] | None = None
+) -> list[Any]:
     """No-grad forward of every micro-batch: this rank's vocab-sharded logits [b, s, V_padded / TP] per micro-batch
-    on the last pipeline stage, an empty list on other stages."""
-    out: list[torch.Tensor] = []
+    on the last pipeline stage, an empty list on other stages. With `reduce`, `reduce(mb, logits)` is kept instead,
+    computed as each micro-batch's logits arrive, so only one micro-batch's logits are alive at a time."""
+    out: list[Any] = []
 
     def keep(mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        out.append(logits.detach())
+        out.append(logits.detach() if reduce is None else reduce(mb, logits.detach()))
         return logits.new_zeros(()), {}
 
     run_pipeline(modules, microbatches, keep, forward_only=True)

@@ -6,12 +6,15 @@ Values are parsed by the type of the field they set: int, float, bool (true/fals
 `null`), tuples (comma-separated, or a JSON list), Literal choices (checked). A field typed `SomeConfig | None` is set
 to None with `none` and to a default `SomeConfig` with `default` (the parent's `OVERRIDE_DEFAULTS[field]()` when it
 defines one, else `SomeConfig()`); its sub-fields can then be set with further keys.
-Dataclasses are frozen by nothing here: each override rebuilds the path from the root with `dataclasses.replace`, so
-every Config's `__post_init__` validation runs again. An unknown key is an error naming the valid keys at that level.
+Overrides are applied together: each one copies the path from the root to its field, and once all are in place
+every Config's `__post_init__` validation runs again, innermost first, so settings that only make sense together
+(`teacher_source=sglang sglang.teacher=default objective.teacher_signal=top_k`) can be given in any order. An unknown
+key is an error naming the valid keys at that level.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -99,16 +102,32 @@ def _set(obj: Any, path: list[str], text: str, full_key: str) -> Any:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"override {full_key}: {name!r} is a {type(current).__name__}, not a config section")
         value = _set(current, path[1:], text, full_key)
-    return dataclasses.replace(obj, **{name: value})
+    new = copy.copy(obj)  # validated later, with every override in place
+    object.__setattr__(new, name, value)
+    return new
+
+
+def validate(cfg: Any) -> None:
+    """Run `__post_init__` of every nested dataclass, innermost first (raises the first ValueError)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value)
+    post_init = getattr(cfg, "__post_init__", None)
+    if post_init is not None:
+        post_init()
 
 
 def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
-    """Return a copy of the dataclass `cfg` with every `dotted.key=value` applied in order."""
+    """Return a copy of the dataclass `cfg` with every `dotted.key=value` applied (in order), then validated."""
+    if not overrides:
+        return cfg
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=2)")
         cfg = _set(cfg, key.strip().split("."), text, key.strip())
+    validate(cfg)
     return cfg
 
 

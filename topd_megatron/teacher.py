@@ -64,10 +64,10 @@ def freeze(lm: MegatronLM) -> None:
             p.requires_grad_(False)
 
 
-def teacher_logits(teacher: MegatronLM, microbatches: list[MicroBatch]) -> list[torch.Tensor]:
+def teacher_logits(teacher: MegatronLM, microbatches: list[MicroBatch], reduce: Any = None) -> list[Any]:
     """The teacher's vocab-sharded logits [b, s, V_padded / TP] per micro-batch (last pipeline stage only; an
-    empty list on other stages)."""
-    return forward_logits(teacher.modules, microbatches)
+    empty list on other stages), or `reduce(mb, logits)` of each (see `forward.forward_logits`)."""
+    return forward_logits(teacher.modules, microbatches, reduce)
 
 
 def _served_report(scores: list[Any], n: int, top_k: int, places: list[list[int]]) -> ServedTeacher:

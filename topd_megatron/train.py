@@ -107,6 +107,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
             eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id,
             window_seed=0,
+            offload_teacher_logits=cfg.train.offload_teacher_logits,
         )
 
         def run_eval(step: int) -> dict[str, float]:

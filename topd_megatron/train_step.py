@@ -19,8 +19,9 @@ Teacher served by SGLang (`ctx.teacher is None`): step 1 asks the teacher server
 teacher_signal='top_k') of every rollout's response tokens, step 3 for those of the branch windows; the loss then
 uses the served forms (`objective.ServedTeacher`). Nothing else changes.
 
-Memory note: the teacher's logits of the whole step are kept until the backward pass ([B, S, V/TP] per last-stage
-rank). Size steps (rollouts per data-parallel rank) accordingly at scale.
+Memory: the teacher's rollout logits of the whole step are kept until the backward pass ([B, S, V/TP] per last-stage
+rank), in host memory with `train.offload_teacher_logits` (copied back one micro-batch at a time); of the branch
+sequences only the window rows are kept ([sum K', V/TP]); the no-grad student pass of the detector keeps only d_t.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class StepContext:
     pad_id: int
     window_seed: int
     """Seed of this step's teacher-window sampling."""
+    offload_teacher_logits: bool = False
+    """Keep the step's teacher logits in host memory until each micro-batch's loss needs them."""
     inject_nan: bool = False
     """Fault injection: multiply this step's loss by NaN (tests the skip path)."""
 
@@ -150,12 +153,14 @@ def detect_step(
     return divergence.detect(cfg.detection, tb, cands, d_step, teacher_windows=u, **extra, **kw), u
 
 
-def _teacher_of(t_scores: list[torch.Tensor] | objective.ServedTeacher, microbatch: int, a: int, b: int) -> Any:
+def _teacher_of(
+    t_scores: list[torch.Tensor] | objective.ServedTeacher, microbatch: int, a: int, b: int, device: torch.device
+) -> Any:
     """What `objective.token_terms` takes for micro-batch `microbatch` (positions [a, b)): its teacher logits
-    [mb, S - 1, V_local] or the served report's slice."""
+    [mb, S - 1, V_local] (on `device`: they may wait in host memory) or the served report's slice."""
     if isinstance(t_scores, objective.ServedTeacher):
         return t_scores.slice(a, b)
-    return t_scores[microbatch][:, :-1]
+    return t_scores[microbatch][:, :-1].to(device, non_blocking=True)
 
 
 def _top_k(cfg: objective.Config) -> int:
@@ -173,15 +178,15 @@ def step_divergence(
     `t_logits`: the teacher's logits per micro-batch, or a served teacher's report on the step's positions."""
     ps = _ps()
     kw = {"vocab_size": ctx.student.vocab_size, "group": ps.get_tensor_model_parallel_group()}
-    s_logits = forward_logits(ctx.student.modules, step.microbatches())
-    d_local = None
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        parts = []
-        for i, s_l in enumerate(s_logits):
-            a, b = step.position_range(i)
-            terms = objective.token_terms(cfg, _slice(tb, a, b), s_l[:, :-1], _teacher_of(t_logits, i, a, b), **kw)
-            parts.append(terms.divergence.detach().float())
-        d_local = torch.cat(parts)
+
+    def divergence_of(mb: Any, s_l: torch.Tensor) -> torch.Tensor:  # per micro-batch: no whole-step student logits
+        a, b = step.position_range(mb.index)
+        teacher = _teacher_of(t_logits, mb.index, a, b, s_l.device)
+        terms = objective.token_terms(cfg, _slice(tb, a, b), s_l[:, :-1], teacher, **kw)
+        return terms.divergence.detach().float()
+
+    parts = forward_logits(ctx.student.modules, step.microbatches(), divergence_of)
+    d_local = torch.cat(parts) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
     return _broadcast_from_last_stage(d_local, (tb.num_positions,), torch.float32)
 
 
@@ -201,7 +206,8 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
     if teacher is None:
         t_logits = served_rollout_scores(ctx.engine, step, _top_k(cfg))
     else:
-        t_logits = teacher_logits(teacher, mbs)
+        offload = ctx.offload_teacher_logits and torch.cuda.is_available()
+        t_logits = teacher_logits(teacher, mbs, (lambda mb, t: t.to("cpu", non_blocking=True)) if offload else None)
     d_step = step_divergence(ctx, cfg, step, tb, t_logits) if cfg.detection.detector != "none" else None
     times["time/score_s"] = time.perf_counter() - t0
 
@@ -222,8 +228,10 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
             if teacher is None:  # the cross-entropy on u_j needs nothing from the teacher
                 ce = cfg.guidance_divergence == "cross_entropy"
                 t_branch = None if ce else served_branch_scores(ctx.engine, step, g_pos, g_win, _top_k(cfg))
-            else:
-                t_branch = teacher_logits(teacher, branch.microbatches())
+            else:  # only the window rows of each branch are kept: [sum K', V_local] per micro-batch
+                t_branch = teacher_logits(
+                    teacher, branch.microbatches(), lambda mb, t: branch.window_logits(mb.index, t)
+                )
     times["time/branch_score_s"] = time.perf_counter() - t0
 
     # 4. backward
@@ -239,7 +247,8 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
     def rollout_loss(mb: Any, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         a, b = step.position_range(mb.index)
         mtb = _slice(tb, a, b)
-        terms = objective.token_terms(pass1_cfg, mtb, logits[:, :-1], _teacher_of(t_logits, mb.index, a, b), **kw)
+        teacher_mb = _teacher_of(t_logits, mb.index, a, b, logits.device)
+        terms = objective.token_terms(pass1_cfg, mtb, logits[:, :-1], teacher_mb, **kw)
         mdet = det.restrict(a, b) if det is not None else None
         value, metrics = objective.loss(pass1_cfg, mtb, terms, mdet, weights=weights[a:b])
         if ctx.inject_nan:
@@ -264,7 +273,7 @@ def train_step(ctx: StepContext, step: StepBatch) -> dict[str, float]:
                 lo, hi = int(offsets[rows.start]), int(offsets[rows.stop - 1] + g_win.lengths[rows.stop - 1])
                 t_w = t_branch.slice(lo, hi)
             elif t_branch is not None:
-                t_w = branch.window_logits(mb.index, t_branch[mb.index])
+                t_w = t_branch[mb.index]
             else:
                 t_w = None
             bt = objective.branch_terms(cfg, g_pos[sel], win, s_w, t_w, **kw)

@@ -91,3 +91,19 @@ def test_gpu_recipes_take_locations_from_the_environment(monkeypatch, tmp_path):
     assert cfg.teacher.path == str(tmp_path / "ckpts" / "Llama-3.1-405B-Instruct")
     assert cfg.run_dir == str(tmp_path / "out" / "topd_70b")
     assert apply_overrides(cfg, ["parallel.pp=4"]).parallel.pp == 4
+
+
+def test_settings_that_only_make_sense_together_can_be_given_in_any_order():
+    together = ["teacher_source=sglang", "rollout=sglang", "objective.teacher_signal=top_k", "sglang.teacher=default"]
+    for order in (together, together[::-1]):
+        cfg = recipes.get("tiny", order)
+        assert (cfg.teacher_source, cfg.objective.teacher_signal, cfg.sglang.teacher.role) == (
+            "sglang",
+            "top_k",
+            "teacher",
+        )
+    with pytest.raises(ValueError, match="teacher_source=sglang needs rollout=sglang"):
+        recipes.get("tiny", together[2:] + ["teacher_source=sglang"])  # the final state is checked, not each step
+    base = recipes.get("tiny")
+    recipes.get("tiny", ["train.steps=5"])
+    assert base.train.steps == recipes.get("tiny").train.steps, "overrides never modify the recipe's own objects"
