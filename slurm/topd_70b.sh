@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# ==== LAYOUT: placeholders, to be set from `topd plan topd_70b` ====================================================
+#SBATCH --nodes=16
+#SBATCH --gpus-per-node=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+# ==== end of LAYOUT (the node split below must add up to --nodes) ==================================================
+#SBATCH --job-name=topd-70b
+#SBATCH --time=48:00:00
+#SBATCH --output=topd-70b-%j.out
+#
+# The `topd_70b` recipe as a Slurm job: student Llama-3.3-70B-Instruct distilled from Llama-3.1-405B-Instruct. The
+# allocation is split into training nodes (Megatron student + colocated teacher, torchrun on each), student SGLang
+# server nodes (rollouts; weights pushed after every step) and optional teacher SGLang server nodes (near-future
+# windows).
+#
+#   sbatch slurm/topd_70b.sh                                        # from the repository root
+#   TOPD_DRY_RUN=1 bash slurm/topd_70b.sh                          # print every command, run none (no cluster needed)
+#   TOPD_CKPT_DIR=/lustre/ckpts TOPD_OUT=/lustre/runs SBATCH_ACCOUNT=myproj sbatch slurm/topd_70b.sh
+#
+# Settings (environment variables, defaults in brackets):
+#   TOPD_REPO       [$SLURM_SUBMIT_DIR, the directory sbatch was run from] the repository checkout (shared filesystem)
+#   TOPD_VENV       [$TOPD_REPO/.venv] its Python environment, as seen by the tasks (inside the container if any)
+#   TOPD_CKPT_DIR   [$TOPD_REPO/checkpoints] Hugging Face checkpoints, named as on the Hub
+#   TOPD_DATA_DIR   [$TOPD_SHARED_DATA, else $TOPD_REPO/../shared/data] the math JSONL files (exported as
+#                   TOPD_SHARED_DATA, where the task reads them)
+#   TOPD_OUT        [$TOPD_REPO/runs] the run goes to $TOPD_OUT/topd_70b (resubmitting resumes it); server logs to
+#                   $TOPD_OUT/slurm-$SLURM_JOB_ID
+#   TOPD_STUDENT_MODEL / TOPD_TEACHER_MODEL  [$TOPD_CKPT_DIR/Llama-3.3-70B-Instruct / .../Llama-3.1-405B-Instruct]
+#   TOPD_CONTAINER  [unset] a container image: every srun gets --container-image (pyxis/enroot), plus
+#                   --container-mounts=$TOPD_CONTAINER_MOUNTS when that is set
+#   TOPD_OVERRIDES  [empty] more `--set` overrides for training, space-separated KEY=VALUE
+#   TOPD_SGLANG_API_KEY  [generated per job] the servers listen beyond loopback, so every request carries this key
+#   TOPD_SGLANG_TIMEOUT  [1800] seconds for every server to become healthy
+#   TOPD_DRY_RUN    [0] 1: print the commands (srun lines included) and exit 0 without running them
+#   Ports: TOPD_MASTER_PORT [29500] (torchrun c10d rendezvous), TOPD_STUDENT_PORT [30000], TOPD_TEACHER_PORT [30001],
+#          TOPD_STUDENT_DIST_PORT [5000] / TOPD_TEACHER_DIST_PORT [5001] (multi-node server bootstrap).
+# Partition, account, QOS, container: SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_CONTAINER (an OCI bundle
+# for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
+#
+# What it does: (a) starts the SGLang servers with srun on their own nodes (`python -m topd_megatron.rollout.serve`,
+# one task per node; a server spanning several nodes uses SGLang's multi-node mode) and waits until each answers
+# /health_generate; (b) runs training with srun (one task per training node) + torchrun (c10d rendezvous on the first
+# training node) of `topd train --recipe topd_70b`, attached to the servers; (c) on exit, stops what it started by
+# PID (srun forwards the SIGTERM to its tasks; serve.py stops its server); (d) exits with training's exit code.
+set -euo pipefail
+
+# ==== LAYOUT (continued): the node split and the servers' parallelism, set from `topd plan topd_70b` ================
+STUDENT_SERVER_NODES="${TOPD_STUDENT_SERVER_NODES:-4}"  # one student server over these nodes
+STUDENT_SERVER_TP="${TOPD_STUDENT_SERVER_TP:-8}"        # tensor parallel per replica
+STUDENT_SERVER_DP="${TOPD_STUDENT_SERVER_DP:-4}"        # replicas
+TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-0}"  # 0: no teacher server (the colocated teacher makes windows)
+TEACHER_SERVER_TP="${TOPD_TEACHER_SERVER_TP:-8}"        # TP x DP = the server's GPUs (nodes x GPUS_PER_NODE)
+TEACHER_SERVER_DP="${TOPD_TEACHER_SERVER_DP:-1}"
+TEACHER_SERVER_ARGS="${TOPD_TEACHER_SERVER_ARGS:---quantization fp8}"  # extra sglang.launch_server arguments
+GPUS_PER_NODE="${TOPD_GPUS_PER_NODE:-8}"                # training ranks per training node
+# Training nodes: the rest of the allocation (TOPD_TRAIN_NODES to use fewer).
+# ==== end of LAYOUT ================================================================================================
+
+# ---- settings ------------------------------------------------------------------------------------------------------
+DRY_RUN="${TOPD_DRY_RUN:-0}"
+TOPD_REPO="${TOPD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+TOPD_VENV="${TOPD_VENV:-$TOPD_REPO/.venv}"
+export TOPD_CKPT_DIR="${TOPD_CKPT_DIR:-$TOPD_REPO/checkpoints}"  # exported: the recipe reads these three
+export TOPD_SHARED_DATA="${TOPD_DATA_DIR:-${TOPD_SHARED_DATA:-$TOPD_REPO/../shared/data}}"
+export TOPD_OUT="${TOPD_OUT:-$TOPD_REPO/runs}"
+STUDENT_MODEL="${TOPD_STUDENT_MODEL:-$TOPD_CKPT_DIR/Llama-3.3-70B-Instruct}"
+TEACHER_MODEL="${TOPD_TEACHER_MODEL:-$TOPD_CKPT_DIR/Llama-3.1-405B-Instruct}"
+TOPD_OVERRIDES="${TOPD_OVERRIDES:-}"
+TOPD_SGLANG_TIMEOUT="${TOPD_SGLANG_TIMEOUT:-1800}"
+MASTER_PORT="${TOPD_MASTER_PORT:-29500}"
+STUDENT_PORT="${TOPD_STUDENT_PORT:-30000}"
+TEACHER_PORT="${TOPD_TEACHER_PORT:-30001}"
+STUDENT_DIST_PORT="${TOPD_STUDENT_DIST_PORT:-5000}"
+TEACHER_DIST_PORT="${TOPD_TEACHER_DIST_PORT:-5001}"
+PY="$TOPD_VENV/bin/python"
+job="${SLURM_JOB_ID:-dry-run}"
+work="$TOPD_OUT/slurm-$job"
+read -r -a user_overrides <<<"$TOPD_OVERRIDES"
+read -r -a teacher_server_args <<<"$TEACHER_SERVER_ARGS"
+log() { echo "[topd_70b $(date +%H:%M:%S)] $*"; }
+
+# The API key travels in the environment (srun passes it to the tasks) and is masked in every printed command.
+export TOPD_SGLANG_API_KEY="${TOPD_SGLANG_API_KEY:-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')}"
+
+# ---- run / start_bg: execute a command, or only print it in a dry run ---------------------------------------------
+show() {  # the command as a shell line: arguments with special characters in single quotes, the API key masked
+    local a out=()
+    for a in "$@"; do
+        a="${a//"$TOPD_SGLANG_API_KEY"/***}"
+        if [[ "$a" =~ ^[][A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+    done
+    echo "${out[*]}"
+}
+run() {
+    echo "+ $(show "$@")"
+    [[ "$DRY_RUN" == 1 ]] || "$@"
+}
+start_bg() {  # start_bg VAR CMD...: run CMD in the background, its PID into the array VAR
+    local -n pids="$1"
+    shift
+    echo "+ $(show "$@") &"
+    if [[ "$DRY_RUN" == 1 ]]; then
+        pids+=(0)
+    else
+        "$@" &
+        pids+=($!)
+    fi
+}
+
+# ---- the node split: training nodes first (the first one hosts the rendezvous), then the server nodes ----------
+if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+else  # dry run outside an allocation: as many placeholder names as the #SBATCH --nodes line asks for
+    if [[ "$DRY_RUN" != 1 ]]; then
+        echo "error: not in a Slurm allocation (submit with sbatch, or set TOPD_DRY_RUN=1)" >&2
+        exit 2
+    fi
+    n="$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "${BASH_SOURCE[0]}" | head -n 1)"
+    mapfile -t nodes < <(for ((i = 1; i <= n; i++)); do printf 'node%03d\n' "$i"; done)
+fi
+servers=$((STUDENT_SERVER_NODES + TEACHER_SERVER_NODES))
+TRAIN_NODES="${TOPD_TRAIN_NODES:-$((${#nodes[@]} - servers))}"
+if ((STUDENT_SERVER_NODES < 1 || TRAIN_NODES < 1 || TRAIN_NODES + servers > ${#nodes[@]})); then
+    echo "error: $TRAIN_NODES training + $STUDENT_SERVER_NODES student server + $TEACHER_SERVER_NODES teacher server" \
+        "nodes do not fit the ${#nodes[@]} allocated nodes (set the LAYOUT block)" >&2
+    exit 2
+fi
+for spec in "student $STUDENT_SERVER_NODES $STUDENT_SERVER_TP $STUDENT_SERVER_DP" \
+    "teacher $TEACHER_SERVER_NODES $TEACHER_SERVER_TP $TEACHER_SERVER_DP"; do
+    read -r role n tp dp <<<"$spec"
+    if ((n > 0 && tp * dp != n * GPUS_PER_NODE)); then
+        echo "error: the $role server has TP $tp x DP $dp = $((tp * dp)) GPUs but $n nodes of $GPUS_PER_NODE" >&2
+        exit 2
+    fi
+done
+train_nodes=("${nodes[@]:0:TRAIN_NODES}")
+student_nodes=("${nodes[@]:TRAIN_NODES:STUDENT_SERVER_NODES}")
+teacher_nodes=("${nodes[@]:TRAIN_NODES+STUDENT_SERVER_NODES:TEACHER_SERVER_NODES}")
+join() { local IFS=,; echo "$*"; }
+MASTER_ADDR="${train_nodes[0]}"
+log "nodes: training $(join "${train_nodes[@]}"); student servers $(join "${student_nodes[@]}");" \
+    "teacher servers $( ((TEACHER_SERVER_NODES)) && join "${teacher_nodes[@]}" || echo none)"
+
+# srun options shared by every step; a container when TOPD_CONTAINER is set.
+srun_common=(--ntasks-per-node=1 --kill-on-bad-exit=1 --gpus-per-node="$GPUS_PER_NODE")
+if [[ -n "${TOPD_CONTAINER:-}" ]]; then
+    srun_common+=(--container-image="$TOPD_CONTAINER" --container-workdir="$TOPD_REPO")
+    [[ -z "${TOPD_CONTAINER_MOUNTS:-}" ]] || srun_common+=(--container-mounts="$TOPD_CONTAINER_MOUNTS")
+fi
+
+# ---- cleanup: stop what this script started, by PID (training first, then the servers) ----------------------------
+server_pids=()
+train_pids=()
+stop_pids() {  # stop_pids NAME PID...: SIGTERM (srun forwards it to its tasks), up to 120 s, then SIGKILL
+    local name="$1" pid i
+    shift
+    for pid in "$@"; do
+        [[ "$pid" != 0 ]] && kill -0 "$pid" 2>/dev/null || continue
+        log "stopping $name (srun pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "$@"; do
+        [[ "$pid" != 0 ]] || continue
+        for ((i = 0; i < 1200; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+cleanup() {
+    stop_pids training "${train_pids[@]}"
+    stop_pids "SGLang servers" "${server_pids[@]}"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM  # scancel / time limit: run the EXIT trap, exit like a SIGTERM-ed process
+trap 'exit 130' INT
+
+# ---- (a) SGLang servers on their nodes: one srun per server, one task per node ------------------------------------
+# start_server ROLE MODEL PORT DIST_PORT TP DP NODE... [-- EXTRA SGLANG ARGS]
+start_server() {
+    local role="$1" model="$2" port="$3" dist_port="$4" tp="$5" dp="$6" hosts=() extra=()
+    shift 6
+    while (($#)) && [[ "$1" != -- ]]; do hosts+=("$1"); shift; done
+    (($#)) && { shift; extra=(-- "$@"); }
+    # one task per node: node rank = the task's rank in this step; PID file per node ($1 of the inner bash)
+    # shellcheck disable=SC2016  # expanded by the task's bash, not here
+    local serve_on_node='exec "$0" -m topd_megatron.rollout.serve --node-rank "$SLURM_PROCID"'
+    serve_on_node+=' --pid-file "$1$SLURM_PROCID.pid" "${@:2}"'
+    start_bg server_pids srun --nodes="${#hosts[@]}" --ntasks="${#hosts[@]}" --nodelist="$(join "${hosts[@]}")" \
+        --output="$work/serve-$role-%t.out" "${srun_common[@]}" \
+        bash -c "$serve_on_node" "$PY" "$work/$role-node" \
+        --role "$role" --model "$model" --host 0.0.0.0 --port "$port" --tp "$tp" --dp "$dp" --dtype bfloat16 \
+        --mem-fraction 0.85 --max-total-tokens auto --timeout "$TOPD_SGLANG_TIMEOUT" --log-dir "$work" \
+        --nnodes "${#hosts[@]}" --dist-init-addr "${hosts[0]}:$dist_port" "${extra[@]}"
+}
+# wait_healthy ROLE URL SRUN_PID: poll /health_generate until 200; fail when srun exits or the timeout passes.
+wait_healthy() {
+    local role="$1" url="$2" pid="$3" deadline=$((SECONDS + TOPD_SGLANG_TIMEOUT + 120))
+    echo "+ wait until $url/health_generate answers 200 (timeout ${TOPD_SGLANG_TIMEOUT}s + 120s)"
+    [[ "$DRY_RUN" == 1 ]] && return
+    until curl -sf -o /dev/null --max-time 60 -H @<(printf 'Authorization: Bearer %s\n' "$TOPD_SGLANG_API_KEY") \
+        "$url/health_generate"; do
+        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS > deadline)); then
+            log "the SGLang $role server at $url did not become healthy; see $work/serve-$role-*.out and its log"
+            exit 1
+        fi
+        sleep 10
+    done
+    log "SGLang $role server healthy at $url"
+}
+
+run mkdir -p "$work"
+student_url="http://${student_nodes[0]}:$STUDENT_PORT"
+start_server student "$STUDENT_MODEL" "$STUDENT_PORT" "$STUDENT_DIST_PORT" "$STUDENT_SERVER_TP" "$STUDENT_SERVER_DP" \
+    "${student_nodes[@]}"
+sets=(--set rollout=sglang --set "sglang.student.url=$student_url" --set "sglang.student.api_key=$TOPD_SGLANG_API_KEY")
+sets+=(--set "sglang.student.tp=$STUDENT_SERVER_TP" --set "sglang.student.dp=$STUDENT_SERVER_DP")
+sets+=(--set "sglang.sync_address=$MASTER_ADDR" --set "student.path=$STUDENT_MODEL" --set "teacher.path=$TEACHER_MODEL")
+if ((TEACHER_SERVER_NODES > 0)); then
+    teacher_url="http://${teacher_nodes[0]}:$TEACHER_PORT"
+    start_server teacher "$TEACHER_MODEL" "$TEACHER_PORT" "$TEACHER_DIST_PORT" "$TEACHER_SERVER_TP" \
+        "$TEACHER_SERVER_DP" "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
+    sets+=(--set sglang.teacher=default --set "sglang.teacher.url=$teacher_url")
+    sets+=(--set "sglang.teacher.api_key=$TOPD_SGLANG_API_KEY")
+fi
+wait_healthy student "$student_url" "${server_pids[0]}"
+((TEACHER_SERVER_NODES == 0)) || wait_healthy teacher "$teacher_url" "${server_pids[1]}"
+
+# ---- (b) training: one srun task per training node, each running torchrun; c10d rendezvous on the first ----------
+start_bg train_pids srun --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --nodelist="$(join "${train_nodes[@]}")" \
+    "${srun_common[@]}" \
+    "$PY" -m torch.distributed.run --nnodes="$TRAIN_NODES" --nproc-per-node="$GPUS_PER_NODE" \
+    --rdzv-id="topd-$job" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    -m topd_megatron.cli train --recipe topd_70b "${sets[@]}" "${user_overrides[@]/#/--set=}"
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ on exit: SIGTERM to the training and server srun processes (by PID), SIGKILL after 120 s"
+    echo "dry run: nothing was started"
+    exit 0
+fi
+rc=0
+wait "${train_pids[0]}" || rc=$?
+train_pids=()
+
+# ---- (c) + (d): the EXIT trap stops the servers; the job's exit code is training's --------------------------------
+log "training exited with code $rc"
+exit "$rc"

@@ -1,0 +1,190 @@
+"""The sbatch scripts on a real single-node Slurm cluster (tests/slurm/conftest.py), and the SGLang `serve` entry point.
+
+- `sbatch --wait` returns a failing job's exit code, and the job's completion record says the same;
+- the GPU directives of slurm/topd_70b.sh are accepted (fake GPUs) and an impossible request fails at submission;
+- slurm/topd_tiny.sh trains the tiny recipe for 2 steps with rollouts from the SGLang server it starts, exits 0, and
+  leaves no process behind;
+- both scripts parse; `TOPD_DRY_RUN=1 bash slurm/topd_70b.sh` prints the server and training srun lines, runs nothing,
+  and never prints the API key;
+- `python -m topd_megatron.rollout.serve` serves /health_generate and stops its server on SIGTERM (slow: a second
+  server start; the sbatch test already checks that serve.py exits 0 on SIGTERM and leaves no process), refuses a
+  teacher without weights and a non-loopback host without an API key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.slurm.conftest import REPO, SlurmCluster, clean_env
+
+TINY = REPO / "slurm" / "topd_tiny.sh"
+BIG = REPO / "slurm" / "topd_70b.sh"
+TINY_OVERRIDES = (
+    "train.steps=2 train.eval_at_start=false train.prompts_per_step=4 train.micro_batch_size=4 eval.problems=4 eval.k=1"
+)
+
+
+def _job_id(sbatch_stdout: str) -> str:
+    match = re.search(r"Submitted batch job (\d+)", sbatch_stdout)
+    assert match, f"no job id in sbatch output: {sbatch_stdout!r}"
+    return match.group(1)
+
+
+def _group_gone(pgid: int, wait_s: float = 10.0) -> bool:
+    """No live process is left in process group `pgid` (zombies waiting to be reaped by init do not count)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(stat.parent.name)
+        if not live or time.monotonic() > deadline:
+            return not live
+        time.sleep(0.5)
+
+
+def test_sbatch_wait_returns_the_job_exit_code(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    script = tmp_path / "exit3.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=exit3\n#SBATCH --time=00:01:00\necho running\nexit 3\n")
+    out = slurm_cluster.run("sbatch", "--wait", f"--output={tmp_path}/exit3-%j.out", script, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    job = _job_id(out.stdout)
+    record: dict[str, str] = {}
+    for _ in range(50):  # slurmctld writes the completion record as the job ends
+        record = slurm_cluster.jobcomp(job)
+        if record:
+            break
+        time.sleep(0.2)
+    assert record.get("ExitCode") == "3:0" and record.get("JobState") == "FAILED", record
+    assert (tmp_path / f"exit3-{job}.out").read_text().strip() == "running"
+
+
+def test_gpu_directives_are_accepted_and_impossible_requests_rejected(slurm_cluster: SlurmCluster) -> None:
+    fits = slurm_cluster.run("sbatch", "--test-only", "--nodes=1", BIG, timeout=60, cwd=REPO)
+    assert fits.returncode == 0, fits.stderr  # --gpus-per-node=8 --exclusive on the node's 8 fake GPUs
+    too_big = slurm_cluster.run("sbatch", "--test-only", BIG, timeout=60, cwd=REPO)  # 16 nodes on a 1-node cluster
+    assert too_big.returncode != 0, too_big.stderr
+
+
+def test_topd_tiny_sbatch_trains_with_its_sglang_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    env = dict(slurm_cluster.env, TOPD_OUT=str(tmp_path / "out"), TOPD_OVERRIDES=TINY_OVERRIDES)
+    out = subprocess.run(
+        ["sbatch", "--wait", f"--output={tmp_path}/job-%j.out", str(TINY)],
+        env=env,
+        cwd=REPO,  # the job's TOPD_REPO defaults to the submit directory
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    job = _job_id(out.stdout)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert out.returncode == 0, f"sbatch exit {out.returncode}; job output:\n{log[-4000:]}\n{out.stderr}"
+    assert "training exited with code 0" in log
+
+    rows = [json.loads(line) for line in (tmp_path / "out" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["sync/bytes"] > 0 for r in train)  # the student's weights were pushed to the SGLang server
+
+    served = (tmp_path / "out" / f"slurm-{job}" / "serve-student.out").read_text()
+    assert "ready: SGLang student server" in served and "stopping the SGLang student server" in served
+    assert "the SGLang student server stopped (exit code 0)" in log  # serve.py exits 0 on SIGTERM
+    server_pid = int(re.search(r"\(pid (\d+),", served).group(1))
+    assert _group_gone(server_pid), "the SGLang server's process group outlived the job"
+    assert not (tmp_path / "out" / f"slurm-{job}" / "student.pid").exists()
+
+
+def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path) -> None:
+    for script in (TINY, BIG):
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+    env = clean_env(
+        TOPD_DRY_RUN="1",
+        TOPD_TEACHER_SERVER_NODES="1",
+        TOPD_OUT=str(tmp_path / "runs"),
+        TOPD_SGLANG_API_KEY="not-to-be-printed",
+        TOPD_OVERRIDES="train.steps=3",
+    )
+    dry = subprocess.run(["bash", str(BIG)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    sruns = [line for line in dry.stdout.splitlines() if line.startswith("+ srun ")]
+    assert len(sruns) == 3, dry.stdout
+    student, teacher, train = sruns
+    assert "rollout.serve" in student and "--role student" in student and "--nnodes 4" in student
+    assert "rollout.serve" in teacher and "--role teacher" in teacher and "--nodelist=node016" in teacher
+    assert "torch.distributed.run --nnodes=11" in train and "--rdzv-endpoint=node001:29500" in train
+    assert "--recipe topd_70b" in train and "sglang.student.url=http://node012:30000" in train
+    assert "sglang.teacher.url=http://node016:30001" in train and "--set=train.steps=3" in train
+    assert "not-to-be-printed" not in dry.stdout + dry.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+    misfit = subprocess.run(
+        ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="16"), capture_output=True, text=True, timeout=60
+    )
+    assert misfit.returncode == 2 and "do not fit" in misfit.stderr
+
+
+@pytest.mark.slow  # the sbatch test above covers the same lifecycle through the script
+def test_serve_answers_health_and_stops_on_sigterm(synthetic_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    pid_file = tmp_path / "student.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "topd_megatron.rollout.serve", "--role", "student", "--model", str(synthetic_pair[0])]
+        + ["--log-dir", str(tmp_path), "--pid-file", str(pid_file), "--timeout", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:  # "[serve] ready: ...", then the URL, once /health_generate answered
+            seen.append(line)
+            if line.startswith("http://"):
+                break
+        assert seen and seen[-1].startswith("http://127.0.0.1:"), f"serve exited ({proc.wait()}):\n{''.join(seen)}"
+        url = seen[-1].strip()
+        server_pid = int(pid_file.read_text())
+        assert requests.get(f"{url}/health_generate", timeout=60).status_code == 200
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopping the SGLang student server" in proc.stdout.read()
+        assert _group_gone(server_pid), "the SGLang server's process group outlived serve"
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_serve_refuses_a_teacher_without_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from topd_megatron.rollout import serve
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")  # a topd checkpoint's hf/: config, no safetensors
+    assert serve.main(["--role", "teacher", "--model", str(tmp_path)]) == 2
+    assert "no safetensors weights" in capsys.readouterr().err
+
+
+def test_serve_needs_an_api_key_beyond_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from topd_megatron.rollout import serve
+
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    assert serve.main(["--role", "student", "--model", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert serve.API_KEY_ENV in capsys.readouterr().err
