@@ -1,0 +1,317 @@
+"""Benchmark (not a test): the planner's memory model (topd_megatron/plan/memory.py) against what tiny CPU runs
+actually allocate, per rank, component by component.
+
+Each case builds the prepared tiny pair (`topd prepare`: a 2-layer Qwen3 student and a 4-layer Qwen3 teacher, fp32)
+or a tiny random Llama student with Megatron-Core on 1 or 2 gloo ranks (topd_megatron.launch.spawn), with the
+student's DDP and distributed optimizer exactly as training builds them, and measures on every rank:
+- weights, fp32 gradient buffer, Adam state, teacher weights: the sum of the distinct storages (untyped_storage()
+  .nbytes(), so Megatron's bucket padding is included) of the model parameters, of their `main_grad` buffers, and
+  of the optimizer's state tensors after one step (Adam allocates its state lazily);
+- activations: the distinct storages saved for backward by the student's forward of one micro-batch
+  (`torch.autograd.graph.saved_tensors_hooks`; parameters excluded) (PP = 1 cases);
+- loss + backward peak: the high-water mark of CPU allocations (torch.profiler with profile_memory, alloc/free
+  events summed in time order) during forward, loss (objective.token_terms + objective.loss, reverse KL against
+  teacher logits computed beforehand) and backward of that micro-batch, above what was allocated before it.
+The planner's numbers for the same layout and micro-batch (attention='local': Megatron-Core's local spec, the CPU
+path) are printed next to them with the ratio planned / measured.
+
+Run from the repository root (about 2 minutes on 2 CPU cores, most of it importing Megatron once):
+    .venv/bin/python bench/plan_vs_measured.py
+    .venv/bin/python bench/plan_vs_measured.py --markdown          # the table recorded in docs/scale.md
+    .venv/bin/python bench/plan_vs_measured.py --json-out plan_vs_measured.json
+On GPUs the same measurement would use torch.cuda.max_memory_allocated and attention='te'; not done here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from topd_megatron.launch import spawn  # noqa: E402
+
+MICRO_BATCH = 4
+SEQ = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    world: int
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    student: str = "prepared"
+    """'prepared' (the tiny pair's Qwen3 student) or 'llama' (a tiny random Llama with the pair's tokenizer)."""
+
+
+CASES = (
+    Case("qwen3 TP1", 1),
+    Case("qwen3 TP1 selective", 1, recompute="selective"),
+    Case("qwen3 TP1 full", 1, recompute="full"),
+    Case("qwen3 TP2", 2, tp=2),
+    Case("qwen3 TP2 SP", 2, tp=2, sequence_parallel=True),
+    Case("qwen3 TP2 SP selective", 2, tp=2, sequence_parallel=True, recompute="selective"),
+    Case("qwen3 TP2 SP full", 2, tp=2, sequence_parallel=True, recompute="full"),
+    Case("qwen3 DP2", 2),
+    Case("qwen3 PP2", 2, pp=2),
+    Case("llama TP1", 1, student="llama"),
+    Case("llama TP2 SP selective", 2, tp=2, sequence_parallel=True, recompute="selective", student="llama"),
+)
+
+
+# ------------------------------------------------------------------ measurement (runs inside each rank)
+
+
+def _storages(tensors) -> dict[int, int]:
+    """data_ptr -> nbytes of the distinct storages behind `tensors`."""
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+            st = t.untyped_storage()
+            out.setdefault(st.data_ptr(), st.nbytes())
+    return out
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    out = []
+    for opt in inner:
+        for state in opt.optimizer.state.values():
+            out += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        for group in getattr(opt, "shard_fp32_from_float16_groups", []) or []:
+            out += list(group)
+    return out
+
+
+def _profiled_peak(fn) -> int:
+    """High-water mark of CPU allocations made while `fn` runs, above the level when it starts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = peak = 0
+    for _, n in events:
+        level += n
+        peak = max(peak, level)
+    return peak
+
+
+def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: str) -> dict[str, float]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    from topd_megatron import objective
+    from topd_megatron.divergence import TokenBatch
+    from topd_megatron.forward import make_microbatch
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.optim import OptimConfig, build_optimizer, ddp_config
+    from topd_megatron.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.teacher import build_teacher, teacher_logits
+
+    torch.set_num_threads(1)
+    par = ParallelConfig(tp=case.tp, pp=case.pp, sequence_parallel=case.sequence_parallel)
+    init_model_parallel(par)
+    optim_cfg = OptimConfig()
+    s_cfg = ModelConfig(path=student_dir, dtype="float32", recompute=case.recompute, seq_length=SEQ)
+    student = build_model(s_cfg, par, role="student", wrap_with_ddp=True, ddp_config=ddp_config(optim_cfg))
+    teacher = build_teacher(ModelConfig(path=teacher_dir, dtype="float32", seq_length=SEQ), par, student)
+    optimizer = build_optimizer(optim_cfg, student)
+    params = _storages(p for m in student.modules for p in m.parameters())
+    grads = _storages(p.main_grad for m in student.modules for p in m.parameters())
+    out: dict[str, float] = {
+        "student weights": sum(params.values()),
+        "student gradient buffer": sum(grads.values()),
+        "teacher weights": sum(_storages(p for m in teacher.modules for p in m.parameters()).values()),
+    }
+
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, student.vocab_size, (MICRO_BATCH, SEQ), generator=gen)
+    mb = make_microbatch(tokens)
+    response = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.bool)
+    response[:, SEQ // 4 :] = True
+    tb = TokenBatch.from_padded(tokens[:, 1:], response[:, 1:])
+    cfg = objective.preset("opd")
+    kw = {"vocab_size": student.vocab_size, "group": ps.get_tensor_model_parallel_group()}
+    for m in student.modules:
+        m.zero_grad_buffer()
+    if case.pp == 1:
+        t_logits = teacher_logits(teacher, [mb])[0]
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() and st.data_ptr() not in params:
+                saved.setdefault(st.data_ptr(), st.nbytes())
+            return t
+
+        def step() -> None:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = student.modules[0](mb.tokens, mb.position_ids, mb.attention_mask)
+            out["student activations"] = sum(saved.values())
+            terms = objective.token_terms(cfg, tb, logits[:, :-1], t_logits[:, :-1], **kw)
+            value, _ = objective.loss(cfg, tb, terms)
+            del logits, terms
+            value.backward()
+
+        out["forward + loss + backward peak"] = _profiled_peak(step)
+    finalize_model_grads(student.modules)
+    optimizer.step()  # Adam allocates its state on the first step
+    state = _storages(_optimizer_tensors(optimizer))
+    out["student optimizer"] = sum(v for k, v in state.items() if k not in params and k not in grads)
+    return out
+
+
+# ------------------------------------------------------------------ the planner's numbers
+
+
+def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, float]]:
+    """The planner's bytes per rank (one dict per pipeline stage; the same for every TP/DP rank)."""
+    from topd_megatron.models.build import ModelConfig, padded_vocab
+    from topd_megatron.plan.architecture import resolve
+    from topd_megatron.plan.layout import Layout, StepShape
+    from topd_megatron.plan.memory import (
+        loss_working_bytes,
+        rank_params,
+        recompute_transient_bytes,
+        student_state_bytes,
+        teacher_weight_bytes,
+        training_activation_bytes,
+    )
+
+    s_arch, _ = resolve(student_dir)
+    t_arch, _ = resolve(teacher_dir)
+    s_cfg = ModelConfig(path=student_dir, dtype="float32", recompute=case.recompute, seq_length=SEQ)
+    t_cfg = ModelConfig(path=teacher_dir, dtype="float32", seq_length=SEQ)
+    layout = Layout(
+        world=case.world,
+        tp=case.tp,
+        pp=case.pp,
+        vpp=1,
+        cp=1,
+        ep=1,
+        etp=case.tp,
+        sequence_parallel=case.sequence_parallel,
+    )
+    shape = StepShape(
+        seq=SEQ,
+        micro_batch=MICRO_BATCH,
+        rollouts=MICRO_BATCH,
+        rows=MICRO_BATCH,
+        candidates=0,
+        branches=0,
+        branch_rows=0,
+        branch_seq=0,
+        window=0,
+    )
+    rows = padded_vocab(s_arch.vocab, s_cfg, case.tp)
+    out = []
+    for stage in ("only",) if case.pp == 1 else ("first", "last"):
+        sp = rank_params(s_arch, layout, rows, stage)
+        tp = rank_params(t_arch, layout, rows, stage)
+        states = student_state_bytes(sp, s_cfg, layout, use_distributed_optimizer=True)
+        row = {
+            "student weights": states["student weights"],
+            "student gradient buffer": states["student gradient buffer (fp32)"],
+            "student optimizer": next(v for k, v in states.items() if k.startswith("student optimizer")),
+            "teacher weights": teacher_weight_bytes(tp, t_cfg, fp8=False),
+        }
+        if case.pp == 1:
+            act = sum(training_activation_bytes(s_arch, layout, shape, s_cfg, "local", stage).values())
+            row["student activations"] = act
+            loss = loss_working_bytes(shape, rows, layout, s_cfg, t_cfg, "cpu")
+            transient = recompute_transient_bytes(s_arch, layout, shape, s_cfg, "local")
+            row["forward + loss + backward peak"] = act + max(loss, transient)
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------ driver
+
+
+def tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
+    from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(out, TinyModelSpec(family="llama", num_layers=2, seed=3), tokenizer_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    args = parser.parse_args(argv)
+
+    from topd_megatron.logs import quiet_third_party
+    from topd_megatron.prepare import prepare
+
+    quiet_third_party()
+    pair = prepare()
+    chosen = [c for c in CASES if args.cases is None or c.name in args.cases.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="topd-plan-bench-") as tmp:
+        llama = tiny_llama(pair.student_dir, Path(tmp) / "llama")
+        for case in chosen:
+            student = str(llama if case.student == "llama" else pair.student_dir)
+            teacher = str(pair.teacher_dir)
+            measured = spawn(measure, case.world, (case, student, teacher), timeout=600)
+            plans = planned(case, student, teacher)
+            for rank, m in enumerate(measured):
+                stage = rank // (case.world // case.pp)  # Megatron's rank order: TP fastest, then DP, then PP
+                p = plans[min(stage, len(plans) - 1)]
+                if rank and case.pp == 1 and m == measured[0]:
+                    continue  # identical ranks: show one
+                for component, value in m.items():
+                    rows.append(
+                        {
+                            "case": case.name,
+                            "rank": rank,
+                            "component": component,
+                            "measured_kib": value / 1024,
+                            "planned_kib": p[component] / 1024,
+                            "ratio": p[component] / value if value else float("nan"),
+                        }
+                    )
+    if args.json_out:
+        Path(args.json_out).write_text(
+            json.dumps({"micro_batch": MICRO_BATCH, "seq": SEQ, "cases": [asdict(c) for c in chosen], "rows": rows})
+        )
+    if args.markdown:
+        print("| case | rank | component | measured KiB | planned KiB | planned / measured |")
+        print("|---|---|---|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['case']} | {r['rank']} | {r['component']} | {r['measured_kib']:.1f} | {r['planned_kib']:.1f}"
+                f" | {r['ratio']:.3f} |"
+            )
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"planner vs measured, micro-batch {MICRO_BATCH} x {SEQ} tokens, fp32, CPU")
+        for col in ("case", "rank", "component", "measured KiB", "planned KiB", "planned / measured"):
+            table.add_column(col, justify="right" if col[0] in "mpr" and col != "rank" else "left")
+        for r in rows:
+            table.add_row(
+                r["case"],
+                str(r["rank"]),
+                r["component"],
+                f"{r['measured_kib']:.1f}",
+                f"{r['planned_kib']:.1f}",
+                f"{r['ratio']:.3f}",
+            )
+        Console(width=140).print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Step-time estimate of a run: FLOPs at the cluster's MFU for compute-bound work, HBM bandwidth for decoding.
+
+    est = estimate_step_time(cfg, student_arch, teacher_arch, layout, shape, device='cuda')
+    est.seconds["train (student forward + backward)"], est.total_s
+
+FLOPs (N = matmul parameters per token, `Architecture.matmul_params`: active weights without the input embedding;
+T tokens; S the step width; attention over a causal prefix adds 4 * layers * a * d * S * CAUSAL_FRACTION per
+token):
+    forward                     F(T) = 2 N T + attention
+    student training            3 F(T) (forward + backward); 4 F(T) with full recompute; + one attention forward with
+                                selective recompute
+    teacher scoring             F(T) on the rollouts
+    student scoring             F(T) when a detector needs the whole step's d_t
+    FP8 (model.fp8)             that model's 2 N T GEMM FLOPs run at FP8_SPEEDUP times the peak (attention stays
+                                bf16); an SGLang server with an FP8 --quantization prefills its GEMMs at FP8_SPEEDUP
+    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server) there is no KV cache, every
+                                new token is a forward over the padded prefix, C K F(S); with a teacher server, a
+                                prefill of every rollout once (its candidates share the prefix in SGLang's radix
+                                cache) + K decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context
+    branches (teacher_window)   teacher F(T_b) + student 3 F(T_b) over R rows of S_b tokens (whole prefixes)
+    PP bubble                   pipelined passes take (1 + (PP - 1) / (VPP * M)) longer (M micro-batches)
+A teacher served by SGLang only (teacher_source='sglang') scores on its server's GPUs at MFU: F(T) for the rollouts,
+and only the window tokens of the branches (their prefixes are in the server's radix cache).
+Rollouts: with SGLang, prefill at MFU on the server GPUs, then max_new_tokens decode steps, each bound by HBM
+bandwidth: (weights per GPU + concurrent sequences * S / 2 * KV bytes per token per GPU) / (DECODE_HBM_TBPS *
+DECODE_BANDWIDTH_EFFICIENCY), in waves when the KV pool cannot hold every sequence at once; with the embedded engine
+(no KV cache) max_new_tokens forwards over the padded rows, F(B (P + j)) at step j (P = S - max_new_tokens).
+Offloaded teacher logits (train.offload_teacher_logits): each last-stage rank copies its B S V_r/t teacher logits
+to the host once and back once per pass that reads them (d_t with a detector, the backward), at PCIE_GBPS, not
+overlapped with compute (an upper bound).
+Not estimated: weight sync to the servers, evaluation, checkpoints, the optimizer step (memory-bound, small), the
+detector's OT solve (CPU). Every phase runs after the previous one (the loop is synchronous), so times add up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from topd_megatron.config import RunConfig
+from topd_megatron.models.build import padded_vocab
+from topd_megatron.plan.architecture import Architecture
+from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape
+from topd_megatron.plan.memory import (
+    GIB,
+    dtype_bytes,
+    offloads_teacher_logits,
+    server_memory,
+    teacher_fp8,
+    teacher_served,
+)
+
+CAUSAL_FRACTION = 0.5
+"""Share of the S x S attention scores a causal mask leaves (flash attention skips the rest)."""
+FP8_SPEEDUP = 2.0
+"""FP8 peak over the bf16 peak (ClusterConfig.gpu_peak_tflops is the bf16 one)."""
+DECODE_HBM_TBPS = 3.35
+"""HBM bandwidth of an H100 SXM in TB/s (H200: 4.8)."""
+DECODE_BANDWIDTH_EFFICIENCY = 0.7
+"""Share of the HBM bandwidth a decode step achieves."""
+WINDOW_PREFIX_FRACTION = 0.5
+"""Average candidate prefix as a share of S (candidates are spread over the responses)."""
+PCIE_GBPS = 25.0
+"""Host <-> GPU copy rate per GPU in GB/s (pinned memory over PCIe Gen5 x16, about half its peak, as 8 GPUs share
+the host's links)."""
+
+
+@dataclass(slots=True)
+class StepTime:
+    """Seconds per training step by phase (global: all data-parallel replicas work in parallel)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)
+    """FLOPs of the compute-bound phases, summed over all ranks."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+
+def forward_flops(arch: Architecture, tokens: float, seq: int) -> float:
+    """F(T): 2 N T + causal attention scores and values (2 matmuls x 2 FLOPs x a d x S * CAUSAL_FRACTION)."""
+    return gemm_flops(arch, tokens) + attention_flops(arch, tokens, seq)
+
+
+def gemm_flops(arch: Architecture, tokens: float) -> float:
+    """2 N T: the weight GEMMs of a forward (what FP8 speeds up)."""
+    return 2 * arch.matmul_params() * tokens
+
+
+def forward_seconds(arch: Architecture, tokens: float, seq: int, rate: float, fp8: bool) -> float:
+    """A forward's time at `rate` FLOP/s: its GEMMs at FP8_SPEEDUP times the rate with FP8."""
+    return gemm_flops(arch, tokens) / (rate * (FP8_SPEEDUP if fp8 else 1.0)) + attention_flops(arch, tokens, seq) / rate
+
+
+def attention_flops(arch: Architecture, tokens: float, seq: int) -> float:
+    return 4 * arch.layers * arch.heads * arch.head_dim * seq * CAUSAL_FRACTION * tokens
+
+
+def training_flops(arch: Architecture, tokens: float, seq: int, recompute: str) -> float:
+    fwd = forward_flops(arch, tokens, seq)
+    if recompute == "full":
+        return 4 * fwd
+    return 3 * fwd + (attention_flops(arch, tokens, seq) if recompute == "selective" else 0.0)
+
+
+def training_seconds(arch: Architecture, tokens: float, seq: int, recompute: str, rate: float, fp8: bool) -> float:
+    """`training_flops` at `rate`, the GEMMs at FP8_SPEEDUP times it with FP8."""
+    passes = 4 if recompute == "full" else 3
+    attn = attention_flops(arch, tokens, seq) * (passes + (1 if recompute == "selective" else 0))
+    return passes * gemm_flops(arch, tokens) / (rate * (FP8_SPEEDUP if fp8 else 1.0)) + attn / rate
+
+
+def _decode_seconds(
+    arch: Architecture,
+    cfg: RunConfig,
+    role: str,
+    sequences: int,
+    prefix: int,
+    new: int,
+    prefill_tokens: int,
+    kv_per_sequence: float,
+) -> float:
+    """SGLang: prefill of `prefill_tokens` at MFU, then `new` HBM-bound decode steps of `sequences` continuations of
+    `prefix` tokens each; the KV pool holds kv_tokens / `kv_per_sequence` of them at once (the rest wait for the
+    next wave)."""
+    server = cfg.sglang.student if role == "student" else cfg.sglang.teacher
+    assert server is not None
+    c = cfg.cluster
+    gpus = server.tp * server.dp
+    mem = server_memory(arch, server, c.gpu_memory_gib)
+    prefill = forward_seconds(arch, prefill_tokens, prefix, gpus * c.gpu_peak_tflops * 1e12 * c.mfu, mem.fp8)
+    per_replica = -(-sequences // server.dp)
+    context = prefix + new / 2
+    capacity = max(int(mem.kv_tokens // max(kv_per_sequence, 1.0)), 1)
+    waves = -(-per_replica // capacity)
+    concurrent = min(per_replica, capacity)
+    step_bytes = mem.weights + concurrent * context * mem.kv_bytes_per_token
+    decode = waves * new * step_bytes / (DECODE_HBM_TBPS * 1e12 * DECODE_BANDWIDTH_EFFICIENCY)
+    return prefill + decode
+
+
+def estimate_step_time(
+    cfg: RunConfig,
+    student: Architecture,
+    teacher: Architecture,
+    layout: Layout,
+    shape: StepShape,
+    device: str = "cuda",
+) -> StepTime:
+    c, det = cfg.cluster, cfg.objective.detection
+    dp = max(layout.dp, 1)
+    rate = c.training_gpus * c.gpu_peak_tflops * 1e12 * c.mfu
+    t_fp8, s_fp8 = teacher_fp8(cfg), cfg.student.fp8 is not None
+    bubble = 1.0 + (layout.pp - 1) / (layout.vpp * max(shape.microbatches, 1))
+    s = shape.seq
+    tokens = shape.tokens * dp
+    est = StepTime()
+    response = round(cfg.train.max_new_tokens * RESPONSE_FRACTION)
+    prompt = max(s - response, 1)
+
+    rollouts = shape.rollouts * dp
+    if cfg.rollout == "sglang":
+        est.seconds["rollout (SGLang: prefill + HBM-bound decode)"] = _decode_seconds(
+            student, cfg, "student", rollouts, prompt, response, rollouts * prompt, prompt + response
+        )
+    else:
+        width = prompt + response / 2  # the padded rows grow from the prompt to the full response
+        flops = response * forward_flops(student, rollouts * width, int(width))
+        est.flops["rollout (in-process, no KV cache)"] = flops
+        est.seconds["rollout (in-process, no KV cache)"] = response * forward_seconds(
+            student, rollouts * width, int(width), rate, s_fp8
+        )
+
+    def forward(name: str, arch: Architecture, n: float, seq: int, fp8: bool) -> None:
+        est.flops[name] = forward_flops(arch, n, seq)
+        est.seconds[name] = forward_seconds(arch, n, seq, rate, fp8) * bubble
+
+    def train(name: str, n: float, seq: int, recompute: str) -> None:
+        est.flops[name] = training_flops(student, n, seq, recompute)
+        est.seconds[name] = training_seconds(student, n, seq, recompute, rate, s_fp8) * bubble
+
+    served = teacher_served(cfg) and cfg.sglang.teacher is not None
+    server_rate = 0.0
+    server_fp8 = False
+    if served:
+        assert cfg.sglang.teacher is not None
+        server_rate = cfg.sglang.teacher.tp * cfg.sglang.teacher.dp * c.gpu_peak_tflops * 1e12 * c.mfu
+        server_fp8 = server_memory(teacher, cfg.sglang.teacher, c.gpu_memory_gib).fp8
+        name = "teacher scoring (SGLang prefill)"
+        est.flops[name] = forward_flops(teacher, tokens, s)
+        est.seconds[name] = forward_seconds(teacher, tokens, s, server_rate, server_fp8)
+    else:
+        forward("teacher scoring forward", teacher, tokens, s, t_fp8)
+    if det.detector != "none":
+        forward("student scoring forward", student, tokens, s, s_fp8)
+    if offloads_teacher_logits(cfg, device):
+        rows = padded_vocab(teacher.vocab, cfg.teacher, layout.tp)
+        per_rank = shape.rows * s * rows / layout.tp * dtype_bytes(cfg.teacher.dtype)
+        copies = 2 + (1 if det.detector != "none" else 0)  # to the host, back for d_t, back for the backward
+        est.seconds["teacher logits offload (host copies)"] = copies * per_rank / (PCIE_GBPS * 1e9)
+    if det.detector == "window_ot":
+        candidates = shape.candidates * dp
+        if cfg.rollout == "sglang" and cfg.sglang.teacher is not None:
+            # RadixAttention shares the prefixes of one rollout's candidates: each rollout is prefilled and cached
+            # once, a candidate adds its K window tokens
+            per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
+            est.seconds["teacher windows (SGLang)"] = _decode_seconds(
+                teacher,
+                cfg,
+                "teacher",
+                candidates,
+                int(s * WINDOW_PREFIX_FRACTION),
+                det.window,
+                rollouts * s,
+                det.window + s / per_rollout,
+            )
+        else:
+            name = "teacher windows (in-process, no KV cache)"
+            est.flops[name] = candidates * det.window * forward_flops(teacher, s, s)
+            est.seconds[name] = candidates * det.window * forward_seconds(teacher, s, s, rate, t_fp8)
+            est.notes.append(
+                "window_ot without a teacher SGLang server generates the windows in-process without a KV cache;"
+                " set sglang.teacher to serve them"
+            )
+    if shape.branches:
+        bt = shape.branch_tokens * dp
+        if served:  # only the window tokens are new to the server: the prefixes are in its radix cache
+            name = "branch scoring (SGLang, window tokens)"
+            window_tokens = shape.branches * dp * det.window
+            est.flops[name] = forward_flops(teacher, window_tokens, shape.branch_seq)
+            est.seconds[name] = forward_seconds(teacher, window_tokens, shape.branch_seq, server_rate, server_fp8)
+        else:
+            forward("branch scoring (teacher forward)", teacher, bt, shape.branch_seq, t_fp8)
+        train("branch training (student forward + backward)", bt, shape.branch_seq, "none")
+    train("train (student forward + backward)", tokens, s, cfg.student.recompute)
+    if layout.pp > 1:
+        est.notes.append(f"pipeline bubble factor {bubble:.3f} on pipelined passes")
+    est.notes.append(
+        f"{tokens:,} rollout tokens per step ({shape.rows * dp} rows x {s}), {shape.branch_tokens * dp:,} branch"
+        f" tokens; weights sync of {student.params() * dtype_bytes(cfg.student.dtype) / GIB:.1f} GiB not estimated"
+    )
+    return est
