@@ -38,6 +38,17 @@ class EvalConfig:
             raise ValueError(f"eval.problems and eval.k must be >= 1, got {self.problems}, {self.k}")
 
 
+def grade(completion: str, reference: str) -> bool:
+    """Whether the final answer of `completion` (its last `\\boxed{}`) equals `reference` mathematically.
+
+    math-verify with a 5 s timeout; `topd_megatron.evaluation.grading.grade_detailed` gives the status (no answer,
+    unparsable, timeout) and the extracted answer, and takes a benchmark's answer rule (e.g. GSM8K's "#### N").
+    """
+    from topd_megatron.evaluation.grading import grade as grade_completion  # math-verify/sympy: imported on use
+
+    return grade_completion(completion, reference)
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
     if n - c < k:

@@ -3,9 +3,9 @@
     --task topd_megatron.tasks.math_jsonl:dapo_math500      DAPO-Math-17k prompts, MATH-500 held out
     MathJsonlTask(train_path="train.jsonl", eval_path="test.jsonl")   your own files
 
-Prompts ask for the final answer in \\boxed{}; a completion is correct when math-verify finds its answer (the last
-\\boxed{} first, else any final expression) mathematically equal to the reference. SFT traces are the rows'
-`solution` fields (rows without one are skipped), the same for every style.
+Prompts ask for the final answer in \\boxed{}; a completion is correct when its answer (the last \\boxed{}, else the
+last "answer is ..." phrase) is mathematically equal to the reference (`topd_megatron.evaluation.grading`). SFT
+traces are the rows' `solution` fields (rows without one are skipped), the same for every style.
 """
 
 from __future__ import annotations
