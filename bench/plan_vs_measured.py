@@ -2,8 +2,8 @@
 actually allocate, per rank, component by component.
 
 Each case builds the prepared tiny pair (`topd prepare`: a 2-layer Qwen3 student and a 4-layer Qwen3 teacher, fp32)
-or a tiny random Llama student with Megatron-Core on 1 or 2 gloo ranks (topd_megatron.launch.spawn), with the
-student's DDP and distributed optimizer exactly as training builds them, and measures on every rank:
+or a tiny random Llama or Qwen3-MoE student with Megatron-Core on 1 or 2 gloo ranks (topd_megatron.launch.spawn),
+with the student's DDP and distributed optimizer exactly as training builds them, and measures on every rank:
 - weights, fp32 gradient buffer, Adam state, teacher weights: the sum of the distinct storages (untyped_storage()
   .nbytes(), so Megatron's bucket padding is included) of the model parameters, of their `main_grad` buffers, and
   of the optimizer's state tensors after one step (Adam allocates its state lazily);
@@ -11,11 +11,15 @@ student's DDP and distributed optimizer exactly as training builds them, and mea
   (`torch.autograd.graph.saved_tensors_hooks`; parameters excluded) (PP = 1 cases);
 - loss + backward peak: the high-water mark of CPU allocations (torch.profiler with profile_memory, alloc/free
   events summed in time order) during forward, loss (objective.token_terms + objective.loss, reverse KL against
-  teacher logits computed beforehand) and backward of that micro-batch, above what was allocated before it.
+  teacher logits computed beforehand) and backward of that micro-batch, above what was allocated before it;
+- d_t pass peak: the same high-water mark for the detector's no-grad student pass of that micro-batch as
+  train_step.step_divergence runs it (forward.forward_logits reducing the logits to d_t as they arrive);
+- teacher window rows: the distinct storages train_step keeps of a branch micro-batch's teacher logits (the
+  `BranchBatch.window_logits` rows of WINDOW tokens per row, cut out as the logits arrive) (PP = 1 cases).
 The planner's numbers for the same layout and micro-batch (attention='local': Megatron-Core's local spec, the CPU
 path) are printed next to them with the ratio planned / measured.
 
-Run from the repository root (about 2 minutes on 2 CPU cores, most of it importing Megatron once):
+Run from the repository root (about 3 minutes on 2 CPU cores, most of it importing Megatron once per case):
     .venv/bin/python bench/plan_vs_measured.py
     .venv/bin/python bench/plan_vs_measured.py --markdown          # the table recorded in docs/scale.md
     .venv/bin/python bench/plan_vs_measured.py --json-out plan_vs_measured.json
@@ -39,6 +43,8 @@ from topd_megatron.launch import spawn  # noqa: E402
 
 MICRO_BATCH = 4
 SEQ = 64
+WINDOW = 8
+"""K of the branch windows whose teacher rows are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +56,8 @@ class Case:
     sequence_parallel: bool = False
     recompute: str = "none"
     student: str = "prepared"
-    """'prepared' (the tiny pair's Qwen3 student) or 'llama' (a tiny random Llama with the pair's tokenizer)."""
+    """'prepared' (the tiny pair's Qwen3 student), 'llama' or 'moe' (a tiny random Llama or Qwen3-MoE with the pair's
+    tokenizer)."""
 
 
 CASES = (
@@ -65,6 +72,7 @@ CASES = (
     Case("qwen3 PP2", 2, pp=2),
     Case("llama TP1", 1, student="llama"),
     Case("llama TP2 SP selective", 2, tp=2, sequence_parallel=True, recompute="selective", student="llama"),
+    Case("qwen3_moe TP1", 1, student="moe"),
 )
 
 
@@ -111,8 +119,9 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
     from megatron.core.distributed import finalize_model_grads
 
     from topd_megatron import objective
+    from topd_megatron.batch import BranchBatch
     from topd_megatron.divergence import TokenBatch
-    from topd_megatron.forward import make_microbatch
+    from topd_megatron.forward import forward_logits, make_microbatch
     from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.optim import OptimConfig, build_optimizer, ddp_config
     from topd_megatron.parallel import ParallelConfig, init_model_parallel
@@ -146,6 +155,13 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
         m.zero_grad_buffer()
     if case.pp == 1:
         t_logits = teacher_logits(teacher, [mb])[0]
+
+        def d_t(m, s_l: torch.Tensor) -> torch.Tensor:  # train_step.step_divergence's reduction
+            return objective.token_terms(cfg, tb, s_l[:, :-1], t_logits[:, :-1], **kw).divergence.detach().float()
+
+        # first through Megatron's schedule, as training does (it sets up the MoE aux-loss scale an MoE layer
+        # called directly would otherwise create with another shape)
+        dt_peak = _profiled_peak(lambda: forward_logits(student.modules, [mb], d_t))
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +180,13 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
             value.backward()
 
         out["forward + loss + backward peak"] = _profiled_peak(step)
+        out["d_t pass peak (no grad)"] = dt_peak
+        half = torch.full((MICRO_BATCH,), SEQ // 2, dtype=torch.long)
+        branch = BranchBatch(
+            tokens=tokens, starts=half, lengths=torch.full_like(half, WINDOW), micro_batch_size=MICRO_BATCH
+        )
+        kept = teacher_logits(teacher, branch.microbatches(), lambda m, t: branch.window_logits(m.index, t))
+        out["teacher window rows (kept)"] = sum(_storages(kept).values())
     finalize_model_grads(student.modules)
     optimizer.step()  # Adam allocates its state on the first step
     state = _storages(_optimizer_tensors(optimizer))
@@ -180,7 +203,11 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
     from topd_megatron.plan.architecture import resolve
     from topd_megatron.plan.layout import Layout, StepShape
     from topd_megatron.plan.memory import (
+        dt_reduction_bytes,
+        forward_working_bytes,
+        logits_bytes,
         loss_working_bytes,
+        nograd_forward_bytes,
         rank_params,
         recompute_transient_bytes,
         student_state_bytes,
@@ -223,7 +250,7 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
             "student weights": states["student weights"],
             "student gradient buffer": states["student gradient buffer (fp32)"],
             "student optimizer": next(v for k, v in states.items() if k.startswith("student optimizer")),
-            "teacher weights": teacher_weight_bytes(tp, t_cfg, fp8=False),
+            "teacher weights": teacher_weight_bytes(tp, t_cfg),
         }
         if case.pp == 1:
             act = sum(training_activation_bytes(s_arch, layout, shape, s_cfg, "local", stage).values())
@@ -231,6 +258,11 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
             loss = loss_working_bytes(shape, rows, layout, s_cfg, t_cfg, "cpu")
             transient = recompute_transient_bytes(s_arch, layout, shape, s_cfg, "local")
             row["forward + loss + backward peak"] = act + max(loss, transient)
+            layer = forward_working_bytes(s_arch, layout, MICRO_BATCH, SEQ, s_cfg, "local")
+            reduction = dt_reduction_bytes(shape, rows, layout, s_cfg, t_cfg, "cpu", offload=False, served=False)
+            mb_logits = logits_bytes(MICRO_BATCH, SEQ, rows, layout, 4)
+            row["d_t pass peak (no grad)"] = nograd_forward_bytes(layer, mb_logits, reduction)
+            row["teacher window rows (kept)"] = MICRO_BATCH * WINDOW * rows / case.tp * 4
         out.append(row)
     return out
 
@@ -238,10 +270,11 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
 # ------------------------------------------------------------------ driver
 
 
-def tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
+def tiny_student(family: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny random student of `family` (llama, qwen3_moe: 4 experts, 2 per token) with the pair's tokenizer."""
     from topd_megatron.models.tiny import TinyModelSpec, make_tiny_checkpoint
 
-    return make_tiny_checkpoint(out, TinyModelSpec(family="llama", num_layers=2, seed=3), tokenizer_dir)
+    return make_tiny_checkpoint(out, TinyModelSpec(family=family, num_layers=2, seed=3), tokenizer_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [c for c in CASES if args.cases is None or c.name in args.cases.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="topd-plan-bench-") as tmp:
-        llama = tiny_llama(pair.student_dir, Path(tmp) / "llama")
+        students = {"prepared": pair.student_dir}
+        for kind, family in (("llama", "llama"), ("moe", "qwen3_moe")):
+            if any(c.student == kind for c in chosen):
+                students[kind] = tiny_student(family, pair.student_dir, Path(tmp) / kind)
         for case in chosen:
-            student = str(llama if case.student == "llama" else pair.student_dir)
+            student = str(students[case.student])
             teacher = str(pair.teacher_dir)
             measured = spawn(measure, case.world, (case, student, teacher), timeout=600)
             plans = planned(case, student, teacher)
@@ -283,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
                     )
     if args.json_out:
         Path(args.json_out).write_text(
-            json.dumps({"micro_batch": MICRO_BATCH, "seq": SEQ, "cases": [asdict(c) for c in chosen], "rows": rows})
+            json.dumps(
+                {
+                    "micro_batch": MICRO_BATCH,
+                    "seq": SEQ,
+                    "window": WINDOW,
+                    "cases": [asdict(c) for c in chosen],
+                    "rows": rows,
+                }
+            )
         )
     if args.markdown:
         print("| case | rank | component | measured KiB | planned KiB | planned / measured |")

@@ -1,9 +1,22 @@
 """`qwen3_4b_from_30b_a3b`: the paper's setting. Student Qwen3-4B-Instruct-2507, MoE teacher
-Qwen3-30B-A3B-Instruct-2507 (128 experts, 8 active), DAPO-Math-17k prompts, MATH-500 held out, one 8-GPU node.
+Qwen3-30B-A3B-Instruct-2507 (128 experts, 8 active), DAPO-Math-17k prompts, MATH-500 held out, one 8-GPU node;
+responses up to 6,144 tokens in 8,192-token sequences, K = 50 teacher windows (objective preset 'topd').
 
-Layout (checked by `topd plan qwen3_4b_from_30b_a3b`): TP=2 (divides the teacher's 4 KV heads), EP=4 for the
-teacher's experts, DP=4; the student's SGLang server shares the node (mem_fraction 0.25 of each GPU), the teacher is
-colocated in Megatron (its windows come from the colocated teacher).
+Layout (`topd plan qwen3_4b_from_30b_a3b`, 80 GiB H100s; the planner's worst case: every rollout 6,144 tokens long,
+64 candidates, 70% of them divergent):
+- training: TP=4 (divides the teacher's 4 KV heads; against TP=2 it halves the vocabulary shard and the student's
+  states), EP=2 for the teacher's experts, DP=2, full recomputation of the student, micro-batches of 1;
+- the teacher is built in Megatron (bf16) and gives full logits; its rollout logits wait in host memory
+  (train.offload_teacher_logits: 96 GiB pinned per rank, 768 GiB per node, instead of 56 GiB per GPU);
+- student rollouts: a colocated SGLang server, TP=2 x DP=4 over the node, mem_fraction 0.12 of each GPU;
+- teacher windows: a colocated SGLang server of the teacher, TP=8 (bf16), mem_fraction 0.12 of each GPU (generated
+  in-process without a KV cache instead, a step would plan at about 18,400 s);
+- 48 prompts x 4 samples per step: the teacher's window rows kept for the branches ([sum K', V/TP], 15.2 GiB per GPU
+  here) grow with the rollouts per GPU, and 64 prompts would need 1 TiB of pinned host memory per node (the offloaded
+  blocks round up to powers of two), all of the share the planner allows.
+Per GPU at the peak (the backward): 67.3 of 80 GiB (the two server shares 25.2, student states 11.2, teacher 7.5,
+window rows 15.2, framework 4, activations and loss 4.1); about 1,480 s per step, 1,065 s of it training the student
+on the full-prefix branch rows.
 """
 
 from __future__ import annotations
@@ -22,7 +35,9 @@ from topd_megatron.rollout.sglang_server import ServerConfig
 
 def qwen3_4b_from_30b_a3b() -> RunConfig:
     return RunConfig(
-        student=ModelConfig(path=checkpoint("Qwen3-4B-Instruct-2507"), dtype="bfloat16", seq_length=8192),
+        student=ModelConfig(
+            path=checkpoint("Qwen3-4B-Instruct-2507"), dtype="bfloat16", seq_length=8192, recompute="full"
+        ),
         teacher=ModelConfig(path=checkpoint("Qwen3-30B-A3B-Instruct-2507"), dtype="bfloat16", seq_length=8192),
         run_dir=run_dir("qwen3_4b_from_30b_a3b"),
         task="topd_megatron.tasks.math_jsonl:dapo_math500",
@@ -31,26 +46,36 @@ def qwen3_4b_from_30b_a3b() -> RunConfig:
             student=ServerConfig(
                 role="student",
                 model_path="<student>",
-                tp=1,
-                dp=8,
+                tp=2,
+                dp=4,
                 dtype="bfloat16",
-                mem_fraction=0.25,
+                mem_fraction=0.12,
+                max_total_tokens=None,
+            ),
+            teacher=ServerConfig(
+                role="teacher",
+                model_path="<teacher>",
+                tp=8,
+                dp=1,
+                dtype="bfloat16",
+                mem_fraction=0.12,
                 max_total_tokens=None,
             ),
             sync_mode="distributed",
         ),
-        parallel=ParallelConfig(tp=2, pp=1, ep=4),
+        parallel=ParallelConfig(tp=4, pp=1, ep=2),
         objective=objective.preset("topd"),
         optim=OptimConfig(lr=1e-6, clip_grad=1.0),
         train=TrainConfig(
             steps=200,
-            prompts_per_step=64,
+            prompts_per_step=48,
             samples_per_prompt=4,
-            micro_batch_size=4,
+            micro_batch_size=1,
             temperature=1.0,
             max_new_tokens=6144,
             eval_every=25,
             save_every=25,
+            offload_teacher_logits=True,
         ),
         eval=EvalConfig(problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144),
         cluster=ClusterConfig(nodes=1, gpus_per_node=8, gpu_memory_gib=80.0),

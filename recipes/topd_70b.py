@@ -1,14 +1,29 @@
-"""`topd_70b`: student Llama-3.3-70B-Instruct, teacher Llama-3.1-405B-Instruct with an FP8 forward (TransformerEngine),
-DAPO-Math-17k prompts, MATH-500 held out; `sbatch slurm/topd_70b.sh` runs it.
+"""`topd_70b`: student Llama-3.3-70B-Instruct, teacher Llama-3.1-405B-Instruct with an FP8 forward, DAPO-Math-17k
+prompts, MATH-500 held out; responses up to 6,144 tokens in 8,192-token sequences, K = 50 teacher windows;
+`sbatch slurm/topd_70b.sh` runs it on 18 nodes of 8 H100-80GB.
 
-Layout (chosen with `topd plan topd_70b`; see docs/scale.md): 16 training nodes of 8 H100-80GB, TP=8 within a node,
-PP=2 (80 student layers, 126 teacher layers: 40 and 63 per stage), DP=8, sequence parallel, full recomputation of the
-student; the 405B teacher in FP8 is colocated on the training ranks (its vocab shards line up with the student's);
-student rollouts come from SGLang servers (70B, TP=8, one node each) on 4 nodes of their own; the Slurm script
-sets sglang.student.url to them and sglang.sync_address to the first training node.
+Layout (`topd plan topd_70b`; see docs/scale.md), 16 + 1 + 1 nodes:
+- training, 16 nodes: TP=8 within a node, PP=2 (40 student layers per stage), DP=8, sequence parallelism, no
+  recomputation, micro-batches of 1; the student alone: 56.0 GiB per GPU on the first stage (its states 30.8, two
+  micro-batches of activations in flight 21.0), 46.5 GiB on the last;
+- the teacher is served by SGLang only (teacher_source='sglang'): one server on a node of its own, the bf16
+  checkpoint quantized to FP8 at load (`--quantization fp8`: 47.7 GiB of weights per GPU at TP=8, a KV pool of
+  337k tokens), which scores the rollouts, samples the near-future windows and scores the branch windows; the loss
+  takes its top-20 log-probs (objective.teacher_signal='top_k');
+- student rollouts: one SGLang server (TP=8, bf16) on a node of its own, its weights pushed after every step;
+- the Slurm script starts both servers and sets sglang.student.url / sglang.teacher.url and sglang.sync_address.
+Why served: the alternative, the 405B teacher colocated in Megatron in FP8 (fp8_weights: 23.9 GiB per GPU at TP=8,
+PP=2) with a teacher server for the windows, fits only with full recomputation (64.9 GiB on the last stage) and plans
+at about 6,030 s per step, most of it the teacher's forward over the full-prefix branch rows (1,890 s) and the
+recomputed branch training (2,580 s); served, the teacher scores only the window tokens of the branches, and a step
+plans at about 4,290 s (1,940 s of it training the student on the branch rows) on the same 18 nodes. teacher.fp8 and
+teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
+objective.teacher_signal=logits ...`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from recipes._paths import checkpoint, run_dir
 from topd_megatron import objective
@@ -24,28 +39,44 @@ from topd_megatron.rollout.sglang_server import ServerConfig
 
 def topd_70b() -> RunConfig:
     return RunConfig(
-        student=ModelConfig(
-            path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192, recompute="full"
+        student=ModelConfig(path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192),
+        teacher=ModelConfig(
+            path=checkpoint("Llama-3.1-405B-Instruct"),
+            dtype="bfloat16",
+            seq_length=8192,
+            fp8="tensorwise",
+            fp8_weights=True,
         ),
-        teacher=ModelConfig(path=checkpoint("Llama-3.1-405B-Instruct"), dtype="bfloat16", seq_length=8192),
         run_dir=run_dir("topd_70b"),
         task="topd_megatron.tasks.math_jsonl:dapo_math500",
         rollout="sglang",
+        teacher_source="sglang",
         sglang=SGLangConfig(
             student=ServerConfig(
                 role="student",
                 model_path="<student>",
                 tp=8,
-                dp=4,
+                dp=1,
                 dtype="bfloat16",
                 mem_fraction=0.85,
                 max_total_tokens=None,
                 startup_timeout_s=1800.0,
             ),
+            teacher=ServerConfig(
+                role="teacher",
+                model_path="<teacher>",
+                tp=8,
+                dp=1,
+                dtype="bfloat16",
+                mem_fraction=0.85,
+                max_total_tokens=None,
+                extra_args=("--quantization", "fp8"),
+                startup_timeout_s=3600.0,
+            ),
             sync_mode="distributed",
         ),
         parallel=ParallelConfig(tp=8, pp=2, sequence_parallel=True),
-        objective=objective.preset("topd"),
+        objective=dataclasses.replace(objective.preset("topd"), teacher_signal="top_k"),
         optim=OptimConfig(lr=5e-7, clip_grad=1.0),
         train=TrainConfig(
             steps=100,
@@ -58,5 +89,7 @@ def topd_70b() -> RunConfig:
             save_every=10,
         ),
         eval=EvalConfig(problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144),
-        cluster=ClusterConfig(nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=4),
+        cluster=ClusterConfig(
+            nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=1, teacher_server_nodes=1
+        ),
     )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# ==== LAYOUT: placeholders, to be set from `topd plan topd_70b` ====================================================
-#SBATCH --nodes=16
+# ==== LAYOUT, from `topd plan topd_70b`: 16 training + 1 student server + 1 teacher server nodes ===================
+#SBATCH --nodes=18
 #SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
@@ -46,10 +46,10 @@
 set -euo pipefail
 
 # ==== LAYOUT (continued): the node split and the servers' parallelism, set from `topd plan topd_70b` ================
-STUDENT_SERVER_NODES="${TOPD_STUDENT_SERVER_NODES:-4}"  # one student server over these nodes
+STUDENT_SERVER_NODES="${TOPD_STUDENT_SERVER_NODES:-1}"  # one student server over these nodes
 STUDENT_SERVER_TP="${TOPD_STUDENT_SERVER_TP:-8}"        # tensor parallel per replica
-STUDENT_SERVER_DP="${TOPD_STUDENT_SERVER_DP:-4}"        # replicas
-TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-0}"  # 0: no teacher server (the colocated teacher makes windows)
+STUDENT_SERVER_DP="${TOPD_STUDENT_SERVER_DP:-1}"        # replicas
+TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-1}"  # the recipe's teacher is served (teacher_source=sglang): >= 1
 TEACHER_SERVER_TP="${TOPD_TEACHER_SERVER_TP:-8}"        # TP x DP = the server's GPUs (nodes x GPUS_PER_NODE)
 TEACHER_SERVER_DP="${TOPD_TEACHER_SERVER_DP:-1}"
 TEACHER_SERVER_ARGS="${TOPD_TEACHER_SERVER_ARGS:---quantization fp8}"  # extra sglang.launch_server arguments

@@ -124,16 +124,17 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     sruns = [line for line in dry.stdout.splitlines() if line.startswith("+ srun ")]
     assert len(sruns) == 3, dry.stdout
     student, teacher, train = sruns
-    assert "rollout.serve" in student and "--role student" in student and "--nnodes 4" in student
-    assert "rollout.serve" in teacher and "--role teacher" in teacher and "--nodelist=node016" in teacher
-    assert "torch.distributed.run --nnodes=11" in train and "--rdzv-endpoint=node001:29500" in train
-    assert "--recipe topd_70b" in train and "sglang.student.url=http://node012:30000" in train
-    assert "sglang.teacher.url=http://node016:30001" in train and "--set=train.steps=3" in train
+    # the layout of slurm/topd_70b.sh: 16 training nodes, then one student-server node and one teacher-server node
+    assert "rollout.serve" in student and "--role student" in student and "--nodelist=node017" in student
+    assert "rollout.serve" in teacher and "--role teacher" in teacher and "--nodelist=node018" in teacher
+    assert "torch.distributed.run --nnodes=16" in train and "--rdzv-endpoint=node001:29500" in train
+    assert "--recipe topd_70b" in train and "sglang.student.url=http://node017:30000" in train
+    assert "sglang.teacher.url=http://node018:30001" in train and "--set=train.steps=3" in train
     assert "not-to-be-printed" not in dry.stdout + dry.stderr
     assert not (tmp_path / "runs").exists()  # nothing ran
 
     misfit = subprocess.run(
-        ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="16"), capture_output=True, text=True, timeout=60
+        ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="18"), capture_output=True, text=True, timeout=60
     )
     assert misfit.returncode == 2 and "do not fit" in misfit.stderr
 

@@ -17,17 +17,32 @@ from topd_megatron.plan import cli, plan
 from topd_megatron.plan.architecture import PUBLIC_CONFIGS, Architecture, resolve
 from topd_megatron.plan.layout import Layout, StepShape
 from topd_megatron.plan.memory import (
+    GIB,
+    dt_reduction_bytes,
+    fp8_copy_bytes,
     logits_bytes,
     loss_working_bytes,
+    nograd_forward_bytes,
+    offloaded_logits_host_bytes,
     rank_params,
     served_report_bytes,
+    server_memory,
     student_state_bytes,
     teacher_weight_bytes,
     training_activation_bytes,
+    training_role,
 )
 from topd_megatron.plan.preflight import data_checks, output_check, preflight
 from topd_megatron.plan.report import plan_to_json
-from topd_megatron.plan.step_time import training_flops
+from topd_megatron.plan.step_time import (
+    FP8_SPEEDUP,
+    attention_flops,
+    forward_seconds,
+    gemm_flops,
+    training_flops,
+    training_seconds,
+)
+from topd_megatron.rollout.sglang_server import ServerConfig
 
 
 @pytest.fixture(autouse=True)
@@ -153,9 +168,19 @@ def _layout(world: int = 1, tp: int = 1, pp: int = 1, sp: bool = False) -> Layou
     return Layout(world=world, tp=tp, pp=pp, vpp=1, cp=1, ep=1, etp=tp, sequence_parallel=sp)
 
 
-def _shape(b: int, s: int) -> StepShape:
+def _shape(b: int, s: int, rows: int | None = None, branches: int = 0, window: int = 0) -> StepShape:
+    rows = rows or b
+    branch_rows = -(-branches // b) * b
     return StepShape(
-        seq=s, micro_batch=b, rollouts=b, rows=b, candidates=0, branches=0, branch_rows=0, branch_seq=0, window=0
+        seq=s,
+        micro_batch=b,
+        rollouts=rows,
+        rows=rows,
+        candidates=branches,
+        branches=branches,
+        branch_rows=branch_rows,
+        branch_seq=s if branches else 0,
+        window=window,
     )
 
 
@@ -183,8 +208,19 @@ def test_pipeline_and_tensor_split_by_hand() -> None:
     first, last = rank_params(TOY, lay, 32, "first"), rank_params(TOY, lay, 32, "last")
     assert first.total == 304 + 32 * 8 / 2  # + embedding rows / TP
     assert last.total == 304 + 8 + 32 * 8 / 2  # + final norm + output layer / TP
-    fp8 = teacher_weight_bytes(first, ModelConfig(path="x", dtype="bfloat16"), fp8=True)
-    assert fp8 == 288 * 1 + (304 + 128 - 288) * 2  # layer linears (576 / TP) in FP8, the rest in bf16
+    fp8_weights = ModelConfig(path="x", dtype="bfloat16", fp8="tensorwise", fp8_weights=True)
+    assert teacher_weight_bytes(first, fp8_weights) == 288 * 1 + (304 + 128 - 288) * 2  # layer linears (576 / TP)
+    assert fp8_copy_bytes(first, fp8_weights, training=False) == 0  # in FP8, the rest in bf16; no other copy
+    # FP8 GEMMs on bf16 weights: the weights stay bf16, TE caches an FP8 copy of the layer linears (the teacher's
+    # forward: row-wise; a student trained in FP8: row-wise + column-wise; with FP8 weights the column-wise only)
+    fp8_gemms = ModelConfig(path="x", dtype="bfloat16", fp8="delayed")
+    assert teacher_weight_bytes(first, fp8_gemms) == (304 + 128) * 2
+    assert fp8_copy_bytes(first, fp8_gemms, training=False) == 288
+    assert fp8_copy_bytes(first, fp8_gemms, training=True) == 2 * 288
+    assert fp8_copy_bytes(first, fp8_weights, training=True) == 288
+    assert fp8_copy_bytes(first, ModelConfig(path="x", dtype="bfloat16"), training=True) == 0
+    student = student_state_bytes(first, fp8_weights, lay, True)
+    assert student["student weights (FP8 layer linears)"] == 288 + (304 + 128 - 288) * 2
 
 
 def test_activations_by_hand_local_and_te() -> None:
@@ -227,6 +263,74 @@ def test_logits_kv_cache_and_flops_by_hand() -> None:
     assert TOY.matmul_params() == TOY.params() - 32 * 8  # the input embedding is a lookup
 
 
+def _toy_run(tmp_path: Path, **train: object) -> RunConfig:
+    bf16 = ModelConfig(path=str(tmp_path / "toy"), dtype="bfloat16")
+    return RunConfig(student=bf16, teacher=bf16, run_dir=str(tmp_path / "run"), train=TrainConfig(**train))
+
+
+def test_step_memory_of_the_teacher_logits_by_hand(tmp_path: Path) -> None:
+    # 4 rollouts of S = 4 in micro-batches of 2, vocab 32 at TP = 1, bf16; 3 branches with K = 2 window tokens
+    shape, lay = _shape(2, 4, rows=4, branches=3, window=2), _layout()
+    role = training_role(_toy_run(tmp_path), TOY, TOY, lay, shape, "only", "cuda")
+    parts = {k: v * GIB for k, v in role.components.items()}
+    assert role.peak_phase == "backward" and role.host_bytes == 0
+    assert parts["teacher logits, rollouts (whole step)"] == 4 * 4 * 32 * 2  # [B, S, V/TP] bf16, kept
+    assert parts["teacher logits, branch window rows (whole step)"] == 3 * 2 * 32 * 2  # [G K, V/TP]: window rows only
+    assert parts["d_t of the step (fp32)"] == 4 * 4 * 4  # the detector keeps d_t, not the student's logits
+    # offloaded: nothing of the rollouts' logits on the GPU; on the host, one block per micro-batch, each
+    # 2 * 4 * 32 * 2 = 512 bytes (a power of two already)
+    off = training_role(_toy_run(tmp_path, offload_teacher_logits=True), TOY, TOY, lay, shape, "only", "cuda")
+    assert "teacher logits, rollouts (whole step)" not in off.components and off.host_bytes == 2 * 512
+    assert off.total_gib == pytest.approx(role.total_gib - 4 * 4 * 32 * 2 / GIB)
+    cpu = training_role(_toy_run(tmp_path, offload_teacher_logits=True), TOY, TOY, lay, shape, "only", "cpu")
+    assert cpu.host_bytes == 0  # offloading needs CUDA
+    # blocks round up to powers of two: 3 x 4 x 32 x 2 = 768 bytes -> 1024
+    assert offloaded_logits_host_bytes(_shape(3, 4, rows=6), 32, lay, ModelConfig(path="x")) == 2 * 1024
+
+
+def test_no_grad_forwards_and_the_d_t_reduction_by_hand() -> None:
+    bf16 = ModelConfig(path="x", dtype="bfloat16")
+    # micro-batch 2 x 4, vocab 32: logits 512 bytes; flattening copies the student's slice and the teacher's
+    # (b > 1), plus 4 fp32 chunk buffers of min(chunk, 8) = 8 rows x 32
+    chunks = 4 * 8 * 32 * 4
+    shape = _shape(2, 4)
+    assert dt_reduction_bytes(shape, 32, _layout(), bf16, bf16, "cuda", False, False) == 512 + 512 + chunks
+    # b = 1: the slices flatten as views; with offload the teacher's micro-batch is copied back to the GPU
+    one = _shape(1, 4)
+    assert dt_reduction_bytes(one, 32, _layout(), bf16, bf16, "cuda", False, False) == 4 * 8 * 32 * 4 / 2
+    assert dt_reduction_bytes(one, 32, _layout(), bf16, bf16, "cuda", True, False) == 256 + 4 * 4 * 32 * 4
+    # served: no teacher logits at all
+    assert dt_reduction_bytes(shape, 32, _layout(), bf16, bf16, "cuda", False, True) == 512 + chunks
+    # the larger of one layer, the output layer's two copies of the logits, one copy + the reduction
+    assert nograd_forward_bytes(1760, 512) == 1760
+    assert nograd_forward_bytes(100, 512) == 2 * 512
+    assert nograd_forward_bytes(1760, 512, 512 + 512 + chunks) == 512 + 512 + 512 + chunks
+
+
+def test_fp8_server_weights_and_fp8_step_time_by_hand() -> None:
+    # layer linears of TOY: 2 x (192 + 384) = 1152 in FP8, the other 552 parameters in bf16, over TP = 2
+    plain = ServerConfig(model_path="x", tp=2, dtype="bfloat16", mem_fraction=0.5, max_total_tokens=None)
+    quant = ServerConfig(
+        model_path="x", tp=2, dtype="bfloat16", mem_fraction=0.5, max_total_tokens=None,
+        extra_args=("--quantization", "fp8", "--kv-cache-dtype=fp8_e4m3"),
+    )  # fmt: skip
+    assert server_memory(TOY, plain, 80).weights == 1704 * 2 / 2
+    mem = server_memory(TOY, quant, 80)
+    assert mem.fp8 and mem.weights == (1152 + 552 * 2) / 2
+    assert mem.kv_bytes_per_token == 2 * 2 * 1 * 4 * 1  # 1-byte KV cache
+    # FP8 speeds up the weight GEMMs (2 N T) only; attention stays at the bf16 rate
+    rate, tokens, seq = 1e12, 1000.0, 4
+    gemm, attn = gemm_flops(TOY, tokens), attention_flops(TOY, tokens, seq)
+    assert forward_seconds(TOY, tokens, seq, rate, fp8=True) == pytest.approx(gemm / (rate * FP8_SPEEDUP) + attn / rate)
+    assert forward_seconds(TOY, tokens, seq, rate, fp8=False) == pytest.approx((gemm + attn) / rate)
+    assert training_seconds(TOY, tokens, seq, "full", rate, fp8=False) == pytest.approx(
+        training_flops(TOY, tokens, seq, "full") / rate
+    )
+    assert training_seconds(TOY, tokens, seq, "none", rate, fp8=True) == pytest.approx(
+        3 * gemm / (rate * FP8_SPEEDUP) + 3 * attn / rate
+    )
+
+
 # -- refused layouts ---------------------------------------------------------------------------------------------------
 
 
@@ -241,11 +345,11 @@ def test_tp_that_does_not_divide_the_teachers_kv_heads_is_refused() -> None:
 
 def test_world_size_expert_groups_and_prompt_split_are_checked() -> None:
     assert "not divisible by TP*PP*CP = 3*1*1 = 3" in _reasons("llama3_8b_from_70b", ["parallel.tp=3"])
-    assert "expert TP*EP*PP = 2*8*1 = 16" in _reasons("qwen3_4b_from_30b_a3b", ["parallel.ep=8"])
-    assert "prompts_per_step=6 is not divisible by DP=4" in _reasons(
-        "qwen3_4b_from_30b_a3b", ["train.prompts_per_step=6"]
+    assert "expert TP*EP*PP = 4*8*1 = 32" in _reasons("qwen3_4b_from_30b_a3b", ["parallel.ep=8"])
+    assert "prompts_per_step=5 is not divisible by DP=2" in _reasons(
+        "qwen3_4b_from_30b_a3b", ["train.prompts_per_step=5"]
     )
-    assert "do not fit in mem_fraction=0.1" in _reasons("llama3_8b_from_70b", ["sglang.student.mem_fraction=0.1"])
+    assert "do not fit in mem_fraction=0.04" in _reasons("llama3_8b_from_70b", ["sglang.student.mem_fraction=0.04"])
 
 
 def test_a_405b_teacher_on_one_80gb_gpu_is_refused(tmp_path: Path) -> None:
@@ -298,6 +402,9 @@ def test_every_recipe_plans() -> None:
             continue
         assert p.roles and p.step_time is not None and p.step_time.total_s > 0, name
         assert p.feasible == (not p.reasons())
+        if name != "tiny":  # every GPU recipe fits its cluster (its checkpoints are only "not checked" here)
+            assert p.feasible, (name, p.reasons())
+            assert all(r.fits for r in p.roles), name
         assert {c.name for c in p.checks} >= {"tokenizer", "output"}
         doc = json.loads(json.dumps(plan_to_json(p)))
         assert doc["feasible"] == p.feasible and len(doc["roles"]) == len(p.roles)
@@ -323,6 +430,16 @@ def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert json.loads(out.read_text())["feasible"] is True
     assert cli.main([*args, "--strict"]) == 2  # the checkpoints are not on this machine
     assert "preflight: student checkpoint: checkpoints/Qwen3-4B-Instruct-2507 missing" in capsys.readouterr().err
+    # settings that only make sense together are validated together: a teacher served by SGLang only
+    served = ["teacher_source=sglang", "objective.teacher_signal=top_k", "sglang.teacher=default"]
+    served += ["sglang.teacher.tp=8", "sglang.teacher.dtype=bfloat16", "sglang.teacher.mem_fraction=0.3"]
+    served += ["sglang.teacher.max_total_tokens=none"]
+    args = ["qwen3_4b_from_30b_a3b", "--json-out", str(out)] + [a for kv in served for a in ("--set", kv)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    (training, *_) = doc["roles"]
+    assert "teacher weights" not in training["components_gib"] and training["host_gib"] == 0
+    assert "teacher reports (served), rollouts (whole step)" in training["components_gib"]
 
 
 # -- preflight ---------------------------------------------------------------------------------------------------------

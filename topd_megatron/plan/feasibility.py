@@ -157,6 +157,14 @@ def layout_warnings(cfg: RunConfig, layout: Layout, shape: StepShape, archs: dic
             "sglang.student.url is empty although cluster.student_server_nodes > 0: rank 0 launches the server on its"
             " own node; set the url of the servers started on the server nodes"
         )
+    t = cfg.sglang.teacher
+    if cfg.rollout == "sglang" and t is not None and cfg.cluster.teacher_server_nodes and not t.url:
+        out.append(
+            "sglang.teacher.url is empty although cluster.teacher_server_nodes > 0: rank 0 launches the server on its"
+            " own node; set the url of the server started on the server nodes"
+        )
+    if cfg.train.offload_teacher_logits and teacher_served(cfg):
+        out.append("train.offload_teacher_logits has no effect with teacher_source=sglang (no teacher logits)")
     return out
 
 

@@ -647,9 +647,8 @@ def training_role(
     role.components = _gib(static) | _gib(phases[peak])
     role.peak_phase = peak
     role.phases = {k: v / GIB for k, v in totals.items()}
-    role.notes.append(
-        f"parameters on this rank: student {human_count(s_params.total)}, teacher {human_count(t_params.total)}"
-    )
+    teacher_note = "" if served else f", teacher {human_count(t_params.total)}"
+    role.notes.append(f"parameters on this rank: student {human_count(s_params.total)}{teacher_note}")
     if role.host_bytes:
         role.notes.append(f"teacher logits offloaded to pinned host memory: {role.host_bytes / GIB:.1f} GiB")
     return role
@@ -665,7 +664,8 @@ def server_role(
     budget = server.mem_fraction * gpu if colocated else gpu
     role = RoleMemory(role=name, budget_gib=budget)
     pool = max(mem.kv_pool, 0.0)
-    role.components = _gib({f"{who} weights (server TP={server.tp})": mem.weights, "KV-cache pool": pool})
+    weights = f"{who} weights (server TP={server.tp}{', FP8' if mem.fp8 else ''})"
+    role.components = _gib({weights: mem.weights, "KV-cache pool": pool})
     if not colocated:
         role.components["SGLang runtime (outside mem_fraction)"] = SGLANG_RUNTIME_OVERHEAD_GIB
     role.peak_phase = "serving"

@@ -1,6 +1,6 @@
 """Step-time estimate of a run: FLOPs at the cluster's MFU for compute-bound work, HBM bandwidth for decoding.
 
-    est = estimate_step_time(cfg, student_arch, teacher_arch, layout, shape, device='cuda')
+    est = estimate_step_time(cfg, student_arch, teacher_arch, layout, shape, device="cuda")
     est.seconds["train (student forward + backward)"], est.total_s
 
 FLOPs (N = matmul parameters per token, `Architecture.matmul_params`: active weights without the input embedding;
@@ -17,7 +17,8 @@ token):
                                 new token is a forward over the padded prefix, C K F(S); with a teacher server, a
                                 prefill of every rollout once (its candidates share the prefix in SGLang's radix
                                 cache) + K decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context
-    branches (teacher_window)   teacher F(T_b) + student 3 F(T_b) over R rows of S_b tokens (whole prefixes)
+    branches (teacher_window)   teacher F(T_b) + student training of T_b (with its recompute: the branch pass runs
+                                the same modules) over R rows of S_b tokens (whole prefixes)
     PP bubble                   pipelined passes take (1 + (PP - 1) / (VPP * M)) longer (M micro-batches)
 A teacher served by SGLang only (teacher_source='sglang') scores on its server's GPUs at MFU: F(T) for the rollouts,
 and only the window tokens of the branches (their prefixes are in the server's radix cache).
@@ -232,7 +233,7 @@ def estimate_step_time(
             est.seconds[name] = forward_seconds(teacher, window_tokens, shape.branch_seq, server_rate, server_fp8)
         else:
             forward("branch scoring (teacher forward)", teacher, bt, shape.branch_seq, t_fp8)
-        train("branch training (student forward + backward)", bt, shape.branch_seq, "none")
+        train("branch training (student forward + backward)", bt, shape.branch_seq, cfg.student.recompute)
     train("train (student forward + backward)", tokens, s, cfg.student.recompute)
     if layout.pp > 1:
         est.notes.append(f"pipeline bubble factor {bubble:.3f} on pipelined passes")
