@@ -4,6 +4,7 @@
                                                          the main job: OPD vs TOPD on the tiny embedded default
     topd train (--config FILE | --recipe NAME) [--set KEY=VALUE ...]   train or resume one run
     topd plan RECIPE [--set KEY=VALUE ...] [--strict]  memory per GPU role, step time, preflight (exit 2: infeasible)
+    topd eval --model PATH --benchmarks aime24,aime25 --k 16   avg@k / pass@k through SGLang or the embedded engine
     topd prepare [--task module:attr] [--force]          SFT the tiny teacher/student pair for a task (cached)
     topd agree --student DIR --teacher DIR [--tp N]      per-position student/teacher agreement on any pair
 
@@ -221,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
     prep.add_argument("--force", action="store_true", help="redo it even if a cached preparation exists")
     plan = sub.add_parser("plan", help="memory per GPU role, step time and preflight of a recipe, before GPU time")
+    from topd_megatron.evaluation import cli as eval_cli
     from topd_megatron.plan import cli as plan_cli
 
     plan_cli.add_arguments(plan)
+    eval_cli.add_arguments(sub.add_parser("eval", help="avg@k / pass@k on math benchmarks through the rollout engine"))
     agree = sub.add_parser("agree", help="per-position student/teacher agreement on a pair of checkpoints")
     agree.add_argument("--student", required=True, help="HF or topd checkpoint directory")
     agree.add_argument("--teacher", required=True, help="HF or topd checkpoint directory")
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "plan":
             return plan_cli.run(args)
+        if args.command == "eval":
+            return eval_cli.run(args)
         return cmd_agree(args, args.student, args.teacher)
     except ValueError as e:  # configuration and input errors: one clear message, no traceback
         print(f"topd: error: {e}", file=sys.stderr)
