@@ -80,6 +80,8 @@ def llama3_8b_from_70b() -> RunConfig:
             save_every=25,
             offload_teacher_logits=True,
         ),
-        eval=EvalConfig(problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144),
+        eval=EvalConfig(
+            problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144, benchmarks=("aime24", "aime25")
+        ),
         cluster=ClusterConfig(nodes=1, gpus_per_node=8, gpu_memory_gib=80.0),
     )

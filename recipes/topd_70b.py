@@ -88,7 +88,9 @@ def topd_70b() -> RunConfig:
             eval_every=20,
             save_every=10,
         ),
-        eval=EvalConfig(problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144),
+        eval=EvalConfig(
+            problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144, benchmarks=("aime24", "aime25")
+        ),
         cluster=ClusterConfig(
             nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=1, teacher_server_nodes=1
         ),

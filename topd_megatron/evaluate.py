@@ -32,8 +32,15 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     seed: int = 1234
+    benchmarks: tuple[str, ...] = ()
+    """Math benchmarks also evaluated at every evaluation (aime24, aime25, math500, gsm8k or JSONL paths, as in
+    `topd eval`), through the run's engine with the model's chat template; logged as `bench/<name>/avg@k`, ..."""
+    benchmark_limit: int | None = None
+    """Only the first this many problems of every benchmark (None: all)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.benchmarks, str):
+            raise ValueError(f"eval.benchmarks must be a tuple of names, got the string {self.benchmarks!r}")
         if self.problems < 1 or self.k < 1:
             raise ValueError(f"eval.problems and eval.k must be >= 1, got {self.problems}, {self.k}")
 

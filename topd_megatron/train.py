@@ -112,6 +112,23 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
 
         def run_eval(step: int) -> dict[str, float]:
             summary, _ = evaluate_task(cfg.eval, engine, tokenizer, task, encode_prompt, step_seed=step)
+            if cfg.eval.benchmarks:  # the recipe's math benchmarks, graded like `topd eval`
+                from topd_megatron.evaluation.runner import evaluate_benchmarks_in_training
+
+                summary.update(
+                    evaluate_benchmarks_in_training(
+                        cfg.eval.benchmarks,
+                        model_dir=student.tokenizer_dir,
+                        engine=engine,
+                        tokenizer=tokenizer,
+                        k=cfg.eval.k,
+                        temperature=cfg.eval.temperature,
+                        top_p=cfg.eval.top_p,
+                        max_new_tokens=cfg.eval.max_new_tokens,
+                        seed=cfg.eval.seed + 7919 * step,
+                        limit=cfg.eval.benchmark_limit,
+                    )
+                )
             logger.log(step, "eval", summary)
             return summary
 

@@ -164,3 +164,27 @@ def test_non_finite_losses_skip_steps_then_abort(synthetic_pair, tmp_path: Path)
     cfg = make_config(synthetic_pair, tmp_path / "nan2", "opd", steps=4, inject_nan_at=(1, 2), max_bad_steps=1)
     with pytest.raises(DistributedFailure, match="the loss was not finite in 2 steps"):
         spawn(train, 2, (cfg,), timeout=900)
+
+
+def test_periodic_evaluation_includes_the_configured_benchmarks(synthetic_pair, tmp_path: Path) -> None:
+    """eval.benchmarks: the math benchmarks are sampled through the run's engine with the student's current weights,
+    graded like `topd eval`, and logged with the evaluation metrics (per benchmark and macro-averaged)."""
+    bench = tmp_path / "mini.jsonl"
+    rows = [
+        {"id": f"m{i}", "problem": f"What is {i} plus {i}?", "answer": str(2 * i), "source": "test"} for i in (1, 2, 3)
+    ]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(synthetic_pair, tmp_path / "run", "opd", steps=1, eval_at_start=False)
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, benchmarks=(f"{bench}:gsm8k",), k=2, max_new_tokens=6)
+    )
+    spawn(train, 2, (cfg,), timeout=900)
+    (row,) = read_metrics(tmp_path / "run", "eval")
+    assert row["step"] == 1 and "avg@2" in row  # the task's own held-out evaluation is still there
+    name = "mini"
+    assert row[f"bench/{name}/problems"] == 3.0
+    statuses = sum(row[f"bench/{name}/{s}"] for s in ("correct", "incorrect", "no_answer", "unparsable", "timeout"))
+    assert statuses == 3 * 2  # every sample of every problem graded once
+    assert row[f"bench/{name}/avg@2"] == row[f"bench/{name}/correct"] / 6
+    assert row["bench/macro/avg@2"] == row[f"bench/{name}/avg@2"]
+    assert 0.0 <= row[f"bench/{name}/pass@2"] <= 1.0 and f"bench/{name}/pass@1" in row

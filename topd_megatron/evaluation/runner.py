@@ -438,3 +438,53 @@ def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def evaluate_benchmarks_in_training(
+    benchmarks: tuple[str, ...],
+    *,
+    model_dir: str | Path,
+    engine: Any,
+    tokenizer: Any,
+    k: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    limit: int | None,
+) -> dict[str, float]:
+    """Periodic benchmark evaluation inside training (collective over the job): the student's current weights
+    through the training run's own engine, the same prompts, grading and statistics as `topd eval`; `model_dir` is
+    the student's HF-side directory (tokenizer, chat template, generation config). Returns flat
+    metrics on global rank 0 (`bench/<name>/avg@k`, `.../pass@j`, their stderr, `.../no_answer`, and the macro
+    average `bench/macro/...`), {} elsewhere."""
+    import torch.distributed as dist
+
+    cfg = EvalRunConfig(
+        model=str(model_dir),
+        benchmarks=benchmarks,
+        k=k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        limit=limit,
+    )
+    stops = stop_token_ids(tokenizer, Path(model_dir))
+    per_benchmark: dict[str, dict[str, Any]] = {}
+    for bench in load_benchmarks(cfg):
+        prompts = [_encode(tokenizer, render_prompt(cfg.prompt, tokenizer, p.problem)) for p in bench.problems]
+        records, _ = _evaluate_benchmark(cfg, bench, prompts, engine, tokenizer, stops)
+        if dist.get_rank() == 0:
+            per_benchmark[bench.name] = benchmark_summary(records, k, cfg.pass_ks)
+    if dist.get_rank() != 0:
+        return {}
+    metrics: dict[str, float] = {}
+    groups = {**per_benchmark, "macro": macro_average(per_benchmark, k, cfg.pass_ks)}
+    for name, summary in groups.items():
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and (key.startswith(("avg@", "pass@")) or key == "problems"):
+                metrics[f"bench/{name}/{key}"] = float("nan") if value is None else float(value)
+        for status, count in summary.get("statuses", {}).items():
+            metrics[f"bench/{name}/{status}"] = float(count)
+    return metrics
