@@ -43,6 +43,8 @@ class EmbeddedEngine:
             raise ValueError(f"EmbeddedEngine: no {model} model was given")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("EmbeddedEngine.generate: empty prompt")
+        if not prompts:  # every rank of the model-parallel group has none: nothing to run together
+            return []
         was_training = [m.training for m in lm.modules]
         for m in lm.modules:
             m.eval()
