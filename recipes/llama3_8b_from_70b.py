@@ -23,16 +23,14 @@ top-k log-probs instead of full distributions) fits 64 prompts at 59.2 GiB, 2,19
 
 from __future__ import annotations
 
-from recipes._paths import checkpoint, run_dir
+from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluate import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.rollout.sglang import SGLangConfig
-from topd_megatron.rollout.sglang_server import ServerConfig
 
 
 def llama3_8b_from_70b() -> RunConfig:
@@ -42,28 +40,11 @@ def llama3_8b_from_70b() -> RunConfig:
         ),
         teacher=ModelConfig(path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192),
         run_dir=run_dir("llama3_8b_from_70b"),
-        task="topd_megatron.tasks.math_jsonl:dapo_math500",
+        task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=ServerConfig(
-                role="student",
-                model_path="<student>",
-                tp=4,
-                dp=2,
-                dtype="bfloat16",
-                mem_fraction=0.08,
-                max_total_tokens=None,
-            ),
-            teacher=ServerConfig(
-                role="teacher",
-                model_path="<teacher>",
-                tp=8,
-                dp=1,
-                dtype="bfloat16",
-                mem_fraction=0.14,
-                max_total_tokens=None,
-                extra_args=("--quantization", "fp8"),
-            ),
+            student=gpu_server("student", tp=4, dp=2, mem_fraction=0.08),
+            teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.14, extra_args=("--quantization", "fp8")),
             sync_mode="distributed",
         ),
         parallel=ParallelConfig(tp=8, pp=1, sequence_parallel=True),
@@ -80,8 +61,6 @@ def llama3_8b_from_70b() -> RunConfig:
             save_every=25,
             offload_teacher_logits=True,
         ),
-        eval=EvalConfig(
-            problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144, benchmarks=("aime24", "aime25")
-        ),
+        eval=math_eval(),
         cluster=ClusterConfig(nodes=1, gpus_per_node=8, gpu_memory_gib=80.0),
     )

@@ -21,16 +21,14 @@ on the full-prefix branch rows.
 
 from __future__ import annotations
 
-from recipes._paths import checkpoint, run_dir
+from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluate import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.rollout.sglang import SGLangConfig
-from topd_megatron.rollout.sglang_server import ServerConfig
 
 
 def qwen3_4b_from_30b_a3b() -> RunConfig:
@@ -40,27 +38,11 @@ def qwen3_4b_from_30b_a3b() -> RunConfig:
         ),
         teacher=ModelConfig(path=checkpoint("Qwen3-30B-A3B-Instruct-2507"), dtype="bfloat16", seq_length=8192),
         run_dir=run_dir("qwen3_4b_from_30b_a3b"),
-        task="topd_megatron.tasks.math_jsonl:dapo_math500",
+        task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=ServerConfig(
-                role="student",
-                model_path="<student>",
-                tp=2,
-                dp=4,
-                dtype="bfloat16",
-                mem_fraction=0.12,
-                max_total_tokens=None,
-            ),
-            teacher=ServerConfig(
-                role="teacher",
-                model_path="<teacher>",
-                tp=8,
-                dp=1,
-                dtype="bfloat16",
-                mem_fraction=0.12,
-                max_total_tokens=None,
-            ),
+            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.12),
+            teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.12),
             sync_mode="distributed",
         ),
         parallel=ParallelConfig(tp=4, pp=1, ep=2),
@@ -77,8 +59,6 @@ def qwen3_4b_from_30b_a3b() -> RunConfig:
             save_every=25,
             offload_teacher_logits=True,
         ),
-        eval=EvalConfig(
-            problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144, benchmarks=("aime24", "aime25")
-        ),
+        eval=math_eval(),
         cluster=ClusterConfig(nodes=1, gpus_per_node=8, gpu_memory_gib=80.0),
     )

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from recipes._paths import checkpoint, run_dir
+from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluate import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.optim import OptimConfig
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.rollout.sglang import SGLangConfig
-from topd_megatron.rollout.sglang_server import ServerConfig
 
 
 def topd_70b() -> RunConfig:
@@ -48,30 +46,13 @@ def topd_70b() -> RunConfig:
             fp8_weights=True,
         ),
         run_dir=run_dir("topd_70b"),
-        task="topd_megatron.tasks.math_jsonl:dapo_math500",
+        task=MATH_TASK,
         rollout="sglang",
         teacher_source="sglang",
         sglang=SGLangConfig(
-            student=ServerConfig(
-                role="student",
-                model_path="<student>",
-                tp=8,
-                dp=1,
-                dtype="bfloat16",
-                mem_fraction=0.85,
-                max_total_tokens=None,
-                startup_timeout_s=1800.0,
-            ),
-            teacher=ServerConfig(
-                role="teacher",
-                model_path="<teacher>",
-                tp=8,
-                dp=1,
-                dtype="bfloat16",
-                mem_fraction=0.85,
-                max_total_tokens=None,
-                extra_args=("--quantization", "fp8"),
-                startup_timeout_s=3600.0,
+            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, startup_timeout_s=1800.0),
+            teacher=gpu_server(
+                "teacher", tp=8, dp=1, mem_fraction=0.85, extra_args=("--quantization", "fp8"), startup_timeout_s=3600.0
             ),
             sync_mode="distributed",
         ),
@@ -88,9 +69,7 @@ def topd_70b() -> RunConfig:
             eval_every=20,
             save_every=10,
         ),
-        eval=EvalConfig(
-            problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=6144, benchmarks=("aime24", "aime25")
-        ),
+        eval=math_eval(),
         cluster=ClusterConfig(
             nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=1, teacher_server_nodes=1
         ),
