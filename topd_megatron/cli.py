@@ -94,14 +94,13 @@ def _preflight(cfg: Any) -> None:
     """Cheap checks before any rank starts: checkpoints complete, layouts valid, tokenizers identical."""
     from transformers import AutoConfig
 
-    from topd_megatron.models.build import check_layout, checkpoint_kind
+    from topd_megatron.models.build import check_layout, hf_dir
     from topd_megatron.tokenizer import check_same_tokenizer
 
     dirs = {}
     for role in ("student", "teacher"):
         mcfg = getattr(cfg, role)
-        kind = checkpoint_kind(mcfg.path)
-        dirs[role] = mcfg.path if kind == "hf" else f"{mcfg.path}/hf"
+        dirs[role] = hf_dir(mcfg.path)
         check_layout(AutoConfig.from_pretrained(dirs[role], local_files_only=True), cfg.parallel, mcfg, role)
     check_same_tokenizer(dirs["student"], dirs["teacher"])
 

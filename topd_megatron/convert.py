@@ -276,7 +276,8 @@ def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Pat
 
 def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Resolve and validate `cfg` without starting ranks (ValueError naming the problem)."""
-    from topd_megatron.models.build import ModelConfig, checkpoint_kind
+    from topd_megatron.models.build import ModelConfig
+    from topd_megatron.models.build import hf_dir as model_hf_dir
     from topd_megatron.parallel import ParallelConfig
 
     check_paths(cfg.source, cfg.out_dir, overwrite=cfg.overwrite, base=cfg.base)
@@ -294,7 +295,7 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
             )
         model_path, weights_dir = Path(cfg.base), src / "state"
         train_weights = str(weights_dir)
-    hf_dir = model_path if checkpoint_kind(model_path) == "hf" else model_path / "hf"
+    hf_dir = model_hf_dir(model_path)
     vocab_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
     rows, stored_dtype = _stored_embedding(weights_dir)
     pad = None

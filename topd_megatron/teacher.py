@@ -21,7 +21,7 @@ import torch
 from topd_megatron.batch import StepBatch, prefixes
 from topd_megatron.divergence import Windows
 from topd_megatron.forward import MicroBatch, forward_logits
-from topd_megatron.models.build import MegatronLM, ModelConfig, build_model
+from topd_megatron.models.build import MegatronLM, ModelConfig, build_model, hf_dir
 from topd_megatron.objective import ServedTeacher
 from topd_megatron.parallel import ParallelConfig
 from topd_megatron.tokenizer import check_same_tokenizer
@@ -29,11 +29,7 @@ from topd_megatron.tokenizer import check_same_tokenizer
 
 def build_teacher(cfg: ModelConfig, parallel: ParallelConfig, student: MegatronLM) -> MegatronLM:
     """Build the teacher on the student's parallel layout and freeze it. Raises ValueError on a mismatch."""
-    from topd_megatron.models.build import checkpoint_kind
-
-    kind = checkpoint_kind(cfg.path)
-    teacher_tok = cfg.path if kind == "hf" else f"{cfg.path}/hf"
-    check_same_tokenizer(student.tokenizer_dir, teacher_tok)
+    teacher_hf_dir(cfg, student)
     teacher = build_model(cfg, parallel, role="teacher", wrap_with_ddp=False)
     if (teacher.vocab_size, teacher.padded_vocab_size) != (student.vocab_size, student.padded_vocab_size):
         raise ValueError(
@@ -45,15 +41,12 @@ def build_teacher(cfg: ModelConfig, parallel: ParallelConfig, student: MegatronL
     return teacher
 
 
-def served_teacher_dir(cfg: ModelConfig, student: MegatronLM) -> str:
-    """The HF directory a served teacher is launched from (teacher.path, or a topd checkpoint's hf/), after checking
-    its tokenizer is the student's. Nothing is built."""
-    from topd_megatron.models.build import checkpoint_kind
-
-    kind = checkpoint_kind(cfg.path)
-    hf_dir = cfg.path if kind == "hf" else f"{cfg.path}/hf"
-    check_same_tokenizer(student.tokenizer_dir, hf_dir)
-    return hf_dir
+def teacher_hf_dir(cfg: ModelConfig, student: MegatronLM) -> str:
+    """The teacher's HF directory (teacher.path, or a topd checkpoint's hf/: what a served teacher is launched from),
+    after checking its tokenizer is the student's. Nothing is built."""
+    config_dir = str(hf_dir(cfg.path))
+    check_same_tokenizer(student.tokenizer_dir, config_dir)
+    return config_dir
 
 
 def freeze(lm: MegatronLM) -> None:

@@ -25,7 +25,7 @@ from topd_megatron.parallel import init_model_parallel
 from topd_megatron.prepare import encode_prompt
 from topd_megatron.rollout import SamplingParams, rollout_engine
 from topd_megatron.tasks import Problem, load_task
-from topd_megatron.teacher import build_teacher, served_teacher_dir
+from topd_megatron.teacher import build_teacher, teacher_hf_dir
 from topd_megatron.tokenizer import load_tokenizer
 from topd_megatron.train_step import StepContext, train_step
 
@@ -73,7 +73,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     if cfg.teacher_source == "megatron":
         teacher = build_teacher(cfg.teacher, cfg.parallel, student)
     else:  # served only: nothing is built; its server is started from (or attached for) teacher.path
-        teacher_dir = served_teacher_dir(cfg.teacher, student)
+        teacher_dir = teacher_hf_dir(cfg.teacher, student)
     optimizer = build_optimizer(cfg.optim, student)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     engine = rollout_engine(

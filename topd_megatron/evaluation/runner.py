@@ -151,9 +151,9 @@ def load_benchmarks(cfg: EvalRunConfig) -> list[Benchmark]:
 def model_hf_dir(path: str | Path) -> Path:
     """The directory with the model's HF config, tokenizer and chat template (raises CheckpointError, a ValueError,
     when `path` is missing or not a checkpoint)."""
-    from topd_megatron.models.build import checkpoint_kind
+    from topd_megatron.models.build import hf_dir
 
-    return Path(path) if checkpoint_kind(path) == "hf" else Path(path) / "hf"
+    return hf_dir(path)
 
 
 def preflight(cfg: EvalRunConfig) -> list[Benchmark]:

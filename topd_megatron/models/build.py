@@ -142,6 +142,12 @@ def checkpoint_kind(path: str | Path) -> Literal["hf", "megatron"]:
     )
 
 
+def hf_dir(path: str | Path) -> Path:
+    """The directory with a model's HF config and tokenizer: the directory itself for a Hugging Face checkpoint, its
+    `hf/` for a topd checkpoint (CheckpointError, a ValueError, when `path` is neither)."""
+    return Path(path) if checkpoint_kind(path) == "hf" else Path(path) / "hf"
+
+
 def use_transformer_engine(cfg: ModelConfig) -> bool:
     from topd_megatron.models.bridge_import import have_transformer_engine
 
@@ -292,8 +298,8 @@ def build_model(
 
     kind = checkpoint_kind(cfg.path)
     src = Path(cfg.path)
-    hf_dir = src if kind == "hf" else src / "hf"
-    hf_config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    config_dir = src if kind == "hf" else src / "hf"  # hf_dir(src), without classifying it twice
+    hf_config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     check_layout(hf_config, parallel, cfg, role)
     rows = padded_vocab(hf_config.vocab_size, cfg, parallel.tp)
     if kind == "megatron":
@@ -337,7 +343,7 @@ def build_model(
         hf_config=hf_config,
         vocab_size=hf_config.vocab_size,
         padded_vocab_size=rows,
-        tokenizer_dir=hf_dir,
+        tokenizer_dir=config_dir,
         source=src,
         role=role,
     )
