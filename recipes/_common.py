@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from topd_megatron.evaluate import EvalConfig
-from topd_megatron.rollout.sglang_server import ServerConfig
+from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 
 def checkpoint(name: str) -> str:

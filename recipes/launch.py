@@ -28,8 +28,8 @@ from topd_megatron.config import RunConfig
 
 def train_run(cfg: RunConfig) -> None:
     """What every rank executes: this rank's share of training (torchrun/srun set RANK and WORLD_SIZE)."""
-    from topd_megatron.launch import run_ranks
-    from topd_megatron.train import train
+    from topd_megatron.distributed.launch import run_ranks
+    from topd_megatron.training.loop import train
 
     report = run_ranks(train, cfg.parallel.model_parallel_size, cfg, timeout=86400.0)
     if report is not None:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     task = run.Partial(train_run, cfg=to_config(cfg))
     if args.executor == "local":
         if recipes.recipe(args.recipe).needs_tiny_pair and not args.dry_run:
-            from topd_megatron.prepare import prepare
+            from topd_megatron.analysis.prepare import prepare
 
             prepare()
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 
 from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
-from topd_megatron import objective
+from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.optim import OptimConfig
-from topd_megatron.parallel import ParallelConfig
-from topd_megatron.rollout.sglang import SGLangConfig
+from topd_megatron.training.optim import OptimConfig
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.rollout.sglang.engine import SGLangConfig
 
 
 def topd_70b() -> RunConfig:

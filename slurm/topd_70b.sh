@@ -38,7 +38,7 @@
 # Partition, account, QOS, container: SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_CONTAINER (an OCI bundle
 # for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
 #
-# What it does: (a) starts the SGLang servers with srun on their own nodes (`python -m topd_megatron.rollout.serve`,
+# What it does: (a) starts the SGLang servers with srun on their own nodes (`python -m topd_megatron.rollout.sglang.serve`,
 # one task per node; a server spanning several nodes uses SGLang's multi-node mode) and waits until each answers
 # /health_generate; (b) runs training with srun (one task per training node) + torchrun (c10d rendezvous on the first
 # training node) of `topd train --recipe topd_70b`, attached to the servers; (c) on exit, stops what it started by
@@ -187,7 +187,7 @@ start_server() {
     (($#)) && { shift; extra=(-- "$@"); }
     # one task per node: node rank = the task's rank in this step; PID file per node ($1 of the inner bash)
     # shellcheck disable=SC2016  # expanded by the task's bash, not here
-    local serve_on_node='exec "$0" -m topd_megatron.rollout.serve --node-rank "$SLURM_PROCID"'
+    local serve_on_node='exec "$0" -m topd_megatron.rollout.sglang.serve --node-rank "$SLURM_PROCID"'
     serve_on_node+=' --pid-file "$1$SLURM_PROCID.pid" "${@:2}"'
     start_bg server_pids srun --nodes="${#hosts[@]}" --ntasks="${#hosts[@]}" --nodelist="$(join "${hosts[@]}")" \
         --output="$work/serve-$role-%t.out" "${srun_common[@]}" \

@@ -26,7 +26,7 @@
 # for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
 #
 # What it does: (a) prepares the tiny pair (cached) and starts the student SGLang server
-# (`python -m topd_megatron.rollout.serve`, bound to 127.0.0.1), waiting until it is healthy; (b) runs training with
+# (`python -m topd_megatron.rollout.sglang.serve`, bound to 127.0.0.1), waiting until it is healthy; (b) runs training with
 # srun (one task per node) + torchrun (c10d rendezvous on the first node), attached to that server; (c) on exit, stops
 # what it started, by PID; (d) exits with training's exit code.
 set -euo pipefail
@@ -83,7 +83,7 @@ nproc="${TOPD_NPROC_PER_NODE:-$nproc}"
 port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 rm -f "$work/student.pid"
 log "starting the SGLang student server on 127.0.0.1:$port ($student); log in $work"
-"$PY" -m topd_megatron.rollout.serve --role student --model "$student" --host 127.0.0.1 --port "$port" \
+"$PY" -m topd_megatron.rollout.sglang.serve --role student --model "$student" --host 127.0.0.1 --port "$port" \
     --dtype float32 --log-dir "$work" --pid-file "$work/student.pid" --timeout "$TOPD_SGLANG_TIMEOUT" \
     >"$work/serve-student.out" 2>&1 &
 serve_pid=$!

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from topd_megatron import divergence, objective
+from topd_megatron.algorithm import detection, objective
 
 # (prompt, response, padding) per rollout: a short rollout, a padded one, one without prompt, one single token.
 LAYOUT = ((2, 9, 0), (1, 12, 3), (0, 6, 0), (1, 1, 0))
@@ -22,10 +22,10 @@ K = 3
 HIDDEN = 8
 
 
-def small_detection(**kw) -> divergence.Config:
+def small_detection(**kw) -> detection.Config:
     base = {"window": K, "q": 0.3, "max_candidates": 3, "q_d": 0.4}
     base.update(kw)
-    return divergence.Config(**base)
+    return detection.Config(**base)
 
 
 def variants() -> dict[str, objective.Config]:
@@ -107,7 +107,7 @@ def run_pipeline(
 ) -> dict:
     """The implementation on this rank's shards; returns loss, grads of the shards, decisions and metrics."""
     vocab = case["vocab_size"]
-    batch = divergence.TokenBatch(
+    batch = detection.TokenBatch(
         tokens=case["tokens"],
         seq_ids=case["seq_ids"],
         response_mask=case["mask"],
@@ -121,11 +121,11 @@ def run_pipeline(
     terms = objective.token_terms(cfg, batch, s, t, vocab_size=vocab, group=group)
     det = branch = None
     if cfg.detection.detector != "none":
-        cands = divergence.select_candidates(cfg.detection, batch, terms.divergence.detach())
+        cands = detection.select_candidates(cfg.detection, batch, terms.divergence.detach())
         p = cands.positions
-        u = divergence.Windows(tokens=case["u_tokens"][p], lengths=case["u_len"][p])
-        sw = divergence.Windows(tokens=case["s_tokens"][p], lengths=case["s_len"][p])
-        det = divergence.detect(
+        u = detection.Windows(tokens=case["u_tokens"][p], lengths=case["u_len"][p])
+        sw = detection.Windows(tokens=case["s_tokens"][p], lengths=case["s_len"][p])
+        det = detection.detect(
             cfg.detection,
             batch,
             cands,

@@ -1,7 +1,7 @@
 """Convert a Hugging Face checkpoint into a topd checkpoint (Megatron distributed weights + HF config and tokenizer).
 
 The weights go through Megatron-Bridge's mapping into a Megatron-Core GPT built at TP x PP and are saved with
-dist_checkpointing (`topd_megatron.checkpoint.save_model`): the result loads at any TP/PP layout. Run from the
+dist_checkpointing (`topd_megatron.models.checkpoint.save_model`): the result loads at any TP/PP layout. Run from the
 repository root:
 
     # one machine: starts TP*PP local ranks itself (gloo on CPU, NCCL with one GPU per rank)
@@ -70,7 +70,7 @@ def _bad_input(error: ValueError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from topd_megatron.convert import ImportConfig, check_paths, hf_to_megatron
+    from topd_megatron.models.convert import ImportConfig, check_paths, hf_to_megatron
 
     try:
         cfg = ImportConfig(
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg.hf_dir, cfg.out_dir, overwrite=cfg.overwrite)  # before the slow imports below
     except ValueError as e:
         return _bad_input(e)
-    from topd_megatron.launch import DistributedFailure
+    from topd_megatron.distributed.launch import DistributedFailure
     from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()

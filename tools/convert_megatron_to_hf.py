@@ -69,7 +69,7 @@ def _bad_input(error: ValueError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from topd_megatron.convert import ExportConfig, check_paths, megatron_to_hf
+    from topd_megatron.models.convert import ExportConfig, check_paths, megatron_to_hf
 
     try:
         cfg = ExportConfig(
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg.source, cfg.out_dir, overwrite=cfg.overwrite, base=cfg.base)  # before the slow imports below
     except ValueError as e:
         return _bad_input(e)
-    from topd_megatron.launch import DistributedFailure
+    from topd_megatron.distributed.launch import DistributedFailure
     from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()

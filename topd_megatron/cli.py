@@ -27,13 +27,13 @@ DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
 
 
 def _launched_externally() -> bool:
-    from topd_megatron.launch import launched_externally
+    from topd_megatron.distributed.launch import launched_externally
 
     return launched_externally()
 
 
 def _run_ranks(fn: Any, world: int, cfg: Any, timeout: float) -> Any:
-    from topd_megatron.launch import run_ranks
+    from topd_megatron.distributed.launch import run_ranks
 
     return run_ranks(fn, world, cfg, timeout=timeout)
 
@@ -69,9 +69,9 @@ def _print_agreement(report: dict[str, Any]) -> None:
 
 
 def cmd_agree(args: argparse.Namespace, student: str, teacher: str) -> int:
-    from topd_megatron import agreement
+    from topd_megatron.analysis import agreement
     from topd_megatron.models.build import ModelConfig
-    from topd_megatron.parallel import ParallelConfig
+    from topd_megatron.distributed.parallel import ParallelConfig
 
     cfg = agreement.AgreementConfig(
         student=ModelConfig(path=student, dtype=args.dtype),
@@ -95,7 +95,7 @@ def _preflight(cfg: Any) -> None:
     from transformers import AutoConfig
 
     from topd_megatron.models.build import check_layout, hf_dir
-    from topd_megatron.tokenizer import check_same_tokenizer
+    from topd_megatron.models.tokenizer import check_same_tokenizer
 
     dirs = {}
     for role in ("student", "teacher"):
@@ -106,7 +106,7 @@ def _preflight(cfg: Any) -> None:
 
 
 def cmd_run_tiny(args: argparse.Namespace) -> int:
-    from topd_megatron import experiment
+    from topd_megatron.analysis import experiment
 
     cfg = experiment.TinyConfig(
         tp=args.tp,
@@ -144,14 +144,14 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from topd_megatron.train import train
+    from topd_megatron.training.loop import train
 
     cfg = load_run_config(args)
     if args.recipe and not _launched_externally():
         import recipes
 
         if recipes.recipe(args.recipe).needs_tiny_pair:
-            from topd_megatron.prepare import prepare
+            from topd_megatron.analysis.prepare import prepare
 
             prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from topd_megatron.prepare import PrepareConfig, prepare
+    from topd_megatron.analysis.prepare import PrepareConfig, prepare
 
     prepared = prepare(PrepareConfig(task=args.task), force=args.force)
     report = prepared.report

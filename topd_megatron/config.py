@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from topd_megatron import objective
+from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
-from topd_megatron.evaluate import EvalConfig
+from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.optim import OptimConfig
-from topd_megatron.parallel import ParallelConfig
-from topd_megatron.rollout.sglang import SGLangConfig
+from topd_megatron.training.optim import OptimConfig
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.rollout.sglang.engine import SGLangConfig
 
 
 @dataclass(kw_only=True, slots=True)

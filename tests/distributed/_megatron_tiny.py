@@ -20,7 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from topd_megatron.parallel import ParallelConfig, init_model_parallel
+from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
 
 VOCAB = 128
 SEQ = 16
@@ -222,8 +222,8 @@ def measure_overhead(rounds: int = 7, steps: int = 30) -> dict[str, float]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.overrides import TorchFunctionMode
 
-    from topd_megatron import platform
-    from topd_megatron.parallel import init_process_group
+    from topd_megatron.distributed import platform
+    from topd_megatron.distributed.parallel import init_process_group
 
     class EmptyMode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):

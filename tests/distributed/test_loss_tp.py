@@ -20,7 +20,7 @@ import torch
 
 from tests import _reference_topd as ref
 from tests import _topd_cases as cases
-from topd_megatron.launch import spawn
+from topd_megatron.distributed.launch import spawn
 
 WORLD = 4
 TPS = (1, 2, 4)
@@ -64,7 +64,7 @@ def teacher_top_k(t_full: torch.Tensor, vocab: int | None) -> tuple[torch.Tensor
 
 
 def _run_op(op, s, te, tokens, *, t_full=None, **kw):
-    from topd_megatron.loss import token_divergence, token_entropy, token_logprobs, topk_divergence
+    from topd_megatron.algorithm.loss import token_divergence, token_entropy, token_logprobs, topk_divergence
 
     if op == "topk_kl":
         ids, lq = teacher_top_k(t_full, kw.get("vocab_size"))
@@ -79,7 +79,7 @@ def _run_op(op, s, te, tokens, *, t_full=None, **kw):
 def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from topd_megatron.loss import token_divergence, vocab_parallel_embedding
+    from topd_megatron.algorithm.loss import token_divergence, vocab_parallel_embedding
 
     torch.set_num_threads(1)
     singles = [dist.new_group([r]) for r in range(world)]  # every rank takes part in creating every group

@@ -1,4 +1,4 @@
-"""Megatron-Core on CPU gloo ranks (through topd_megatron.platform) gives the single-process numbers.
+"""Megatron-Core on CPU gloo ranks (through topd_megatron.distributed.platform) gives the single-process numbers.
 
 Every rank first builds the tiny GPT at TP=1/PP=1 from one seed and runs it alone: that is the reference (no
 collective touches it). It then switches Megatron's parallel state to the layout under test, loads its shard of the
@@ -19,7 +19,7 @@ relative. TOL = 1e-5 leaves margin and still catches a misplaced shard (those mo
 round trip moves bytes, so it must be exact.
 
 Run: pytest tests/distributed/test_megatron_cpu.py (~2 min on 2 busy cores; the first spawn of a session pays
-topd_megatron.launch's forkserver preload, and each dist_checkpointing.save ~20 s for its writer's spawned Manager).
+topd_megatron.distributed.launch's forkserver preload, and each dist_checkpointing.save ~20 s for its writer's spawned Manager).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from topd_megatron.launch import spawn
+from topd_megatron.distributed.launch import spawn
 
 TOL = 1e-5
 LAYERS = 4  # PP=2 x VPP=2 puts one layer in each of the four chunks
@@ -61,7 +61,7 @@ def _layouts_rank(rank: int, world_size: int) -> dict:
     import torch
 
     from tests.distributed import _megatron_tiny as tiny
-    from topd_megatron import platform
+    from topd_megatron.distributed import platform
 
     data = tiny.batch(seed=0)
     ref_loss, ref_weights, ref_grads, ref_model = _reference(data)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from topd_megatron.launch import spawn
+from topd_megatron.distributed.launch import spawn
 
 PROMPTS = [[3, 17, 42, 99], [120, 4], [44, 45, 46, 200, 201, 383, 5]]
 
 
 def generate_body(rank: int, world: int, ckpt: str, tp: int, pp: int, temperature: float, seed: int):
     from topd_megatron.models.build import ModelConfig, build_model
-    from topd_megatron.parallel import ParallelConfig, init_model_parallel
-    from topd_megatron.rollout import SamplingParams
+    from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.rollout.engine import SamplingParams
     from topd_megatron.rollout.embedded import EmbeddedEngine
 
     par = ParallelConfig(tp=tp, pp=pp)

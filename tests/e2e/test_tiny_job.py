@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from topd_megatron.experiment import TinyConfig, print_table, run_tiny
+from topd_megatron.analysis.experiment import TinyConfig, print_table, run_tiny
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
   leaves no process behind;
 - both scripts parse; `TOPD_DRY_RUN=1 bash slurm/topd_70b.sh` prints the server and training srun lines, runs nothing,
   and never prints the API key;
-- `python -m topd_megatron.rollout.serve` serves /health_generate and stops its server on SIGTERM (slow: a second
+- `python -m topd_megatron.rollout.sglang.serve` serves /health_generate and stops its server on SIGTERM (slow: a second
   server start; the sbatch test already checks that serve.py exits 0 on SIGTERM and leaves no process), refuses a
   teacher without weights and a non-loopback host without an API key.
 """
@@ -143,7 +143,7 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
 def test_serve_answers_health_and_stops_on_sigterm(synthetic_pair: tuple[Path, Path], tmp_path: Path) -> None:
     pid_file = tmp_path / "student.pid"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "topd_megatron.rollout.serve", "--role", "student", "--model", str(synthetic_pair[0])]
+        [sys.executable, "-m", "topd_megatron.rollout.sglang.serve", "--role", "student", "--model", str(synthetic_pair[0])]
         + ["--log-dir", str(tmp_path), "--pid-file", str(pid_file), "--timeout", "600"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -173,7 +173,7 @@ def test_serve_answers_health_and_stops_on_sigterm(synthetic_pair: tuple[Path, P
 
 
 def test_serve_refuses_a_teacher_without_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from topd_megatron.rollout import serve
+    from topd_megatron.rollout.sglang import serve
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")  # a topd checkpoint's hf/: config, no safetensors
@@ -184,7 +184,7 @@ def test_serve_refuses_a_teacher_without_weights(tmp_path: Path, capsys: pytest.
 def test_serve_needs_an_api_key_beyond_loopback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from topd_megatron.rollout import serve
+    from topd_megatron.rollout.sglang import serve
 
     monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
     assert serve.main(["--role", "student", "--model", str(tmp_path), "--host", "0.0.0.0"]) == 2

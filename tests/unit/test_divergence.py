@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests import _reference_topd as ref
-from topd_megatron import divergence as dv
+from topd_megatron.algorithm import detection as dv
 
 
 def batch_of(layout, seed=0):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_DATA
-from topd_megatron.evaluate import grade
+from topd_megatron.evaluation.task_eval import grade
 from topd_megatron.evaluation import (
     BENCHMARKS,
     DEFAULT_INSTRUCTION,
@@ -30,7 +30,7 @@ from topd_megatron.evaluation import (
     render_prompt,
 )
 from topd_megatron.evaluation.benchmarks import HubSource, _hub_answer
-from topd_megatron.tokenizer import load_tokenizer
+from topd_megatron.models.tokenizer import load_tokenizer
 
 SIZES = {"aime24": 30, "aime25": 30, "math500": 500, "gsm8k": 1319}
 

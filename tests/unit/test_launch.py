@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from topd_megatron.launch import DistributedFailure, spawn
+from topd_megatron.distributed.launch import DistributedFailure, spawn
 
 
 def sum_ranks(rank: int, world: int, scale: int) -> tuple[int, int]:

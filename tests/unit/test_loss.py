@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests import _reference_topd as ref
-from topd_megatron.loss import (
+from topd_megatron.algorithm.loss import (
     default_chunk_size,
     token_divergence,
     token_entropy,
@@ -236,7 +236,7 @@ def test_error_bad_kind_and_beta():
 
 
 def test_topk_divergence_refuses_bad_inputs_and_is_zero_for_the_same_ranking() -> None:
-    from topd_megatron.loss import topk_divergence
+    from topd_megatron.algorithm.loss import topk_divergence
 
     logits = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ids = logits.topk(3, dim=-1).indices

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from topd_megatron.loss import token_divergence, token_entropy, token_logprobs
+from topd_megatron.algorithm.loss import token_divergence, token_entropy, token_logprobs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 # logits from ordinary to extreme (+-1e4), with a padded tail of random width

@@ -11,7 +11,7 @@ import torch
 
 from tests import _reference_topd as ref
 from tests import _topd_cases as cases
-from topd_megatron import divergence, objective
+from topd_megatron.algorithm import detection, objective
 
 VARIANTS = cases.variants()
 
@@ -69,7 +69,7 @@ def test_presets_are_the_documented_algorithms():
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        ({"guidance": "on_path", "detection": divergence.Config(detector="none")}, "needs a detector"),
+        ({"guidance": "on_path", "detection": detection.Config(detector="none")}, "needs a detector"),
         ({"suppress_weight": 1.5}, "beta_s"),
         ({"normalization": "constant"}, "normalization_constant"),
         ({"rho_clip": 0.0}, "rho_clip"),
@@ -92,10 +92,10 @@ def test_padded_layout_equals_packed_layout():
     t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
     tok = torch.randint(0, 11, (2, 5), generator=g)
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    padded = divergence.TokenBatch.from_padded(tok, mask)
+    padded = detection.TokenBatch.from_padded(tok, mask)
     a, _ = objective.loss(cfg, padded, objective.token_terms(cfg, padded, s, t))
     keep = mask.reshape(-1)
-    packed = divergence.TokenBatch(
+    packed = detection.TokenBatch(
         tokens=tok.reshape(-1)[keep],
         seq_ids=torch.tensor([0, 0, 0, 1, 1]),
         response_mask=torch.ones(5, dtype=torch.bool),
@@ -131,7 +131,7 @@ def test_bf16_logits_follow_the_fp64_reference():
 
 def test_rho_is_truncated_in_value_and_gradient_weight():
     cfg = objective.preset("opd_pg")
-    batch = divergence.TokenBatch(
+    batch = detection.TokenBatch(
         tokens=torch.tensor([1, 2]),
         seq_ids=torch.tensor([0, 0]),
         response_mask=torch.ones(2, dtype=torch.bool),
@@ -181,20 +181,20 @@ def test_metrics_hold_the_diagnostics_of_the_spec():
 def test_loss_errors_are_clear():
     cfg = VARIANTS["topd"]
     case = cases.make_case(0)
-    batch = divergence.TokenBatch(tokens=case["tokens"], seq_ids=case["seq_ids"], response_mask=case["mask"])
+    batch = detection.TokenBatch(tokens=case["tokens"], seq_ids=case["seq_ids"], response_mask=case["mask"])
     terms = objective.token_terms(cfg, batch, case["student"], case["teacher"], vocab_size=cases.VOCAB)
     with pytest.raises(ValueError, match="no detection was passed"):
         objective.loss(cfg, batch, terms)
-    det = divergence.detect(
+    det = detection.detect(
         dataclasses.replace(cfg.detection, detector="lookahead"),
         batch,
-        divergence.select_candidates(cfg.detection, batch, terms.divergence.detach()),
+        detection.select_candidates(cfg.detection, batch, terms.divergence.detach()),
         terms.divergence.detach(),
     )
     with pytest.raises(ValueError, match="needs branch"):
         objective.loss(cfg, batch, terms, det)
     bad = det.suppressed_mask().nonzero().flatten()[:1]
-    win = divergence.Windows(tokens=torch.zeros(1, 2, dtype=torch.long), lengths=torch.tensor([2]))
+    win = detection.Windows(tokens=torch.zeros(1, 2, dtype=torch.long), lengths=torch.tensor([2]))
     logits = torch.zeros(2, cases.V_PAD, dtype=torch.float64)
     branch = objective.branch_terms(cfg, bad, win, logits, logits, vocab_size=cases.VOCAB)
     with pytest.raises(ValueError, match="must be divergent positions"):

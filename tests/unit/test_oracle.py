@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from topd_megatron.oracle import FORK, SURFACE, UNLABELLED, fork_auroc, precision_recall
+from topd_megatron.analysis.oracle import FORK, SURFACE, UNLABELLED, fork_auroc, precision_recall
 
 F, S, U = FORK, SURFACE, UNLABELLED
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topd_megatron.parallel import ParallelConfig, dist_env
+from topd_megatron.distributed.parallel import ParallelConfig, dist_env
 
 LAUNCH_VARS = (
     "RANK",

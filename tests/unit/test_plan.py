@@ -12,7 +12,7 @@ import recipes
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.parallel import ParallelConfig
+from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.plan import cli, plan
 from topd_megatron.plan.architecture import PUBLIC_CONFIGS, Architecture, resolve
 from topd_megatron.plan.layout import Layout, StepShape
@@ -42,7 +42,7 @@ from topd_megatron.plan.step_time import (
     training_flops,
     training_seconds,
 )
-from topd_megatron.rollout.sglang_server import ServerConfig
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
-"""Pins what topd_megatron.platform (the CPU layer) assumes about megatron-core; fails loudly when Megatron changes.
+"""Pins what topd_megatron.distributed.platform (the CPU layer) assumes about megatron-core; fails loudly when Megatron changes.
 
 It reads megatron/core's source files without importing Megatron (about a second, most of it the scan). When a test here
-fails: re-check the function it names (the message says what the layer relies on), fix topd_megatron/platform.py
+fails: re-check the function it names (the message says what the layer relies on), fix topd_megatron/distributed/platform.py
 if needed, run tests/distributed/test_megatron_cpu.py, then record the new hash or site here / in PINNED_SOURCES.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from topd_megatron import platform
+from topd_megatron.distributed import platform
 
 
 def _megatron_core_root() -> Path:
@@ -49,7 +49,7 @@ def source_hash(qualname: str) -> str:
 def test_megatron_core_version_is_the_pinned_one() -> None:
     found = importlib.metadata.version("megatron-core")
     assert found == platform.MEGATRON_CORE_VERSION, (
-        f"megatron-core {found} is installed; topd_megatron.platform was pinned against"
+        f"megatron-core {found} is installed; topd_megatron.distributed.platform was pinned against"
         f" {platform.MEGATRON_CORE_VERSION}. Check every failure below, update PINNED_SOURCES and"
         " MEGATRON_CORE_VERSION, and run tests/distributed/test_megatron_cpu.py"
     )
@@ -60,7 +60,7 @@ def test_pinned_megatron_function_unchanged(qualname: str) -> None:
     recorded, recheck = platform.PINNED_SOURCES[qualname]
     current = source_hash(qualname)
     assert current == recorded, (
-        f"megatron-core changed {qualname}, which topd_megatron.platform relies on. Re-check: {recheck}. "
+        f"megatron-core changed {qualname}, which topd_megatron.distributed.platform relies on. Re-check: {recheck}. "
         f"If the layer still holds, record the new hash {current!r} in platform.PINNED_SOURCES."
     )
 
@@ -160,7 +160,7 @@ def test_megatron_passes_literal_cuda_devices_only_to_remapped_functions() -> No
         if func not in KNOWN_UNREMAPPED_CUDA_SITES.get(rel, (set(), ""))[0]
     ]
     assert not unexpected, (
-        "megatron-core now passes a literal CUDA device to a function topd_megatron.platform does not remap:\n  "
+        "megatron-core now passes a literal CUDA device to a function topd_megatron.distributed.platform does not remap:\n  "
         + "\n  ".join(unexpected)
         + "\nAdd the callee to platform.REMAPPED_FACTORIES (or wrap it like ShardedTensor.init_data), or, if the code"
         " is GPU-only, record it in KNOWN_UNREMAPPED_CUDA_SITES with the reason."

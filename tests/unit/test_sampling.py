@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from topd_megatron.launch import spawn
-from topd_megatron.sampling import sample_next
+from topd_megatron.distributed.launch import spawn
+from topd_megatron.rollout.sampling import sample_next
 
 V, PADDED = 10, 12  # true vocabulary 10, two padded ids (whose logits are huge: they must never be drawn)
 

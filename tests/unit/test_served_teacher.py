@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from topd_megatron import objective
-from topd_megatron.divergence import TokenBatch, Windows
+from topd_megatron.algorithm import objective
+from topd_megatron.algorithm.detection import TokenBatch, Windows
 
 V, N = 11, 9
 

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from topd_megatron.rollout import SamplingParams
-from topd_megatron.rollout.sglang_client import SGLangClient, SGLangResponseError, SGLangUnavailable
+from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.rollout.sglang.client import SGLangClient, SGLangResponseError, SGLangUnavailable
 
 
 class _Replay(BaseHTTPRequestHandler):

@@ -10,8 +10,8 @@ import pytest
 
 from topd_megatron.config import RunConfig, config_from_dict
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.rollout.sglang import SGLangConfig, _resolve
-from topd_megatron.rollout.sglang_server import ServerConfig
+from topd_megatron.rollout.sglang.engine import SGLangConfig, _resolve
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 
 def test_bad_values_are_refused_with_the_field_named() -> None:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from topd_megatron.rollout.sglang_cpu import SHIM_DIR
+from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The EvalRunConfig the arguments describe (ValueError on bad values)."""
     from topd_megatron.evaluation.prompting import PromptConfig
     from topd_megatron.evaluation.runner import EvalRunConfig, student_server
-    from topd_megatron.parallel import ParallelConfig
+    from topd_megatron.distributed.parallel import ParallelConfig
 
     if args.dp < 1:
         raise ValueError(f"--dp must be >= 1, got {args.dp}")
@@ -143,7 +143,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from topd_megatron.evaluation.runner import preflight, run_eval
-    from topd_megatron.launch import run_ranks
+    from topd_megatron.distributed.launch import run_ranks
 
     try:
         cfg = config_from_args(args)

@@ -12,7 +12,7 @@ Layout decisions made here:
 - `parallel_output=True`: the output layer returns this rank's vocabulary shard; nothing gathers the vocabulary.
 - The vocabulary is exactly the HF config's `vocab_size` unless `pad_vocab_to_multiple_of` is set, in which case
   Megatron pads it to a multiple of that times TP; padded entries are at ids >= `MegatronLM.vocab_size` and must
-  be masked wherever probabilities are formed (`topd_megatron.loss` takes `vocab_size` for that).
+  be masked wherever probabilities are formed (`topd_megatron.algorithm.loss` takes `vocab_size` for that).
 - TransformerEngine layer specs when TE is importable and CUDA is present, Megatron-Core's local spec otherwise.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from topd_megatron.parallel import ParallelConfig
+from topd_megatron.distributed.parallel import ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def build_model(
             bf16=provider.bf16,
         )
     if kind == "megatron":
-        from topd_megatron.checkpoint import load_chunk_weights
+        from topd_megatron.models.checkpoint import load_chunk_weights
 
         load_chunk_weights(modules, src)
     if wrap_with_ddp:
@@ -356,7 +356,7 @@ def wrap_ddp(modules: list[Any], provider: Any, ddp_config: Any) -> list[Any]:
     from megatron.core.distributed import DistributedDataParallel
 
     if ddp_config is None:
-        raise ValueError("wrap_with_ddp=True needs a ddp_config (see topd_megatron.optim.ddp_config)")
+        raise ValueError("wrap_with_ddp=True needs a ddp_config (see topd_megatron.training.optim.ddp_config)")
     wrapped = [
         DistributedDataParallel(config=provider, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
         for i, m in enumerate(modules)

@@ -42,7 +42,7 @@ from topd_megatron.plan.memory import (
 )
 from topd_megatron.plan.preflight import Check, preflight
 from topd_megatron.plan.step_time import StepTime, estimate_step_time
-from topd_megatron.rollout.sglang_server import ServerConfig
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 
 @dataclass(slots=True)

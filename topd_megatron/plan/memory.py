@@ -1,6 +1,6 @@
 """Per-GPU memory of every rank role of a run, component by component, in bytes (reported in GiB = 2^30 bytes).
 
-Model states (the student as topd_megatron/optim.py builds it: Megatron DDP with grad_reduce_in_fp32=True and the
+Model states (the student as topd_megatron/training/optim.py builds it: Megatron DDP with grad_reduce_in_fp32=True and the
 distributed optimizer; P = parameters on the rank):
     student weights     P * bytes(dtype)                               bf16: 2, fp32: 4
     gradient buffer     P * 4                                          fp32 DDP buffer
@@ -94,11 +94,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from topd_megatron.config import RunConfig
-from topd_megatron.loss import default_chunk_size
+from topd_megatron.algorithm.loss import default_chunk_size
 from topd_megatron.models.build import ModelConfig, padded_vocab
 from topd_megatron.plan.architecture import Architecture
 from topd_megatron.plan.layout import Layout, StepShape
-from topd_megatron.rollout.sglang_server import ServerConfig
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 GIB = float(1 << 30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "auto": 2}

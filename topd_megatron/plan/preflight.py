@@ -4,7 +4,7 @@
 
 - checkpoints: the student's and teacher's directories exist (config.json there or in hf/);
 - tokenizer: student and teacher share one tokenizer (vocabulary, special tokens, EOS, chat template), checked with
-  topd_megatron.tokenizer.check_same_tokenizer when both directories are here;
+  topd_megatron.models.tokenizer.check_same_tokenizer when both directories are here;
 - SGLang model paths set explicitly in the sglang section exist;
 - data: the task loads, and its data files (a task's `*_path` attributes, e.g. math_jsonl's train/eval JSONL) are
   readable and their first row parses;
@@ -57,7 +57,7 @@ def checkpoint_checks(cfg: RunConfig, strict: bool) -> list[Check]:
         else:
             out.append(Check(f"{role} checkpoint", "ok", path))
     if all(c.status == "ok" for c in out):
-        from topd_megatron.tokenizer import check_same_tokenizer
+        from topd_megatron.models.tokenizer import check_same_tokenizer
 
         s, t = _tokenizer_dir(cfg.student.path), _tokenizer_dir(cfg.teacher.path)
         try:

@@ -2,10 +2,10 @@
 
     topd run tiny [--tp 2 --pp 1 --steps 30 --seeds 1 --json-out PATH]
 
-1. prepare the tiny teacher/student pair for the task (cached, see `topd_megatron.prepare`);
+1. prepare the tiny teacher/student pair for the task (cached, see `topd_megatron.analysis.prepare`);
 2. train the same student initialisation with each arm (`opd`, `opd_suppress`, `topd`, `topd_lookahead`) and each
    seed, on tp*pp gloo ranks, evaluating avg@k on held-out problems during and after training;
-3. label the student's high-loss tokens with the oracle (`topd_megatron.oracle`) and score both detectors;
+3. label the student's high-loss tokens with the oracle (`topd_megatron.analysis.oracle`) and score both detectors;
 4. print the table (accuracy +- stderr, share of non-divergent candidates, detector precision/recall, step time and
    overhead against OPD), write metrics (JSONL, TensorBoard per run), plots and `--json-out`.
 """
@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from topd_megatron import objective
+from topd_megatron.algorithm import objective
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluate import EvalConfig
-from topd_megatron.metrics import read_metrics
+from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.training.metrics import read_metrics
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.optim import OptimConfig
-from topd_megatron.parallel import ParallelConfig
-from topd_megatron.prepare import PrepareConfig
-from topd_megatron.rollout.sglang import SGLangConfig
+from topd_megatron.training.optim import OptimConfig
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.analysis.prepare import PrepareConfig
+from topd_megatron.rollout.sglang.engine import SGLangConfig
 
 ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
 ARM_DETECTOR = {
@@ -134,10 +134,10 @@ def summarize_run(run_dir: Path, k: int) -> dict[str, Any]:
 
 def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any]:
     """Run the whole comparison; returns the JSON-able results."""
-    from topd_megatron.launch import spawn
-    from topd_megatron.oracle import OracleConfig, run_oracle
-    from topd_megatron.prepare import prepare
-    from topd_megatron.train import train
+    from topd_megatron.distributed.launch import spawn
+    from topd_megatron.analysis.oracle import OracleConfig, run_oracle
+    from topd_megatron.analysis.prepare import prepare
+    from topd_megatron.training.loop import train
 
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
     out = Path(cfg.out_dir)
@@ -166,7 +166,7 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     oracle = [r for r in spawn(run_oracle, world, (base, ocfg), timeout=world_timeout) if r is not None][0]
 
     results = compile_results(cfg, runs, oracle, prepared.report)
-    from topd_megatron.plots import plot_accuracy, plot_heatmap
+    from topd_megatron.analysis.plots import plot_accuracy, plot_heatmap
 
     results["plots"] = {
         "accuracy": str(plot_accuracy(runs, cfg.eval_k, out / "accuracy.png")),

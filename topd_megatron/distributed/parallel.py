@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from topd_megatron import platform
+from topd_megatron.distributed import platform
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,7 +92,7 @@ def dist_env() -> dict[str, str]:
         # Every task of a Slurm job derives the same port from the job id.
         out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
     else:
-        from topd_megatron.launch import free_port
+        from topd_megatron.distributed.launch import free_port
 
         out["MASTER_PORT"] = str(free_port())
     return out

@@ -1,11 +1,11 @@
 """One SGLang server in the foreground, for launchers: the Slurm scripts start one per role, then attach training.
 
-    python -m topd_megatron.rollout.serve --role student --model CKPT --port 30000 --pid-file run/student.pid
+    python -m topd_megatron.rollout.sglang.serve --role student --model CKPT --port 30000 --pid-file run/student.pid
     # CPU: the generic torch path is chosen automatically (see sglang_server.cpu_server_args), dtype float32
 
     # one server over 4 GPU nodes (SGLang multi-node: TP 8 per replica, 4 data-parallel replicas), one task per node;
     # beyond loopback every request needs the API key, read from $TOPD_SGLANG_API_KEY
-    srun --nodes 4 --ntasks-per-node 1 bash -c 'python -m topd_megatron.rollout.serve --role student --model CKPT \
+    srun --nodes 4 --ntasks-per-node 1 bash -c 'python -m topd_megatron.rollout.sglang.serve --role student --model CKPT \
         --host 0.0.0.0 --port 30000 --tp 8 --dp 4 --dtype bfloat16 \
         --nnodes 4 --node-rank $SLURM_PROCID --dist-init-addr FIRST_NODE:5000'
 
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from topd_megatron.rollout.sglang import _resolve
-from topd_megatron.rollout.sglang_server import (
+from topd_megatron.rollout.sglang.engine import _resolve
+from topd_megatron.rollout.sglang.server import (
     LOOPBACK,
     ServerConfig,
     ServerStartError,
@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="python -m topd_megatron.rollout.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m topd_megatron.rollout.sglang.serve", description=__doc__.split("\n")[0])
     p.add_argument("--role", required=True, choices=["student", "teacher"])
     p.add_argument("--model", required=True, help="HF checkpoint directory, or a topd checkpoint (its hf/ is served)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs $" + API_KEY_ENV)

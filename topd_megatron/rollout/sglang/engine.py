@@ -22,10 +22,10 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 
-from topd_megatron.rollout import Generation, SamplingParams
-from topd_megatron.rollout.sglang_client import SGLangClient, SGLangUnavailable, TokenScores
-from topd_megatron.rollout.sglang_server import ServerConfig, SGLangServer, launch_server
-from topd_megatron.rollout.weight_sync import SYNC_MODES, WeightSync
+from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable, TokenScores
+from topd_megatron.rollout.sglang.server import ServerConfig, SGLangServer, launch_server
+from topd_megatron.rollout.sglang.weight_sync import SYNC_MODES, WeightSync
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from topd_megatron import divergence, objective
-from topd_megatron.batch import StepBatch, build_step_batch, prefixes
+from topd_megatron.algorithm import detection, objective
+from topd_megatron.algorithm.batch import StepBatch, build_step_batch, prefixes
 from topd_megatron.config import RunConfig
-from topd_megatron.rollout import SamplingParams
-from topd_megatron.sampling import vocab_parallel_argmax
+from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.rollout.sampling import vocab_parallel_argmax
 from topd_megatron.tasks import Problem, Task
 
 FORK, SURFACE, UNLABELLED = 1, 0, -1
@@ -45,7 +45,7 @@ def _teacher_choice(ctx: Any, step: StepBatch, positions: torch.Tensor, t_logits
     """a*: the teacher's argmax token at each position, on every rank."""
     from megatron.core import parallel_state as ps
 
-    from topd_megatron.train_step import _broadcast_from_last_stage
+    from topd_megatron.training.step import _broadcast_from_last_stage
 
     best = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -122,13 +122,13 @@ def fork_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict[str, Any] | None:
     """Rank body: label the student's candidates with the oracle and score each detector. Report on rank 0."""
     from topd_megatron.models.build import build_model
-    from topd_megatron.parallel import init_model_parallel
-    from topd_megatron.prepare import encode_prompt
-    from topd_megatron.rollout import rollout_engine
+    from topd_megatron.distributed.parallel import init_model_parallel
+    from topd_megatron.analysis.prepare import encode_prompt
+    from topd_megatron.rollout.factory import rollout_engine
     from topd_megatron.tasks import load_task
-    from topd_megatron.teacher import build_teacher, teacher_logits
-    from topd_megatron.tokenizer import load_tokenizer
-    from topd_megatron.train_step import StepContext, detect_step, step_divergence
+    from topd_megatron.training.teacher import build_teacher, teacher_logits
+    from topd_megatron.models.tokenizer import load_tokenizer
+    from topd_megatron.training.step import StepContext, detect_step, step_divergence
 
     init_model_parallel(run.parallel)
     task = load_task(run.task)
@@ -162,7 +162,7 @@ def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict
     )
     t_logits = teacher_logits(teacher, step.microbatches())
     d = step_divergence(ctx, cfg.objective, step, tb, t_logits)
-    cands = divergence.select_candidates(cfg.objective.detection, tb, d)
+    cands = detection.select_candidates(cfg.objective.detection, tb, d)
     labels = label_candidates(
         ctx, step, cands.positions, t_logits, task, problems, [len(p) for p in prompts], tokenizer, cfg.max_new_tokens
     )

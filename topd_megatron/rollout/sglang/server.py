@@ -6,7 +6,7 @@
 
 Servers bind to 127.0.0.1 unless `host` says otherwise; a server listening beyond loopback always gets an API key
 (generated when none is configured) and every request carries it. On a machine without CUDA the server runs SGLang's
-generic torch path (see `cpu_server_args`), with `topd_megatron.rollout.sglang_cpu` on its PYTHONPATH.
+generic torch path (see `cpu_server_args`), with `topd_megatron.rollout.sglang.cpu_shim` on its PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def server_command(cfg: ServerConfig, port: int, api_key: str | None, *, cuda: b
 def server_env(*, cuda: bool) -> dict[str, str]:
     """Environment of a launched server. Log-probs are always those of the model's own distribution (temperature 1,
     before top-p), the quantity the trainer's importance ratios and the teacher-served loss need."""
-    from topd_megatron.rollout.sglang_cpu import SHIM_DIR
+    from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
 
     env = dict(os.environ)
     env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"

@@ -2,7 +2,7 @@
 
 The smallest real piece of TOPD: both models score the same (prompt, response) sequences, logits stay sharded over
 the vocabulary, and for every response position we report whether the two models' top-1 tokens agree, the reverse
-KL(student || teacher) computed on the shards (`topd_megatron.loss.token_divergence`), and both models'
+KL(student || teacher) computed on the shards (`topd_megatron.algorithm.loss.token_divergence`), and both models'
 log-probabilities of the actual token. High-divergence positions are exactly TOPD's candidates.
 
     topd agree --tp 2                 # tiny embedded pair, 2 gloo ranks
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.parallel import ParallelConfig
+from topd_megatron.distributed.parallel import ParallelConfig
 
 DEFAULT_EXAMPLES = (
     ("Compute 12 + 7.", "We add 12 and 7 to get 19. The answer is \\boxed{19}."),
@@ -91,12 +91,12 @@ def run(rank: int, world: int, cfg: AgreementConfig) -> dict[str, Any] | None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from topd_megatron.forward import forward_logits, make_microbatch
-    from topd_megatron.loss import token_divergence, token_logprobs
+    from topd_megatron.training.forward import forward_logits, make_microbatch
+    from topd_megatron.algorithm.loss import token_divergence, token_logprobs
     from topd_megatron.models.build import build_model
-    from topd_megatron.parallel import init_model_parallel
-    from topd_megatron.teacher import build_teacher, teacher_logits
-    from topd_megatron.tokenizer import load_tokenizer
+    from topd_megatron.distributed.parallel import init_model_parallel
+    from topd_megatron.training.teacher import build_teacher, teacher_logits
+    from topd_megatron.models.tokenizer import load_tokenizer
 
     init_model_parallel(cfg.parallel)
     student = build_model(cfg.student, cfg.parallel, role="student")

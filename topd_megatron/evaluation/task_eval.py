@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from topd_megatron.rollout import SamplingParams
+from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.tasks import Problem, Task
 
 

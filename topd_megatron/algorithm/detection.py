@@ -40,7 +40,7 @@ from scipy.sparse import csr_matrix, identity, kron, vstack
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from topd_megatron.loss import vocab_parallel_embedding
+from topd_megatron.algorithm.loss import vocab_parallel_embedding
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,13 +10,13 @@ with every sum normalised by N (token mean, per-sequence mean or a constant). Pr
     topd            window_ot detector + suppression + teacher_window guidance (the paper's method; Config())
     topd_lookahead  lookahead detector + suppression + on_path guidance: TOPD without any extra generation
 
-One micro-batch, in the loop's order (see topd_megatron/divergence.py for why detection comes first):
+One micro-batch, in the loop's order (see topd_megatron/algorithm/detection.py for why detection comes first):
 
     batch = TokenBatch(tokens=y, seq_ids=..., response_mask=m, rollout_logprobs=...)  # or TokenBatch.from_padded
     terms = token_terms(cfg, batch, student_logits, teacher_logits, vocab_size=V, group=tp)  # [N, V_local] shards
-    cands = divergence.select_candidates(cfg.detection, batch, terms.divergence.detach())
+    cands = detection.select_candidates(cfg.detection, batch, terms.divergence.detach())
     u = <teacher samples K tokens after (x, y_<t) for t in cands.positions>          # window_ot only
-    det = divergence.detect(cfg.detection, batch, cands, terms.divergence.detach(), teacher_windows=u,
+    det = detection.detect(cfg.detection, batch, cands, terms.divergence.detach(), teacher_windows=u,
                             embedding=student_embedding_shard, vocab_size=V, group=tp)
     g_pos, g_win = det.guidance_positions(), det.guidance_windows(u)                  # teacher_window only:
     s_b, t_b = <student and teacher logits on (x, y_<t, u_1..u_K), packed [sum(g_win.lengths), V_local]>
@@ -53,9 +53,9 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from topd_megatron import divergence as divergence_mod
-from topd_megatron.divergence import Detection, TokenBatch, Windows, future_weights
-from topd_megatron.loss import token_divergence, token_logprobs, topk_divergence
+from topd_megatron.algorithm import detection
+from topd_megatron.algorithm.detection import Detection, TokenBatch, Windows, future_weights
+from topd_megatron.algorithm.loss import token_divergence, token_logprobs, topk_divergence
 
 PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
 TEACHER_SIGNALS: tuple[str, ...] = ("logits", "top_k", "sampled_token")
@@ -65,7 +65,7 @@ TEACHER_SIGNALS: tuple[str, ...] = ("logits", "top_k", "sampled_token")
 class Config:
     """The distillation objective; the defaults are the paper's TOPD (window_ot + suppression + teacher_window)."""
 
-    detection: divergence_mod.Config = field(default_factory=divergence_mod.Config)
+    detection: detection.Config = field(default_factory=detection.Config)
     """Candidates and detector (q, M, tau/q_D, K, OT solver, Sinkhorn, window source, lookahead gamma)."""
     opd: Literal["dense", "pg"] = "dense"
     """'dense': L = sum m_t d_t / N through p_t over the whole vocabulary; 'pg': the policy-gradient form."""
@@ -167,7 +167,7 @@ class Config:
 
 def preset(name: str) -> Config:
     """The Config of a named algorithm (see the module docstring); change fields with dataclasses.replace."""
-    det = divergence_mod.Config
+    det = detection.Config
     if name == "opd":
         return Config(detection=det(detector="none"), guidance="none")
     if name == "opd_pg":

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from topd_megatron.rollout import Generation, SamplingParams
+from topd_megatron.rollout.engine import Generation, SamplingParams
 
 
 class SGLangResponseError(RuntimeError):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from topd_megatron.divergence import TokenBatch, Windows
-from topd_megatron.forward import MicroBatch, make_microbatch
-from topd_megatron.rollout import Generation
+from topd_megatron.algorithm.detection import TokenBatch, Windows
+from topd_megatron.training.forward import MicroBatch, make_microbatch
+from topd_megatron.rollout.engine import Generation
 
 
 @dataclass(kw_only=True, slots=True)

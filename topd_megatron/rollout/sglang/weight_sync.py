@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from topd_megatron.rollout.sglang_client import SGLangClient, SGLangResponseError
+from topd_megatron.rollout.sglang.client import SGLangClient, SGLangResponseError
 
 SyncMode = Literal["disk", "tensor", "distributed"]
 SYNC_MODES = ("disk", "tensor", "distributed")
@@ -193,7 +193,7 @@ class WeightSync:
             return self._group
         from sglang.srt.utils.common import init_custom_process_group
 
-        from topd_megatron.rollout.sglang_server import free_port
+        from topd_megatron.rollout.sglang.server import free_port
 
         assert self.client is not None
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,7 +1,7 @@
 """The frozen teacher: built like the student, then put in eval mode with every parameter frozen.
 
 The teacher may differ from the student in size and architecture (and be an MoE), but it must
-- share the student's tokenizer (checked, see `topd_megatron.tokenizer`), so per-token distributions compare;
+- share the student's tokenizer (checked, see `topd_megatron.models.tokenizer`), so per-token distributions compare;
 - share the student's TP size (it is built on the same model-parallel groups), so its vocabulary shards line up
   with the student's shard for shard and the loss never gathers the vocabulary;
 - have the same true vocabulary and the same padded vocabulary (same shard boundaries).
@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from topd_megatron.batch import StepBatch, prefixes
-from topd_megatron.divergence import Windows
-from topd_megatron.forward import MicroBatch, forward_logits
+from topd_megatron.algorithm.batch import StepBatch, prefixes
+from topd_megatron.algorithm.detection import Windows
+from topd_megatron.training.forward import MicroBatch, forward_logits
 from topd_megatron.models.build import MegatronLM, ModelConfig, build_model, hf_dir
-from topd_megatron.objective import ServedTeacher
-from topd_megatron.parallel import ParallelConfig
-from topd_megatron.tokenizer import check_same_tokenizer
+from topd_megatron.algorithm.objective import ServedTeacher
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.tokenizer import check_same_tokenizer
 
 
 def build_teacher(cfg: ModelConfig, parallel: ParallelConfig, student: MegatronLM) -> MegatronLM:

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from topd_megatron import divergence, objective
-from topd_megatron.batch import BranchBatch, StepBatch, build_branch_batch, prefixes, windows_from_generations
-from topd_megatron.divergence import Detection, TokenBatch, Windows
-from topd_megatron.forward import forward_logits, run_pipeline
+from topd_megatron.algorithm import detection, objective
+from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch, prefixes, windows_from_generations
+from topd_megatron.algorithm.detection import Detection, TokenBatch, Windows
+from topd_megatron.training.forward import forward_logits, run_pipeline
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.rollout import SamplingParams
-from topd_megatron.teacher import served_branch_scores, served_rollout_scores, teacher_logits
+from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.training.teacher import served_branch_scores, served_rollout_scores, teacher_logits
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,7 +142,7 @@ def detect_step(
     """Candidates over the whole step and the detector's decisions (collective: window_ot samples teacher windows
     through the engine). Returns (detection, teacher windows per candidate or None)."""
     kw = {"vocab_size": ctx.student.vocab_size, "group": _ps().get_tensor_model_parallel_group()}
-    cands = divergence.select_candidates(cfg.detection, tb, d_step)
+    cands = detection.select_candidates(cfg.detection, tb, d_step)
     extra: dict[str, Any] = {}
     u = None
     if cfg.detection.detector == "window_ot":
@@ -150,7 +150,7 @@ def detect_step(
         if cfg.detection.student_window == "fresh":
             extra["student_windows"] = _sample_windows(ctx, step, cands.positions, "student")
         extra["embedding"] = _embedding_shard(ctx.student)
-    return divergence.detect(cfg.detection, tb, cands, d_step, teacher_windows=u, **extra, **kw), u
+    return detection.detect(cfg.detection, tb, cands, d_step, teacher_windows=u, **extra, **kw), u
 
 
 def _teacher_of(

@@ -3,7 +3,7 @@
     report = hf_to_megatron(ImportConfig(hf_dir="ckpts/qwen3-4b", out_dir="ckpts/qwen3-4b-topd", tp=2))
     report = megatron_to_hf(ExportConfig(source="runs/my-run", out_dir="export/student", base="ckpts/qwen3-4b"))
 
-Both directions run on TP x PP ranks: started here with `topd_megatron.launch.spawn` (gloo on CPU, NCCL on GPU), or
+Both directions run on TP x PP ranks: started here with `topd_megatron.distributed.launch.spawn` (gloo on CPU, NCCL on GPU), or
 this process is one rank of a torchrun/srun job (RANK set). Every check that can fail on bad input runs first and
 raises `ValueError` with the fix before any rank starts: `check_paths` (missing directories, an output directory in
 the way; standard library only, so instant), then `check_import` / `plan_export` (partial or foreign checkpoints, a
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:  # the heavy modules (torch, Megatron) are imported where they are used: bad paths fail instantly
     from topd_megatron.models.build import ModelConfig
-    from topd_megatron.parallel import ParallelConfig
+    from topd_megatron.distributed.parallel import ParallelConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -38,7 +38,7 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 """HF tensors with one row per vocabulary entry (Megatron's padding rows are dropped from them on export)."""
 TRAIN_STATE = "train_state.json"
-"""Marks a training checkpoint (`topd_megatron.checkpoint.save_training_state`)."""
+"""Marks a training checkpoint (`topd_megatron.models.checkpoint.save_training_state`)."""
 
 
 class ConvertError(ValueError):
@@ -122,7 +122,7 @@ class ImportConfig:
 
     @property
     def parallel(self) -> ParallelConfig:
-        from topd_megatron.parallel import ParallelConfig
+        from topd_megatron.distributed.parallel import ParallelConfig
 
         return ParallelConfig(tp=self.tp, pp=self.pp)
 
@@ -153,9 +153,9 @@ def check_import(cfg: ImportConfig) -> ImportConfig:
 
 def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | None:
     """One rank of the HF -> topd conversion (collective); the report on global rank 0."""
-    from topd_megatron.checkpoint import save_model
+    from topd_megatron.models.checkpoint import save_model
     from topd_megatron.models.build import build_model
-    from topd_megatron.parallel import init_model_parallel
+    from topd_megatron.distributed.parallel import init_model_parallel
 
     init_model_parallel(cfg.parallel)
     lm = build_model(cfg.model, cfg.parallel, role=cfg.role)
@@ -167,7 +167,7 @@ def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | No
 
 def hf_to_megatron(cfg: ImportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Convert `cfg.hf_dir` into a topd checkpoint at `cfg.out_dir`; the report (None on non-zero launched ranks)."""
-    from topd_megatron.launch import run_ranks
+    from topd_megatron.distributed.launch import run_ranks
 
     cfg = check_import(cfg)
     return run_ranks(import_rank, cfg.tp * cfg.pp, cfg, timeout=timeout)
@@ -244,7 +244,7 @@ def _stored_embedding(weights_dir: Path) -> tuple[int, Dtype]:
 
 def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Path]:
     """Classify an export source: ("topd", checkpoint dir) or ("training", RUN/checkpoints/step_N)."""
-    from topd_megatron.checkpoint import LATEST, latest_checkpoint
+    from topd_megatron.models.checkpoint import LATEST, latest_checkpoint
     from topd_megatron.models.build import CHECKPOINT_META, checkpoint_kind
 
     p = Path(source)
@@ -278,7 +278,7 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Resolve and validate `cfg` without starting ranks (ValueError naming the problem)."""
     from topd_megatron.models.build import ModelConfig
     from topd_megatron.models.build import hf_dir as model_hf_dir
-    from topd_megatron.parallel import ParallelConfig
+    from topd_megatron.distributed.parallel import ParallelConfig
 
     check_paths(cfg.source, cfg.out_dir, overwrite=cfg.overwrite, base=cfg.base)
     parallel = ParallelConfig(tp=cfg.tp, pp=cfg.pp)  # validates the sizes
@@ -329,7 +329,7 @@ def _load_training_weights(modules: list[Any], weights_dir: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
-    from topd_megatron.checkpoint import chunks_sharded_state_dict
+    from topd_megatron.models.checkpoint import chunks_sharded_state_dict
 
     loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), weights_dir)
     for i, module in enumerate(modules):
@@ -396,7 +396,7 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
 
     from topd_megatron.logs import quiet_stdout
     from topd_megatron.models.build import DTYPES, build_model
-    from topd_megatron.parallel import init_model_parallel
+    from topd_megatron.distributed.parallel import init_model_parallel
 
     init_model_parallel(plan.parallel)
     lm = build_model(plan.model, plan.parallel)
@@ -440,7 +440,7 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
 def megatron_to_hf(cfg: ExportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Export `cfg.source` to a Hugging Face directory at `cfg.out_dir`; the report (None on non-zero launched
     ranks)."""
-    from topd_megatron.launch import run_ranks
+    from topd_megatron.distributed.launch import run_ranks
 
     plan = plan_export(cfg)
     return run_ranks(export_rank, plan.parallel.tp * plan.parallel.pp, plan, timeout=timeout)

@@ -1,7 +1,7 @@
 """Run a function on N local ranks (gloo on CPU, NCCL on GPU) and collect every rank's result or traceback.
 
 Used by the distributed tests and by `topd run` for single-machine runs. Clusters launch through torchrun or srun
-instead (see `topd_megatron.parallel.init_distributed`), which read the same environment variables this module sets.
+instead (see `topd_megatron.distributed.parallel.init_distributed`), which read the same environment variables this module sets.
 
     results = spawn(fn, world_size=2, args=(cfg,), timeout=300)   # fn(rank, world_size, *args) -> picklable
 
@@ -42,7 +42,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-PRELOAD = "topd_megatron._preload"
+PRELOAD = "topd_megatron.distributed.preload"
 _ctx = None
 
 
@@ -74,7 +74,7 @@ def _rank_main(
     out = Path(result_dir) / f"result.{rank}.pkl"
     try:
         if init_process_group:
-            from topd_megatron.parallel import init_process_group as _init
+            from topd_megatron.distributed.parallel import init_process_group as _init
 
             _init()
         value = fn(rank, world_size, *args)
@@ -181,7 +181,7 @@ def run_ranks(fn: Callable[..., Any], world: int, cfg: Any, *, timeout: float) -
     if launched_externally():
         import torch.distributed as dist
 
-        from topd_megatron.parallel import init_process_group
+        from topd_megatron.distributed.parallel import init_process_group
 
         init_process_group()
         report = fn(dist.get_rank(), dist.get_world_size(), cfg)

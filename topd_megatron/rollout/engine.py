@@ -1,0 +1,71 @@
+"""The rollout seam: sampling parameters, generations, and the protocols every engine implements.
+
+Two implementations plug into the same `RolloutEngine` protocol:
+- `embedded.EmbeddedEngine`: samples in-process from the Megatron student/teacher (any TP/PP; vocab-parallel
+  sampling, no gather of the vocabulary). The laptop default.
+- `sglang.SGLangEngine`: SGLang servers (launched or attached), weight sync after every step: the at-scale path.
+
+The trainer owns tokenisation: engines see token ids only. Calls are collective over the model-parallel group for the
+embedded engine (every rank passes the same prompts, every rank gets the same result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    """How to sample. Log-probs are always those of the model's own distribution (temperature 1, no top-p) at the
+    sampled token, i.e. log pi(y_t | x, y_<t): what OPD's importance ratio and the oracle need."""
+
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sequence ends after it emits one of these (kept in the output)."""
+    seed: int = 0
+    """Base seed; the same seed, prompts and weights give the same samples."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Generation:
+    """One sampled continuation."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    """log pi(y_t | x, y_<t) of each output token under the generating model (temperature 1)."""
+    finished: bool
+    """True when a stop token ended it, False when max_new_tokens did."""
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    """Sampling from the student (rollouts, evaluation) and the teacher (near-future windows, oracle)."""
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, model: Literal["student", "teacher"] = "student"
+    ) -> list[Generation]:
+        """One continuation per prompt, in order."""
+        ...
+
+    def sync_weights(self) -> dict[str, float]:
+        """Make the student's current weights the ones `generate` samples from; returns timing/size metrics."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine started (servers); the engine is unusable afterwards."""
+        ...
