@@ -3,11 +3,11 @@
 naive: all-gather the student and teacher vocabulary shards to [T, V] on every rank, fp32 `log_softmax` of both,
        reverse KL = sum p (log p - log q), backward through autograd (the gradient of the shard is the slice of the
        gradient of the gathered tensor).
-ours:  `topd_megatron.algorithm.loss.token_divergence(kind="reverse_kl")`: shards only, chunked over tokens, hand-written
-       backward.
+ours:  `topd_megatron.algorithm.loss.token_divergence(kind="reverse_kl")`: shards only, chunked over tokens,
+hand-written backward.
 
-Each (method, V, TP) cell runs in fresh processes (topd_megatron.distributed.launch.spawn, gloo on CPU, NCCL on GPU), so the
-first call's peak memory is not hidden by memory a previous call left in the allocator. Memory is the peak of
+Each (method, V, TP) cell runs in fresh processes (topd_megatron.distributed.launch.spawn, gloo on CPU, NCCL on GPU),
+so the first call's peak memory is not hidden by memory a previous call left in the allocator. Memory is the peak of
 what the fwd+bwd adds on top of its inputs, per rank (max over ranks): on CPU the resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs) of the first call; on GPU `torch.cuda.max_memory_allocated`. Time is
 the median wall time of `--repeats` calls after that first one (both after a warm-up call on 8 tokens). Threads:
@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topd_megatron.distributed.launch import spawn  # noqa: E402
 from topd_megatron.algorithm.loss import token_divergence  # noqa: E402
+from topd_megatron.distributed.launch import spawn  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -2,7 +2,8 @@
 actually allocate, per rank, component by component.
 
 Each case builds the prepared tiny pair (`topd prepare`: a 2-layer Qwen3 student and a 4-layer Qwen3 teacher, fp32)
-or a tiny random Llama or Qwen3-MoE student with Megatron-Core on 1 or 2 gloo ranks (topd_megatron.distributed.launch.spawn),
+or a tiny random Llama or Qwen3-MoE student with Megatron-Core on 1 or 2 gloo ranks
+(topd_megatron.distributed.launch.spawn),
 with the student's DDP and distributed optimizer exactly as training builds them, and measures on every rank:
 - weights, fp32 gradient buffer, Adam state, teacher weights: the sum of the distinct storages (untyped_storage()
   .nbytes(), so Megatron's bucket padding is included) of the model parameters, of their `main_grad` buffers, and
@@ -120,11 +121,11 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
 
     from topd_megatron.algorithm import objective
     from topd_megatron.algorithm.batch import BranchBatch
-    from topd_megatron.algorithm.detection import TokenBatch
-    from topd_megatron.training.forward import forward_logits, make_microbatch
-    from topd_megatron.models.build import ModelConfig, build_model
-    from topd_megatron.training.optim import OptimConfig, build_optimizer, ddp_config
+    from topd_megatron.algorithm.types import TokenBatch
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.training.forward import forward_logits, make_microbatch
+    from topd_megatron.training.optim import OptimConfig, build_optimizer, ddp_config
     from topd_megatron.training.teacher import build_teacher, teacher_logits
 
     torch.set_num_threads(1)
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     args = parser.parse_args(argv)
 
-    from topd_megatron.logs import quiet_third_party
     from topd_megatron.analysis.prepare import prepare
+    from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()
     pair = prepare()

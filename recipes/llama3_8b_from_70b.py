@@ -27,10 +27,10 @@ from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_di
 from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.models.build import ModelConfig
-from topd_megatron.training.optim import OptimConfig
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.training.optim import OptimConfig
 
 
 def llama3_8b_from_70b() -> RunConfig:

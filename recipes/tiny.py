@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from topd_megatron.config import RunConfig
 from topd_megatron.analysis.experiment import TinyConfig, run_config
 from topd_megatron.analysis.prepare import PrepareConfig, prepared_paths
+from topd_megatron.config import RunConfig
 
 
 def tiny() -> RunConfig:

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from topd_megatron.algorithm import detection, objective
+from topd_megatron.algorithm import detection, objective, types
 
 # (prompt, response, padding) per rollout: a short rollout, a padded one, one without prompt, one single token.
 LAYOUT = ((2, 9, 0), (1, 12, 3), (0, 6, 0), (1, 1, 0))
@@ -107,7 +107,7 @@ def run_pipeline(
 ) -> dict:
     """The implementation on this rank's shards; returns loss, grads of the shards, decisions and metrics."""
     vocab = case["vocab_size"]
-    batch = detection.TokenBatch(
+    batch = types.TokenBatch(
         tokens=case["tokens"],
         seq_ids=case["seq_ids"],
         response_mask=case["mask"],
@@ -123,8 +123,8 @@ def run_pipeline(
     if cfg.detection.detector != "none":
         cands = detection.select_candidates(cfg.detection, batch, terms.divergence.detach())
         p = cands.positions
-        u = detection.Windows(tokens=case["u_tokens"][p], lengths=case["u_len"][p])
-        sw = detection.Windows(tokens=case["s_tokens"][p], lengths=case["s_len"][p])
+        u = types.Windows(tokens=case["u_tokens"][p], lengths=case["u_len"][p])
+        sw = types.Windows(tokens=case["s_tokens"][p], lengths=case["s_len"][p])
         det = detection.detect(
             cfg.detection,
             batch,

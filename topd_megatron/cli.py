@@ -22,18 +22,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from topd_megatron.analysis import agreement, experiment
+from topd_megatron.analysis.prepare import PrepareConfig, prepare
+from topd_megatron.config import config_from_dict
+from topd_megatron.distributed.launch import launched_externally, run_ranks
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.evaluation import cli as eval_cli
+from topd_megatron.logs import quiet_third_party
+from topd_megatron.models.build import ModelConfig, check_layout
+from topd_megatron.models.format import checkpoint_kind, hf_dir
+from topd_megatron.models.tokenizer import check_same_tokenizer
+from topd_megatron.overrides import apply_overrides
+from topd_megatron.plan import cli as plan_cli
+from topd_megatron.training.loop import train
+
 ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
 DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
 
 
 def _launched_externally() -> bool:
-    from topd_megatron.distributed.launch import launched_externally
 
     return launched_externally()
 
 
 def _run_ranks(fn: Any, world: int, cfg: Any, timeout: float) -> Any:
-    from topd_megatron.distributed.launch import run_ranks
 
     return run_ranks(fn, world, cfg, timeout=timeout)
 
@@ -69,9 +81,6 @@ def _print_agreement(report: dict[str, Any]) -> None:
 
 
 def cmd_agree(args: argparse.Namespace, student: str, teacher: str) -> int:
-    from topd_megatron.analysis import agreement
-    from topd_megatron.models.build import ModelConfig
-    from topd_megatron.distributed.parallel import ParallelConfig
 
     cfg = agreement.AgreementConfig(
         student=ModelConfig(path=student, dtype=args.dtype),
@@ -94,9 +103,6 @@ def _preflight(cfg: Any) -> None:
     """Cheap checks before any rank starts: checkpoints complete, layouts valid, tokenizers identical."""
     from transformers import AutoConfig
 
-    from topd_megatron.models.build import check_layout, hf_dir
-    from topd_megatron.models.tokenizer import check_same_tokenizer
-
     dirs = {}
     for role in ("student", "teacher"):
         mcfg = getattr(cfg, role)
@@ -106,7 +112,6 @@ def _preflight(cfg: Any) -> None:
 
 
 def cmd_run_tiny(args: argparse.Namespace) -> int:
-    from topd_megatron.analysis import experiment
 
     cfg = experiment.TinyConfig(
         tp=args.tp,
@@ -130,8 +135,6 @@ def cmd_run_tiny(args: argparse.Namespace) -> int:
 
 def load_run_config(args: argparse.Namespace) -> Any:
     """The RunConfig of `--config FILE` or `--recipe NAME`, with every `--set KEY=VALUE` applied."""
-    from topd_megatron.config import config_from_dict
-    from topd_megatron.overrides import apply_overrides
 
     if args.recipe:
         import recipes
@@ -144,19 +147,14 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from topd_megatron.training.loop import train
 
     cfg = load_run_config(args)
     if args.recipe and not _launched_externally():
         import recipes
 
         if recipes.recipe(args.recipe).needs_tiny_pair:
-            from topd_megatron.analysis.prepare import prepare
-
             prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
-        from topd_megatron.models.build import checkpoint_kind
-
         checkpoint_kind(getattr(cfg, role).path)  # a missing or partial checkpoint fails before any rank starts
     report = _run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
     if report is not None:
@@ -165,7 +163,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from topd_megatron.analysis.prepare import PrepareConfig, prepare
 
     prepared = prepare(PrepareConfig(task=args.task), force=args.force)
     report = prepared.report
@@ -221,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
     prep.add_argument("--force", action="store_true", help="redo it even if a cached preparation exists")
     plan = sub.add_parser("plan", help="memory per GPU role, step time and preflight of a recipe, before GPU time")
-    from topd_megatron.evaluation import cli as eval_cli
-    from topd_megatron.plan import cli as plan_cli
 
     plan_cli.add_arguments(plan)
     eval_cli.add_arguments(sub.add_parser("eval", help="avg@k / pass@k on math benchmarks through the rollout engine"))
@@ -233,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     common(agree)
 
     args = parser.parse_args(argv)
-    from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()
     try:

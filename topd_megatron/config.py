@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
+from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.models.build import ModelConfig
-from topd_megatron.training.optim import OptimConfig
-from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.training.optim import OptimConfig
 
 
 @dataclass(kw_only=True, slots=True)

@@ -223,7 +223,7 @@ def measure_overhead(rounds: int = 7, steps: int = 30) -> dict[str, float]:
     from torch.overrides import TorchFunctionMode
 
     from topd_megatron.distributed import platform
-    from topd_megatron.distributed.parallel import init_process_group
+    from topd_megatron.distributed.env import init_process_group
 
     class EmptyMode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from tests.distributed.test_models import TOKENS, _forward
-from topd_megatron.models.convert import ImportConfig, check_import, import_rank
 from topd_megatron.distributed.launch import spawn
+from topd_megatron.models.convert import ImportConfig, check_import, import_rank
 from topd_megatron.models.tiny import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,10 +74,10 @@ def train_and_save(hf_dir: str, run_dir: str) -> torch.Tensor | None:
     student's logits of TOKENS (gathered) on the reporting rank."""
     from megatron.core.distributed import finalize_model_grads
 
-    from topd_megatron.models.checkpoint import save_training_state
-    from topd_megatron.models.build import ModelConfig, build_model
-    from topd_megatron.training.optim import OptimConfig, build_optimizer, build_scheduler, ddp_config
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.models.checkpoint import save_training_state
+    from topd_megatron.training.optim import OptimConfig, build_optimizer, build_scheduler, ddp_config
 
     par = ParallelConfig(tp=2)
     init_model_parallel(par)

@@ -19,7 +19,8 @@ relative. TOL = 1e-5 leaves margin and still catches a misplaced shard (those mo
 round trip moves bytes, so it must be exact.
 
 Run: pytest tests/distributed/test_megatron_cpu.py (~2 min on 2 busy cores; the first spawn of a session pays
-topd_megatron.distributed.launch's forkserver preload, and each dist_checkpointing.save ~20 s for its writer's spawned Manager).
+topd_megatron.distributed.launch's forkserver preload, and each dist_checkpointing.save ~20 s for its writer's
+spawned Manager).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Student/teacher models on gloo ranks: layouts agree, Megatron matches Hugging Face, checkpoints move between
 layouts, and the teacher stays frozen.
 
-Each test body runs on N CPU ranks through `topd_megatron.distributed.launch.spawn`; comparisons gather the vocabulary shards
-in the test only (production code never does).
+Each test body runs on N CPU ranks through `topd_megatron.distributed.launch.spawn`; comparisons gather the
+vocabulary shards in the test only (production code never does).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def layout_body(rank: int, world: int, ckpt: str, tp: int, pp: int, vpp: int | N
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
 
     par = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
     init_model_parallel(par)
@@ -126,8 +126,8 @@ def test_layouts_give_the_same_logits_loss_and_gradients(tiny_checkpoints: dict[
 
 
 def hf_parity_body(rank: int, world: int, ckpts: dict[str, str], tp: int):
-    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
 
     par = ParallelConfig(tp=tp)
     init_model_parallel(par)
@@ -154,9 +154,9 @@ def test_megatron_logits_match_hugging_face(tiny_checkpoints: dict[str, Path], t
 
 
 def save_body(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int):
-    from topd_megatron.models.checkpoint import save_model
-    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.models.checkpoint import save_model
 
     par = ParallelConfig(tp=tp, pp=pp)
     init_model_parallel(par)
@@ -180,11 +180,11 @@ def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1(tiny_checkpoints: dict[str, Pa
 def frozen_teacher_body(rank: int, world: int, student_dir: str, teacher_dir: str):
     from megatron.core import parallel_state
 
-    from topd_megatron.training.forward import make_microbatch, run_pipeline
     from topd_megatron.algorithm.loss import token_divergence
-    from topd_megatron.models.build import ModelConfig, build_model
-    from topd_megatron.training.optim import OptimConfig, build_optimizer, ddp_config
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.training.forward import make_microbatch, run_pipeline
+    from topd_megatron.training.optim import OptimConfig, build_optimizer, ddp_config
     from topd_megatron.training.teacher import build_teacher, teacher_logits
 
     par = ParallelConfig(tp=2)

@@ -13,10 +13,10 @@ PROMPTS = [[3, 17, 42, 99], [120, 4], [44, 45, 46, 200, 201, 383, 5]]
 
 
 def generate_body(rank: int, world: int, ckpt: str, tp: int, pp: int, temperature: float, seed: int):
-    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
-    from topd_megatron.rollout.engine import SamplingParams
+    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.embedded import EmbeddedEngine
+    from topd_megatron.rollout.engine import SamplingParams
 
     par = ParallelConfig(tp=tp, pp=pp)
     init_model_parallel(par)

@@ -17,13 +17,13 @@ import pytest
 
 from topd_megatron.algorithm import objective
 from topd_megatron.config import RunConfig, TrainConfig, config_from_dict
-from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.distributed.launch import DistributedFailure, spawn
-from topd_megatron.training.metrics import read_metrics
-from topd_megatron.models.build import ModelConfig
-from topd_megatron.training.optim import OptimConfig
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.models.build import ModelConfig
 from topd_megatron.training.loop import train
+from topd_megatron.training.metrics import read_metrics
+from topd_megatron.training.optim import OptimConfig
 
 TIMING_PREFIXES = ("time/", "sync/", "detect/time_s")
 

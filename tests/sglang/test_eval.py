@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_DATA
+from topd_megatron.distributed.launch import spawn
+from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation import cli
 from topd_megatron.evaluation.benchmarks import load_benchmark
 from topd_megatron.evaluation.runner import STATUSES, EvalRunConfig, run_eval
-from topd_megatron.distributed.launch import spawn
-from topd_megatron.distributed.parallel import ParallelConfig
 
 TOKENIZER = SHARED_DATA / "tokenizers" / "qwen3-4b-2507"
 SEVEN = "7"

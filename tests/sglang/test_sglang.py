@@ -40,8 +40,8 @@ def _megatron_logprobs(lm, seqs: list[list[int]], start: list[int]) -> list[torc
     """log p(seq[i] | seq[:i]) for i >= start, from the Megatron model's vocab-sharded logits."""
     from megatron.core import parallel_state as ps
 
-    from topd_megatron.training.forward import forward_logits, make_microbatch
     from topd_megatron.algorithm.loss import token_logprobs
+    from topd_megatron.training.forward import forward_logits, make_microbatch
 
     tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -59,8 +59,8 @@ def _megatron_logprobs(lm, seqs: list[list[int]], start: list[int]) -> list[torc
 def _parity_body(rank: int, world: int, student: str, url: str, modes: tuple[str, ...], work: str) -> dict | None:
     """TP=world: sample from the server, score the samples with Megatron; then for each sync mode perturb the
     student (identically on every rank), push it and compare again. Returns max abs differences on rank 0."""
-    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.sglang.weight_sync import WeightSync
 
     init_model_parallel(ParallelConfig(tp=world))
@@ -164,7 +164,7 @@ def test_a_server_that_is_not_healthy_in_time_fails_within_its_timeout(synthetic
 
 
 def test_an_unreachable_server_exhausts_a_bounded_retry_budget() -> None:
-    from topd_megatron.rollout.sglang.server import free_port
+    from topd_megatron.distributed.env import free_port
 
     client = SGLangClient(f"http://127.0.0.1:{free_port()}", max_retries=2)
     t0 = time.monotonic()
@@ -187,9 +187,9 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
     windows): the student server is SIGKILLed as the second step's rollout goes out; the run restarts it, pushes the
     weights again, retries the same rollout and finishes every step."""
     from tests.distributed.test_train import make_config
-    from topd_megatron.training.metrics import read_metrics
     from topd_megatron.rollout.sglang.engine import SGLangConfig
     from topd_megatron.training.loop import train
+    from topd_megatron.training.metrics import read_metrics
 
     cfg = make_config(synthetic_pair, tmp_path / "run", "topd", steps=3)
     cfg = dataclasses.replace(
@@ -250,11 +250,16 @@ def _served_parity_body(rank: int, world: int, pair: tuple[str, str], urls: tupl
 
     from topd_megatron.algorithm import objective
     from topd_megatron.algorithm.batch import build_branch_batch, build_step_batch
-    from topd_megatron.algorithm.detection import Windows
-    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.algorithm.types import Windows
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
-    from topd_megatron.training.teacher import build_teacher, served_branch_scores, served_rollout_scores, teacher_logits
+    from topd_megatron.training.teacher import (
+        build_teacher,
+        served_branch_scores,
+        served_rollout_scores,
+        teacher_logits,
+    )
 
     par = ParallelConfig(tp=world)
     init_model_parallel(par)
@@ -339,9 +344,9 @@ def test_training_with_a_teacher_served_only_by_sglang(
     """teacher_source='sglang': no Megatron teacher is built; TOPD (window-OT detection, teacher-window guidance)
     takes every teacher quantity from the teacher server, in the top-k or the sampled-token form."""
     from tests.distributed.test_train import make_config
-    from topd_megatron.training.metrics import read_metrics
     from topd_megatron.rollout.sglang.engine import SGLangConfig
     from topd_megatron.training.loop import train
+    from topd_megatron.training.metrics import read_metrics
 
     cfg = make_config(synthetic_pair, tmp_path / "run", "topd", steps=2, eval_at_start=False)
     cfg = dataclasses.replace(

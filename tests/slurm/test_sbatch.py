@@ -143,7 +143,15 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
 def test_serve_answers_health_and_stops_on_sigterm(synthetic_pair: tuple[Path, Path], tmp_path: Path) -> None:
     pid_file = tmp_path / "student.pid"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "topd_megatron.rollout.sglang.serve", "--role", "student", "--model", str(synthetic_pair[0])]
+        [
+            sys.executable,
+            "-m",
+            "topd_megatron.rollout.sglang.serve",
+            "--role",
+            "student",
+            "--model",
+            str(synthetic_pair[0]),
+        ]
         + ["--log-dir", str(tmp_path), "--pid-file", str(pid_file), "--timeout", "600"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -10,6 +10,7 @@ import torch
 
 from tests import _reference_topd as ref
 from topd_megatron.algorithm import detection as dv
+from topd_megatron.algorithm import types
 
 
 def batch_of(layout, seed=0):
@@ -20,7 +21,7 @@ def batch_of(layout, seed=0):
         mask += [False] * p + [True] * r + [False] * pad
     g = torch.Generator().manual_seed(seed)
     n = len(seq)
-    return dv.TokenBatch(
+    return types.TokenBatch(
         tokens=torch.randint(0, 50, (n,), generator=g), seq_ids=torch.tensor(seq), response_mask=torch.tensor(mask)
     )
 
@@ -134,7 +135,7 @@ def _window_ot_inputs(seed=0):
     cfg = dv.Config(q=0.5, max_candidates=None, window=3, q_d=0.5)
     cands = dv.select_candidates(cfg, batch, d)
     c = cands.positions.numel()
-    u = dv.Windows(tokens=torch.randint(0, 50, (c, 3), generator=g), lengths=torch.randint(1, 4, (c,), generator=g))
+    u = types.Windows(tokens=torch.randint(0, 50, (c, 3), generator=g), lengths=torch.randint(1, 4, (c,), generator=g))
     return batch, d, emb, cfg, cands, u
 
 
@@ -190,7 +191,7 @@ def test_detect_errors_are_clear():
     fresh = dv.Config(q=0.5, window=3, student_window="fresh")
     with pytest.raises(ValueError, match="student_window='fresh' needs student_windows"):
         dv.detect(fresh, batch, cands, d, teacher_windows=u, embedding=emb)
-    empty = dv.Windows(tokens=u.tokens, lengths=torch.zeros_like(u.lengths))
+    empty = types.Windows(tokens=u.tokens, lengths=torch.zeros_like(u.lengths))
     with pytest.raises(ValueError, match="needs >= 1 token"):
         dv.detect(cfg, batch, cands, d, teacher_windows=empty, embedding=emb)
     with pytest.raises(ValueError, match="per_token_loss must be"):
@@ -218,13 +219,13 @@ def test_config_checks(kw, msg):
 def test_token_batch_checks_and_padded_layout():
     tokens = torch.arange(6).reshape(2, 3)
     mask = torch.tensor([[False, True, True], [True, True, False]])
-    b = dv.TokenBatch.from_padded(tokens, mask)
+    b = types.TokenBatch.from_padded(tokens, mask)
     assert b.seq_ids.tolist() == [0, 0, 0, 1, 1, 1] and b.response_mask.tolist() == mask.reshape(-1).tolist()
     with pytest.raises(ValueError, match="non-decreasing"):
-        dv.TokenBatch(
+        types.TokenBatch(
             tokens=torch.zeros(3, dtype=torch.long),
             seq_ids=torch.tensor([1, 0, 0]),
             response_mask=torch.ones(3, dtype=torch.bool),
         )
     with pytest.raises(ValueError, match="must all be"):
-        dv.TokenBatch(tokens=tokens, seq_ids=torch.zeros(6, dtype=torch.long), response_mask=mask.reshape(-1))
+        types.TokenBatch(tokens=tokens, seq_ids=torch.zeros(6, dtype=torch.long), response_mask=mask.reshape(-1))

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from topd_megatron.models.build import ModelConfig, _configure_provider, fp8_settings
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import ModelConfig, _configure_provider, fp8_settings
 
 
 def test_fp8_settings_per_role_and_recipe():

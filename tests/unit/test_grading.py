@@ -15,21 +15,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_DATA
-from topd_megatron.evaluation.task_eval import grade
-from topd_megatron.evaluation import (
+from topd_megatron.evaluation.benchmarks import (
     BENCHMARKS,
-    DEFAULT_INSTRUCTION,
-    Grade,
-    PromptConfig,
-    extract_answer,
-    grade_answer,
-    grade_detailed,
+    HubSource,
+    _hub_answer,
     load_benchmark,
     load_hub_benchmark,
     read_benchmark,
-    render_prompt,
 )
-from topd_megatron.evaluation.benchmarks import HubSource, _hub_answer
+from topd_megatron.evaluation.extract import extract_answer
+from topd_megatron.evaluation.grading import Grade, grade, grade_answer, grade_detailed
+from topd_megatron.evaluation.prompting import DEFAULT_INSTRUCTION, PromptConfig, render_prompt
 from topd_megatron.models.tokenizer import load_tokenizer
 
 SIZES = {"aime24": 30, "aime25": 30, "math500": 500, "gsm8k": 1319}

@@ -11,8 +11,9 @@ from transformers import AutoConfig
 
 from tests.conftest import SHARED_DATA
 from topd_megatron.cli import main as topd_main
-from topd_megatron.models.build import CheckpointError, ModelConfig, check_layout, checkpoint_kind
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import ModelConfig, check_layout
+from topd_megatron.models.format import CheckpointError, checkpoint_kind
 from topd_megatron.models.tokenizer import check_same_tokenizer
 
 QWEN3_TOKENIZER = SHARED_DATA / "tokenizers" / "qwen3-4b-2507"

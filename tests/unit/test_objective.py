@@ -11,7 +11,7 @@ import torch
 
 from tests import _reference_topd as ref
 from tests import _topd_cases as cases
-from topd_megatron.algorithm import detection, objective
+from topd_megatron.algorithm import detection, objective, types
 
 VARIANTS = cases.variants()
 
@@ -92,10 +92,10 @@ def test_padded_layout_equals_packed_layout():
     t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
     tok = torch.randint(0, 11, (2, 5), generator=g)
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    padded = detection.TokenBatch.from_padded(tok, mask)
+    padded = types.TokenBatch.from_padded(tok, mask)
     a, _ = objective.loss(cfg, padded, objective.token_terms(cfg, padded, s, t))
     keep = mask.reshape(-1)
-    packed = detection.TokenBatch(
+    packed = types.TokenBatch(
         tokens=tok.reshape(-1)[keep],
         seq_ids=torch.tensor([0, 0, 0, 1, 1]),
         response_mask=torch.ones(5, dtype=torch.bool),
@@ -131,7 +131,7 @@ def test_bf16_logits_follow_the_fp64_reference():
 
 def test_rho_is_truncated_in_value_and_gradient_weight():
     cfg = objective.preset("opd_pg")
-    batch = detection.TokenBatch(
+    batch = types.TokenBatch(
         tokens=torch.tensor([1, 2]),
         seq_ids=torch.tensor([0, 0]),
         response_mask=torch.ones(2, dtype=torch.bool),
@@ -181,7 +181,7 @@ def test_metrics_hold_the_diagnostics_of_the_spec():
 def test_loss_errors_are_clear():
     cfg = VARIANTS["topd"]
     case = cases.make_case(0)
-    batch = detection.TokenBatch(tokens=case["tokens"], seq_ids=case["seq_ids"], response_mask=case["mask"])
+    batch = types.TokenBatch(tokens=case["tokens"], seq_ids=case["seq_ids"], response_mask=case["mask"])
     terms = objective.token_terms(cfg, batch, case["student"], case["teacher"], vocab_size=cases.VOCAB)
     with pytest.raises(ValueError, match="no detection was passed"):
         objective.loss(cfg, batch, terms)
@@ -194,7 +194,7 @@ def test_loss_errors_are_clear():
     with pytest.raises(ValueError, match="needs branch"):
         objective.loss(cfg, batch, terms, det)
     bad = det.suppressed_mask().nonzero().flatten()[:1]
-    win = detection.Windows(tokens=torch.zeros(1, 2, dtype=torch.long), lengths=torch.tensor([2]))
+    win = types.Windows(tokens=torch.zeros(1, 2, dtype=torch.long), lengths=torch.tensor([2]))
     logits = torch.zeros(2, cases.V_PAD, dtype=torch.float64)
     branch = objective.branch_terms(cfg, bad, win, logits, logits, vocab_size=cases.VOCAB)
     with pytest.raises(ValueError, match="must be divergent positions"):

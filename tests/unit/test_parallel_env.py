@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from topd_megatron.distributed.parallel import ParallelConfig, dist_env
+from topd_megatron.distributed.env import dist_env
+from topd_megatron.distributed.parallel import ParallelConfig
 
 LAUNCH_VARS = (
     "RANK",

@@ -11,8 +11,8 @@ import pytest
 import recipes
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.models.build import ModelConfig
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import ModelConfig
 from topd_megatron.plan import cli, plan
 from topd_megatron.plan.architecture import PUBLIC_CONFIGS, Architecture, resolve
 from topd_megatron.plan.layout import Layout, StepShape

@@ -1,8 +1,10 @@
-"""Pins what topd_megatron.distributed.platform (the CPU layer) assumes about megatron-core; fails loudly when Megatron changes.
+"""Pins what topd_megatron.distributed.platform (the CPU layer) assumes about megatron-core; fails loudly when
+Megatron changes.
 
 It reads megatron/core's source files without importing Megatron (about a second, most of it the scan). When a test here
-fails: re-check the function it names (the message says what the layer relies on), fix topd_megatron/distributed/platform.py
-if needed, run tests/distributed/test_megatron_cpu.py, then record the new hash or site here / in PINNED_SOURCES.
+fails: re-check the function it names (the message says what the layer relies on), fix
+topd_megatron/distributed/platform.py if needed, run tests/distributed/test_megatron_cpu.py, then record the new hash
+or site here / in PINNED_SOURCES.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def test_megatron_passes_literal_cuda_devices_only_to_remapped_functions() -> No
         if func not in KNOWN_UNREMAPPED_CUDA_SITES.get(rel, (set(), ""))[0]
     ]
     assert not unexpected, (
-        "megatron-core now passes a literal CUDA device to a function topd_megatron.distributed.platform does not remap:\n  "
+        "megatron-core now passes a literal CUDA device to a function topd_megatron.distributed.platform does not"
+        " remap:\n  "
         + "\n  ".join(unexpected)
         + "\nAdd the callee to platform.REMAPPED_FACTORIES (or wrap it like ShardedTensor.init_data), or, if the code"
         " is GPU-only, record it in KNOWN_UNREMAPPED_CUDA_SITES with the reason."

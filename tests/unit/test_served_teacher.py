@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from topd_megatron.algorithm import objective
-from topd_megatron.algorithm.detection import TokenBatch, Windows
+from topd_megatron.algorithm.types import TokenBatch, Windows
 
 V, N = 11, 9
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from topd_megatron.algorithm.detection import TokenBatch, Windows
-from topd_megatron.training.forward import MicroBatch, make_microbatch
+from topd_megatron.algorithm.types import TokenBatch, Windows
 from topd_megatron.rollout.engine import Generation
+from topd_megatron.training.forward import MicroBatch, make_microbatch
 
 
 @dataclass(kw_only=True, slots=True)

@@ -54,8 +54,9 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from topd_megatron.algorithm import detection
-from topd_megatron.algorithm.detection import Detection, TokenBatch, Windows, future_weights
+from topd_megatron.algorithm.detection import future_weights
 from topd_megatron.algorithm.loss import token_divergence, token_logprobs, topk_divergence
+from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 
 PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
 TEACHER_SIGNALS: tuple[str, ...] = ("logits", "top_k", "sampled_token")

@@ -16,8 +16,13 @@ from typing import Any
 
 import torch
 
-from topd_megatron.models.build import ModelConfig
-from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.algorithm.loss import token_divergence, token_logprobs
+from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+from topd_megatron.models.build import ModelConfig, build_model
+from topd_megatron.models.tokenizer import encode_example, load_tokenizer
+from topd_megatron.rollout.sampling import vocab_parallel_argmax
+from topd_megatron.training.forward import forward_logits, make_microbatch
+from topd_megatron.training.teacher import build_teacher, teacher_logits
 
 DEFAULT_EXAMPLES = (
     ("Compute 12 + 7.", "We add 12 and 7 to get 19. The answer is \\boxed{19}."),
@@ -42,18 +47,9 @@ def encode_examples(tokenizer: Any, examples: tuple[tuple[str, str], ...]) -> tu
     """Right-padded token ids [n, s] and a response mask [n, s] (1 on response tokens, incl. the final EOS)."""
     rows, masks = [], []
     for prompt, response in examples:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        )
-        full = _ids(full)
-        prefix = _ids(prefix)
-        if full[: len(prefix)] != prefix:
-            raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
-        # Keep the response through its end-of-turn token.
-        end = full.index(tokenizer.eos_token_id, len(prefix)) + 1 if tokenizer.eos_token_id in full else len(full)
-        rows.append(full[:end])
-        masks.append([0] * len(prefix) + [1] * (end - len(prefix)))
+        ids, n_prompt = encode_example(tokenizer, prompt, response)
+        rows.append(ids)
+        masks.append([0] * n_prompt + [1] * (len(ids) - n_prompt))
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -61,42 +57,11 @@ def encode_examples(tokenizer: Any, examples: tuple[tuple[str, str], ...]) -> tu
     return tokens, mask
 
 
-def _ids(encoded: Any) -> list[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
-def _vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, group: Any) -> torch.Tensor:
-    """Global argmax over the vocabulary of sharded logits [..., V_local], ignoring padded ids (no gather of V)."""
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    v_local = logits.shape[-1]
-    ids = torch.arange(rank * v_local, (rank + 1) * v_local, device=logits.device)
-    masked = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
-    local_max, local_idx = masked.max(dim=-1)
-    best = local_max.clone()
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-    # Ties across shards resolve to the smallest global id, as torch.argmax over the full vocabulary would.
-    candidate = torch.where(local_max == best, local_idx + rank * v_local, torch.full_like(local_idx, 2**62))
-    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
-    del world
-    return candidate
-
-
 def run(rank: int, world: int, cfg: AgreementConfig) -> dict[str, Any] | None:
     """Rank body: build both models on `cfg.parallel`, score the examples, return the report on the reporting rank
     (TP rank 0 of the last pipeline stage, DP rank 0) and None elsewhere."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-
-    from topd_megatron.training.forward import forward_logits, make_microbatch
-    from topd_megatron.algorithm.loss import token_divergence, token_logprobs
-    from topd_megatron.models.build import build_model
-    from topd_megatron.distributed.parallel import init_model_parallel
-    from topd_megatron.training.teacher import build_teacher, teacher_logits
-    from topd_megatron.models.tokenizer import load_tokenizer
 
     init_model_parallel(cfg.parallel)
     student = build_model(cfg.student, cfg.parallel, role="student")
@@ -119,8 +84,8 @@ def run(rank: int, world: int, cfg: AgreementConfig) -> dict[str, Any] | None:
     kl = token_divergence(s_pred, t_pred, "reverse_kl", vocab_size=student.vocab_size, group=group)
     s_lp = token_logprobs(s_pred, next_tokens, vocab_size=student.vocab_size, group=group)
     t_lp = token_logprobs(t_pred, next_tokens, vocab_size=student.vocab_size, group=group)
-    s_top = _vocab_parallel_argmax(s_pred, student.vocab_size, group)
-    t_top = _vocab_parallel_argmax(t_pred, student.vocab_size, group)
+    s_top = vocab_parallel_argmax(s_pred, group, vocab_size=student.vocab_size)
+    t_top = vocab_parallel_argmax(t_pred, group, vocab_size=student.vocab_size)
     if parallel_state.get_tensor_model_parallel_rank() != 0 or parallel_state.get_data_parallel_rank() != 0:
         return None
     resp = mask[:, 1:].reshape(-1) > 0

@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from topd_megatron.algorithm import objective
+from topd_megatron.analysis.oracle import OracleConfig, run_oracle
+from topd_megatron.analysis.plots import plot_accuracy, plot_heatmap
+from topd_megatron.analysis.prepare import PrepareConfig, prepare
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluation.task_eval import EvalConfig
-from topd_megatron.training.metrics import read_metrics
-from topd_megatron.models.build import ModelConfig
-from topd_megatron.training.optim import OptimConfig
+from topd_megatron.distributed.launch import spawn
 from topd_megatron.distributed.parallel import ParallelConfig
-from topd_megatron.analysis.prepare import PrepareConfig
+from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.training.loop import train
+from topd_megatron.training.metrics import read_metrics
+from topd_megatron.training.optim import OptimConfig
 
 ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
 ARM_DETECTOR = {
@@ -134,10 +138,6 @@ def summarize_run(run_dir: Path, k: int) -> dict[str, Any]:
 
 def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any]:
     """Run the whole comparison; returns the JSON-able results."""
-    from topd_megatron.distributed.launch import spawn
-    from topd_megatron.analysis.oracle import OracleConfig, run_oracle
-    from topd_megatron.analysis.prepare import prepare
-    from topd_megatron.training.loop import train
 
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
     out = Path(cfg.out_dir)
@@ -166,7 +166,6 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     oracle = [r for r in spawn(run_oracle, world, (base, ocfg), timeout=world_timeout) if r is not None][0]
 
     results = compile_results(cfg, runs, oracle, prepared.report)
-    from topd_megatron.analysis.plots import plot_accuracy, plot_heatmap
 
     results["plots"] = {
         "accuracy": str(plot_accuracy(runs, cfg.eval_k, out / "accuracy.png")),

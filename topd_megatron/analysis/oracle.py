@@ -21,9 +21,15 @@ import torch.distributed as dist
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import StepBatch, build_step_batch, prefixes
 from topd_megatron.config import RunConfig
+from topd_megatron.distributed.parallel import init_model_parallel
+from topd_megatron.models.build import build_model
+from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
 from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.rollout.factory import rollout_engine
 from topd_megatron.rollout.sampling import vocab_parallel_argmax
-from topd_megatron.tasks import Problem, Task
+from topd_megatron.tasks import Problem, Task, load_task
+from topd_megatron.training.step import StepContext, _broadcast_from_last_stage, detect_step, step_divergence
+from topd_megatron.training.teacher import build_teacher, teacher_logits
 
 FORK, SURFACE, UNLABELLED = 1, 0, -1
 
@@ -44,8 +50,6 @@ class OracleConfig:
 def _teacher_choice(ctx: Any, step: StepBatch, positions: torch.Tensor, t_logits: list[torch.Tensor]) -> torch.Tensor:
     """a*: the teacher's argmax token at each position, on every rank."""
     from megatron.core import parallel_state as ps
-
-    from topd_megatron.training.step import _broadcast_from_last_stage
 
     best = None
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -121,14 +125,6 @@ def fork_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict[str, Any] | None:
     """Rank body: label the student's candidates with the oracle and score each detector. Report on rank 0."""
-    from topd_megatron.models.build import build_model
-    from topd_megatron.distributed.parallel import init_model_parallel
-    from topd_megatron.analysis.prepare import encode_prompt
-    from topd_megatron.rollout.factory import rollout_engine
-    from topd_megatron.tasks import load_task
-    from topd_megatron.training.teacher import build_teacher, teacher_logits
-    from topd_megatron.models.tokenizer import load_tokenizer
-    from topd_megatron.training.step import StepContext, detect_step, step_divergence
 
     init_model_parallel(run.parallel)
     task = load_task(run.task)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from topd_megatron.models.tiny import TinyModelSpec, cache_root, hf_config_for, make_word_tokenizer
+from topd_megatron.models.tokenizer import encode_example, encode_prompt
 from topd_megatron.tasks import Problem, Task, load_task
 
 PREPARE_VERSION = 1
@@ -110,27 +111,6 @@ def cache_key(cfg: PrepareConfig, task: Task) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _ids(encoded: Any) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The chat-formatted prompt, ending where the assistant's answer starts."""
-    return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
-
-
-def encode_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
-    """(token ids of the full conversation, number of prompt tokens); the response ends with the EOS token."""
-    prefix = encode_prompt(tokenizer, prompt)
-    full = _ids(
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
-    )
-    if full[: len(prefix)] != prefix:
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    end = full.index(tokenizer.eos_token_id, len(prefix)) + 1
-    return full[:end], len(prefix)
 
 
 def sft(

@@ -1,7 +1,8 @@
 """Run a function on N local ranks (gloo on CPU, NCCL on GPU) and collect every rank's result or traceback.
 
 Used by the distributed tests and by `topd run` for single-machine runs. Clusters launch through torchrun or srun
-instead (see `topd_megatron.distributed.parallel.init_distributed`), which read the same environment variables this module sets.
+instead (see `topd_megatron.distributed.env.init_process_group`), which read the same environment variables this
+module sets.
 
     results = spawn(fn, world_size=2, args=(cfg,), timeout=300)   # fn(rank, world_size, *args) -> picklable
 
@@ -20,7 +21,6 @@ import faulthandler
 import os
 import pickle
 import signal
-import socket
 import tempfile
 import time
 import traceback
@@ -30,16 +30,12 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from topd_megatron.distributed import env as rank_env
+from topd_megatron.logs import quiet_third_party
+
 
 class DistributedFailure(RuntimeError):
     """One or more ranks raised, died or hung; the message holds every rank's report."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` a moment ago (the OS may reuse it; callers bind soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 PRELOAD = "topd_megatron.distributed.preload"
@@ -66,7 +62,6 @@ def _rank_main(
 ) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
-    from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()
     stack_file = open(Path(result_dir) / f"stacks.{rank}.txt", "w")  # noqa: SIM115 - lives as long as the process
@@ -74,9 +69,7 @@ def _rank_main(
     out = Path(result_dir) / f"result.{rank}.pkl"
     try:
         if init_process_group:
-            from topd_megatron.distributed.parallel import init_process_group as _init
-
-            _init()
+            rank_env.init_process_group()
         value = fn(rank, world_size, *args)
         payload = ("ok", value)
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
@@ -111,7 +104,7 @@ def spawn(
     destroyed after it. Raises `DistributedFailure` naming every rank that failed, died or timed out.
     """
     ctx = _context()
-    base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(rank_env.free_port())}
     base_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="topd-spawn-") as result_dir:
         procs = [
@@ -181,9 +174,7 @@ def run_ranks(fn: Callable[..., Any], world: int, cfg: Any, *, timeout: float) -
     if launched_externally():
         import torch.distributed as dist
 
-        from topd_megatron.distributed.parallel import init_process_group
-
-        init_process_group()
+        rank_env.init_process_group()
         report = fn(dist.get_rank(), dist.get_world_size(), cfg)
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, report)

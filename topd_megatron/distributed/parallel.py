@@ -1,7 +1,7 @@
 """Process groups and Megatron model parallelism, from torchrun or Slurm environment variables.
 
 Order at process start (every entry point follows it):
-    1. `init_process_group()`   reads RANK/WORLD_SIZE/... (torchrun) or SLURM_PROCID/SLURM_NTASKS/... (srun),
+    1. `env.init_process_group()` reads RANK/WORLD_SIZE/... (torchrun) or SLURM_PROCID/SLURM_NTASKS/... (srun),
                                 applies the CPU platform layer when CUDA is absent, picks nccl (GPU) or gloo (CPU);
     2. `init_model_parallel(cfg)` calls megatron.core `initialize_model_parallel` for TP/PP/VPP/CP/EP and seeds
                                 every RNG (Megatron's model-parallel RNG tracker included).
@@ -11,17 +11,14 @@ the student's for the loss) and may use fewer layers per stage, but lives on the
 
 from __future__ import annotations
 
-import datetime
-import os
 import random
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from topd_megatron.distributed import platform
+from topd_megatron.distributed.env import init_process_group
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,67 +54,6 @@ class ParallelConfig:
         return self.tp * self.pp * self.cp
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0]
-
-
-def dist_env() -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from torchrun, else from srun, else a single process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
-        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        out = {
-            "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env["SLURM_NTASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        }
-    else:
-        out = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    if "MASTER_ADDR" in env:
-        out["MASTER_ADDR"] = env["MASTER_ADDR"]
-    else:
-        out["MASTER_ADDR"] = _slurm_master_addr() if "SLURM_PROCID" in env else "127.0.0.1"
-    if "MASTER_PORT" in env:
-        out["MASTER_PORT"] = env["MASTER_PORT"]
-    elif "SLURM_JOB_ID" in env:
-        # Every task of a Slurm job derives the same port from the job id.
-        out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    else:
-        from topd_megatron.distributed.launch import free_port
-
-        out["MASTER_PORT"] = str(free_port())
-    return out
-
-
-def init_process_group(timeout_s: float = 600.0) -> None:
-    """Create the default process group (idempotent): nccl with one GPU per local rank, gloo on CPU."""
-    platform.apply()
-    if dist.is_initialized():
-        return
-    env = dist_env()
-    os.environ.update(env)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(env["LOCAL_RANK"]) % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(
-        backend=backend,
-        rank=int(env["RANK"]),
-        world_size=int(env["WORLD_SIZE"]),
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and Megatron's model-parallel CUDA/CPU RNG tracker (TP-rank-aware)."""
     from megatron.core import tensor_parallel
@@ -150,14 +86,3 @@ def init_model_parallel(cfg: ParallelConfig) -> None:
         expert_model_parallel_size=cfg.ep,
     )
     seed_everything(cfg.seed)
-
-
-def destroy_model_parallel() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,7 +1,8 @@
 """CPU platform layer: lets Megatron-Core 0.19.2 run on CPU over gloo. Call `apply()` once at process start.
 
-`topd_megatron.distributed.parallel.init_process_group()` calls it before creating the process group, so every entry point and
-every `topd_megatron.distributed.launch.spawn` rank gets it. It is active only where `torch.cuda.is_available()` is False: on a
+`topd_megatron.distributed.env.init_process_group()` calls it before creating the process group, so every entry
+point and every `topd_megatron.distributed.launch.spawn` rank gets it. It is active only where
+`torch.cuda.is_available()` is False: on a
 CUDA machine `apply()` returns False and touches nothing. It is idempotent and returns True when the layer is active.
 
 With it these run on CPU, each checked against a single-process reference by tests/distributed/test_megatron_cpu.py:
@@ -185,9 +186,11 @@ def _check_megatron_version() -> None:
         raise RuntimeError("topd_megatron.distributed.platform: megatron-core is not installed") from e
     if found != MEGATRON_CORE_VERSION and os.environ.get(ALLOW_UNPINNED_ENV) != "1":
         raise RuntimeError(
-            f"topd_megatron.distributed.platform: the CPU layer was written for megatron-core {MEGATRON_CORE_VERSION}, found"
-            f" {found}. It patches Megatron internals that may have changed: run tests/unit/test_platform_pins.py"
-            f" to see which and update topd_megatron/distributed/platform.py, or set {ALLOW_UNPINNED_ENV}=1 to try anyway."
+            f"topd_megatron.distributed.platform: the CPU layer was written for megatron-core"
+            f" {MEGATRON_CORE_VERSION}, found {found}. It patches Megatron internals that may have changed: run"
+            f" tests/unit/test_platform_pins.py"
+            f" to see which and update topd_megatron/distributed/platform.py, or set {ALLOW_UNPINNED_ENV}=1 to try"
+            " anyway."
         )
 
 

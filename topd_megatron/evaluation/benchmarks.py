@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from topd_megatron.evaluation.extract import ANSWER_RULES, AnswerRule
+from topd_megatron.paths import shared_data_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +198,6 @@ def load_benchmark(
         entry = BENCHMARKS[spec]
         if source == "hub":
             return load_hub_benchmark(entry.hub, name=spec, rule=rule or entry.rule)
-        from topd_megatron.paths import shared_data_dir
 
         return read_benchmark(shared_data_dir() / entry.file, name=spec, rule=rule or entry.rule)
     if source == "hub":

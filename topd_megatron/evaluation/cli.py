@@ -21,7 +21,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from topd_megatron.evaluation.prompting import DEFAULT_INSTRUCTION
+from topd_megatron.distributed.launch import run_ranks
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.evaluation.prompting import DEFAULT_INSTRUCTION, PromptConfig
+from topd_megatron.evaluation.runner import EvalRunConfig, preflight, run_eval, student_server
+from topd_megatron.logs import quiet_third_party
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The EvalRunConfig the arguments describe (ValueError on bad values)."""
-    from topd_megatron.evaluation.prompting import PromptConfig
-    from topd_megatron.evaluation.runner import EvalRunConfig, student_server
-    from topd_megatron.distributed.parallel import ParallelConfig
 
     if args.dp < 1:
         raise ValueError(f"--dp must be >= 1, got {args.dp}")
@@ -142,8 +143,6 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from topd_megatron.evaluation.runner import preflight, run_eval
-    from topd_megatron.distributed.launch import run_ranks
 
     try:
         cfg = config_from_args(args)
@@ -172,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="topd eval", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    from topd_megatron.logs import quiet_third_party
 
     quiet_third_party()
     return run(parser.parse_args(argv))

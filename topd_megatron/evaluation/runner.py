@@ -36,11 +36,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from topd_megatron.analysis.plots import _plt
+from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
 from topd_megatron.evaluation.benchmarks import Benchmark, load_benchmark
 from topd_megatron.evaluation.extract import ANSWER_RULES, AnswerRule
+from topd_megatron.evaluation.grading import grade_detailed
 from topd_megatron.evaluation.prompting import PromptConfig, render_prompt
-from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.evaluation.statistics import summarize
+from topd_megatron.models.build import ModelConfig, build_model, check_layout
+from topd_megatron.models.format import hf_dir
+from topd_megatron.models.tokenizer import load_tokenizer
+from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.rollout.factory import rollout_engine
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.rollout.sglang.server import ServerConfig
 
 ROLLOUTS = ("embedded", "sglang")
 STATUSES = ("correct", "incorrect", "no_answer", "unparsable", "timeout")
@@ -151,7 +160,6 @@ def load_benchmarks(cfg: EvalRunConfig) -> list[Benchmark]:
 def model_hf_dir(path: str | Path) -> Path:
     """The directory with the model's HF config, tokenizer and chat template (raises CheckpointError, a ValueError,
     when `path` is missing or not a checkpoint)."""
-    from topd_megatron.models.build import hf_dir
 
     return hf_dir(path)
 
@@ -160,9 +168,6 @@ def preflight(cfg: EvalRunConfig) -> list[Benchmark]:
     """Cheap checks that fail with one clear ValueError/FileNotFoundError before any rank starts: the checkpoint,
     the layout against the architecture, the benchmarks, and the prompt against the model's chat template."""
     from transformers import AutoConfig
-
-    from topd_megatron.models.build import ModelConfig, check_layout
-    from topd_megatron.models.tokenizer import load_tokenizer
 
     hf_dir = model_hf_dir(cfg.model)
     check_layout(
@@ -201,8 +206,6 @@ def student_server(dtype: str, *, tp: int = 1, url: str | None = None) -> SGLang
     (whatever that server holds is replaced by the model's weights when the engine starts)."""
     import torch
 
-    from topd_megatron.rollout.sglang.server import ServerConfig
-
     if url:
         return SGLangConfig(student=ServerConfig(role="student", url=url))
     # On GPUs SGLang sizes the KV cache from its memory share: long reasoning completions need more than the bounded
@@ -218,10 +221,6 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def run_eval(rank: int, world: int, cfg: EvalRunConfig) -> dict[str, Any] | None:
     """Evaluate `cfg` on this rank (module docstring); returns the summary on global rank 0, None elsewhere."""
-    from topd_megatron.models.build import ModelConfig, build_model
-    from topd_megatron.distributed.parallel import init_model_parallel
-    from topd_megatron.rollout.factory import rollout_engine
-    from topd_megatron.models.tokenizer import load_tokenizer
 
     t_start = time.perf_counter()
     init_model_parallel(cfg.parallel)
@@ -271,9 +270,6 @@ def _evaluate_benchmark(
     the other ranks get ([], seconds)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from topd_megatron.evaluation.grading import grade_detailed
-    from topd_megatron.rollout.engine import SamplingParams
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, len(bench.problems), dp_size))
@@ -336,7 +332,6 @@ def _finite(x: float) -> float | None:
 
 def benchmark_summary(records: list[dict[str, Any]], k: int, pass_ks: tuple[int, ...]) -> dict[str, Any]:
     """avg@k and pass@j (unbiased) with standard errors over problems, status counts and response lengths."""
-    from topd_megatron.evaluation.task_eval import summarize
 
     out: dict[str, Any] = {"problems": len(records), "samples": len(records) * k}
     for j in pass_ks:
@@ -418,7 +413,6 @@ def _write_report(
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     """avg@k per benchmark (bars) with standard-error bars over problems, and the macro average as a line."""
-    from topd_megatron.analysis.plots import _plt
 
     plt = _plt()
     k = summary["k"]

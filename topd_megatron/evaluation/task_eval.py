@@ -1,8 +1,5 @@
-"""Stage 8: evaluation through the rollout engine: avg@k, pass@k and their standard errors over problems.
-
-    avg@k   mean over problems of (correct samples / k)
-    pass@k  mean over problems of the unbiased estimator 1 - C(n - c, k) / C(n, k) (n = samples drawn, c correct)
-    stderr  standard deviation of the per-problem values / sqrt(number of problems)
+"""Stage 8: evaluation of a task's held-out problems through the rollout engine (avg@k, pass@k and standard errors as
+`evaluation.statistics` computes them).
 
 Problems are split over data-parallel replicas (each generates its share with the student), results are gathered,
 and every rank returns the same report. Sampling parameters and the seed are recorded with the results.
@@ -10,12 +7,12 @@ and every rank returns the same report. Sampling parameters and the seed are rec
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch.distributed as dist
 
+from topd_megatron.evaluation.statistics import summarize
 from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.tasks import Problem, Task
 
@@ -43,48 +40,6 @@ class EvalConfig:
             raise ValueError(f"eval.benchmarks must be a tuple of names, got the string {self.benchmarks!r}")
         if self.problems < 1 or self.k < 1:
             raise ValueError(f"eval.problems and eval.k must be >= 1, got {self.problems}, {self.k}")
-
-
-def grade(completion: str, reference: str) -> bool:
-    """Whether the final answer of `completion` (its last `\\boxed{}`) equals `reference` mathematically.
-
-    math-verify with a 5 s timeout; `topd_megatron.evaluation.grading.grade_detailed` gives the status (no answer,
-    unparsable, timeout) and the extracted answer, and takes a benchmark's answer rule (e.g. GSM8K's "#### N").
-    """
-    from topd_megatron.evaluation.grading import grade as grade_completion  # math-verify/sympy: imported on use
-
-    return grade_completion(completion, reference)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _mean_stderr(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def summarize(records: list[dict[str, Any]], k: int) -> dict[str, float]:
-    """avg@k, pass@k and standard errors from per-problem records ({'correct': [bool] * n})."""
-    avg = [sum(r["correct"]) / len(r["correct"]) for r in records]
-    pk = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
-    avg_m, avg_se = _mean_stderr(avg)
-    pk_m, pk_se = _mean_stderr(pk)
-    return {
-        f"avg@{k}": avg_m,
-        f"avg@{k}_stderr": avg_se,
-        f"pass@{k}": pk_m,
-        f"pass@{k}_stderr": pk_se,
-        "problems": float(len(records)),
-    }
 
 
 def evaluate_task(

@@ -27,10 +27,12 @@ from typing import Any, Literal
 import torch
 
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.logs import quiet_stdout
+from topd_megatron.models.bridge_import import have_transformer_engine, import_bridge
+from topd_megatron.models.format import CHECKPOINT_META, checkpoint_kind, load_chunk_weights
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_META = "topd_checkpoint.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
@@ -99,57 +101,7 @@ class MegatronLM:
         return self.provider
 
 
-class CheckpointError(ValueError):
-    """A model directory that is missing, partial or not a checkpoint at all."""
-
-
-def checkpoint_kind(path: str | Path) -> Literal["hf", "megatron"]:
-    """Classify a model directory, raising CheckpointError with the fix when it is missing or incomplete."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"model path {p} does not exist or is not a directory")
-    if (p / CHECKPOINT_META).is_file():
-        meta = json.loads((p / CHECKPOINT_META).read_text())
-        model_dir = p / meta.get("model_dir", "model")
-        if not (model_dir / ".metadata").is_file():
-            raise CheckpointError(
-                f"{p} is a partial topd checkpoint: {model_dir}/.metadata is missing (the save was interrupted?)."
-                " Resume from an earlier checkpoint or re-convert the HF weights."
-            )
-        if not (p / "hf" / "config.json").is_file():
-            raise CheckpointError(f"{p} is a partial topd checkpoint: hf/config.json is missing")
-        return "megatron"
-    if (p / "config.json").is_file():
-        index = p / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (p / s).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{p} is a partial Hugging Face checkpoint: {len(missing)} of {len(shards)} safetensors shards"
-                    f" listed in model.safetensors.index.json are missing (e.g. {missing[0]}); finish the download."
-                )
-            return "hf"
-        if not list(p.glob("*.safetensors")):
-            raise CheckpointError(
-                f"{p} has config.json but no *.safetensors weights; topd reads safetensors only"
-                " (convert .bin weights with transformers' save_pretrained(safe_serialization=True))."
-            )
-        return "hf"
-    raise CheckpointError(
-        f"{p} is neither a Hugging Face checkpoint (config.json + *.safetensors) nor a topd checkpoint"
-        f" ({CHECKPOINT_META}); point model.path at one of those."
-    )
-
-
-def hf_dir(path: str | Path) -> Path:
-    """The directory with a model's HF config and tokenizer: the directory itself for a Hugging Face checkpoint, its
-    `hf/` for a topd checkpoint (CheckpointError, a ValueError, when `path` is neither)."""
-    return Path(path) if checkpoint_kind(path) == "hf" else Path(path) / "hf"
-
-
 def use_transformer_engine(cfg: ModelConfig) -> bool:
-    from topd_megatron.models.bridge_import import have_transformer_engine
 
     available = have_transformer_engine() and torch.cuda.is_available()
     if cfg.transformer_engine and not available:
@@ -293,9 +245,6 @@ def build_model(
     """
     from transformers import AutoConfig
 
-    from topd_megatron.logs import quiet_stdout
-    from topd_megatron.models.bridge_import import import_bridge
-
     kind = checkpoint_kind(cfg.path)
     src = Path(cfg.path)
     config_dir = src if kind == "hf" else src / "hf"  # hf_dir(src), without classifying it twice
@@ -331,8 +280,6 @@ def build_model(
             bf16=provider.bf16,
         )
     if kind == "megatron":
-        from topd_megatron.models.checkpoint import load_chunk_weights
-
         load_chunk_weights(modules, src)
     if wrap_with_ddp:
         modules = wrap_ddp(modules, provider, ddp_config)

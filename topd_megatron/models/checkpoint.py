@@ -22,33 +22,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from topd_megatron.models.build import CHECKPOINT_META, MegatronLM
-
-FORMAT = "topd-megatron/1"
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "added_tokens.json",
-)
-
-
-def _unwrap(module: Any) -> Any:
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(module)
-
-
-def chunks_sharded_state_dict(modules: list[Any]) -> dict[str, Any]:
-    """The sharded state dict of every virtual stage on this rank. Keys of the tensors inside are global (layer
-    offsets applied by Megatron), so the dict structure may differ between layouts while the stored tensors match."""
-    return {f"chunk{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(modules)}
+from topd_megatron.models.build import MegatronLM
+from topd_megatron.models.format import CHECKPOINT_META, FORMAT, HF_SIDE_FILES, chunks_sharded_state_dict, unwrap
 
 
 def _barrier() -> None:
@@ -104,23 +79,6 @@ def save_model(lm: MegatronLM, out_dir: str | Path, *, extra: dict[str, Any] | N
             shutil.rmtree(old)
     _barrier()
     return out
-
-
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    meta = json.loads((Path(ckpt_dir) / CHECKPOINT_META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{ckpt_dir}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
-    return meta
-
-
-def load_chunk_weights(modules: list[Any], ckpt_dir: str | Path) -> None:
-    """Load the weights of a topd checkpoint into freshly built chunks (any layout) in place (collective)."""
-    from megatron.core import dist_checkpointing
-
-    meta = read_meta(ckpt_dir)
-    loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), str(Path(ckpt_dir) / meta["model_dir"]))
-    for i, module in enumerate(modules):
-        _unwrap(module).load_state_dict(loaded[f"chunk{i}"], strict=True)
 
 
 # --- training state -------------------------------------------------------------------------------------------------
@@ -265,7 +223,7 @@ def load_training_state(ckpt: Path, lm: MegatronLM, optimizer: Any, scheduler: A
     state = {"model": model_sd, "optimizer": opt_sd}
     loaded = dist_checkpointing.load(state, str(ckpt / "state"))
     for i, module in enumerate(lm.modules):
-        _unwrap(module).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+        unwrap(module).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     with torch.no_grad():  # the state is copied in place into (views of) parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer, loaded["optimizer"])

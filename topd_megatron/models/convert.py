@@ -3,7 +3,8 @@
     report = hf_to_megatron(ImportConfig(hf_dir="ckpts/qwen3-4b", out_dir="ckpts/qwen3-4b-topd", tp=2))
     report = megatron_to_hf(ExportConfig(source="runs/my-run", out_dir="export/student", base="ckpts/qwen3-4b"))
 
-Both directions run on TP x PP ranks: started here with `topd_megatron.distributed.launch.spawn` (gloo on CPU, NCCL on GPU), or
+Both directions run on TP x PP ranks: started here with `topd_megatron.distributed.launch.spawn` (gloo on CPU, NCCL
+on GPU), or
 this process is one rank of a torchrun/srun job (RANK set). Every check that can fail on bad input runs first and
 raises `ValueError` with the fix before any rank starts: `check_paths` (missing directories, an output directory in
 the way; standard library only, so instant), then `check_import` / `plan_export` (partial or foreign checkpoints, a
@@ -26,11 +27,23 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
-if TYPE_CHECKING:  # the heavy modules (torch, Megatron) are imported where they are used: bad paths fail instantly
-    from topd_megatron.models.build import ModelConfig
-    from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.distributed.launch import run_ranks
+from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+from topd_megatron.logs import quiet_stdout
+from topd_megatron.models.build import (
+    CHECKPOINT_META,
+    DTYPES,
+    ModelConfig,
+    build_model,
+    check_layout,
+    checkpoint_kind,
+    padded_vocab,
+)
+from topd_megatron.models.checkpoint import LATEST, latest_checkpoint, save_model
+from topd_megatron.models.format import chunks_sharded_state_dict
+from topd_megatron.models.format import hf_dir as model_hf_dir
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -78,8 +91,6 @@ def _check_layout(model: ModelConfig, hf_dir: Path, parallel: ParallelConfig) ->
     """`build.check_layout` on the HF config in `hf_dir`."""
     from transformers import AutoConfig
 
-    from topd_megatron.models.build import check_layout
-
     check_layout(AutoConfig.from_pretrained(str(hf_dir), local_files_only=True), parallel, model, "model")
 
 
@@ -115,21 +126,18 @@ class ImportConfig:
 
     @property
     def model(self) -> ModelConfig:
-        from topd_megatron.models.build import ModelConfig
 
         assert self.dtype is not None, "resolve the dtype with check_import first"
         return ModelConfig(path=self.hf_dir, dtype=self.dtype, pad_vocab_to_multiple_of=self.pad_vocab_to_multiple_of)
 
     @property
     def parallel(self) -> ParallelConfig:
-        from topd_megatron.distributed.parallel import ParallelConfig
 
         return ParallelConfig(tp=self.tp, pp=self.pp)
 
 
 def check_import(cfg: ImportConfig) -> ImportConfig:
     """Validate `cfg` without starting ranks (ValueError naming the problem); returns it with the dtype resolved."""
-    from topd_megatron.models.build import checkpoint_kind, padded_vocab
 
     check_paths(cfg.hf_dir, cfg.out_dir, overwrite=cfg.overwrite)
     parallel = cfg.parallel  # validates the sizes
@@ -153,9 +161,6 @@ def check_import(cfg: ImportConfig) -> ImportConfig:
 
 def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | None:
     """One rank of the HF -> topd conversion (collective); the report on global rank 0."""
-    from topd_megatron.models.checkpoint import save_model
-    from topd_megatron.models.build import build_model
-    from topd_megatron.distributed.parallel import init_model_parallel
 
     init_model_parallel(cfg.parallel)
     lm = build_model(cfg.model, cfg.parallel, role=cfg.role)
@@ -167,7 +172,6 @@ def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | No
 
 def hf_to_megatron(cfg: ImportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Convert `cfg.hf_dir` into a topd checkpoint at `cfg.out_dir`; the report (None on non-zero launched ranks)."""
-    from topd_megatron.distributed.launch import run_ranks
 
     cfg = check_import(cfg)
     return run_ranks(import_rank, cfg.tp * cfg.pp, cfg, timeout=timeout)
@@ -224,8 +228,6 @@ def _stored_embedding(weights_dir: Path) -> tuple[int, Dtype]:
     """Rows and dtype of the input embedding stored in a dist_checkpointing (torch_dist) directory."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from topd_megatron.models.build import DTYPES
-
     try:
         meta = FileSystemReader(str(weights_dir)).read_metadata().state_dict_metadata
     except Exception as e:  # a truncated or foreign file: report it as bad input, not as a crash
@@ -244,8 +246,6 @@ def _stored_embedding(weights_dir: Path) -> tuple[int, Dtype]:
 
 def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Path]:
     """Classify an export source: ("topd", checkpoint dir) or ("training", RUN/checkpoints/step_N)."""
-    from topd_megatron.models.checkpoint import LATEST, latest_checkpoint
-    from topd_megatron.models.build import CHECKPOINT_META, checkpoint_kind
 
     p = Path(source)
     if not p.is_dir():
@@ -276,9 +276,6 @@ def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Pat
 
 def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Resolve and validate `cfg` without starting ranks (ValueError naming the problem)."""
-    from topd_megatron.models.build import ModelConfig
-    from topd_megatron.models.build import hf_dir as model_hf_dir
-    from topd_megatron.distributed.parallel import ParallelConfig
 
     check_paths(cfg.source, cfg.out_dir, overwrite=cfg.overwrite, base=cfg.base)
     parallel = ParallelConfig(tp=cfg.tp, pp=cfg.pp)  # validates the sizes
@@ -328,8 +325,6 @@ def _load_training_weights(modules: list[Any], weights_dir: str) -> None:
     optimizer state stored next to them is not read."""
     from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
-
-    from topd_megatron.models.checkpoint import chunks_sharded_state_dict
 
     loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), weights_dir)
     for i, module in enumerate(modules):
@@ -394,10 +389,6 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
     """One rank of the topd -> HF export (collective); the report on global rank 0."""
     import torch.distributed as dist
 
-    from topd_megatron.logs import quiet_stdout
-    from topd_megatron.models.build import DTYPES, build_model
-    from topd_megatron.distributed.parallel import init_model_parallel
-
     init_model_parallel(plan.parallel)
     lm = build_model(plan.model, plan.parallel)
     if plan.train_weights is not None:
@@ -440,7 +431,6 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
 def megatron_to_hf(cfg: ExportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Export `cfg.source` to a Hugging Face directory at `cfg.out_dir`; the report (None on non-zero launched
     ranks)."""
-    from topd_megatron.distributed.launch import run_ranks
 
     plan = plan_export(cfg)
     return run_ranks(export_rank, plan.parallel.tp * plan.parallel.pp, plan, timeout=timeout)

@@ -1,4 +1,4 @@
-"""Tokenizer loading and the student/teacher tokenizer identity check.
+"""Tokenizer loading, chat-formatted encoding, and the student/teacher tokenizer identity check.
 
 TOPD compares the two models' distributions token by token, so both must use one tokenizer: the same vocabulary
 (token -> id), the same special tokens and EOS, the same chat template. `check_same_tokenizer` verifies it
@@ -16,6 +16,30 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def token_ids(encoded: Any) -> list[int]:
+    """The ids of what `apply_chat_template` / a tokenizer call returned (a list, or a BatchEncoding)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The chat-formatted user turn, ending where the assistant's answer starts."""
+    return token_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
+    """(token ids of the chat-formatted conversation through the response's end-of-turn token, number of prompt
+    tokens). Raises ValueError when the template does not render the prompt as a prefix of the conversation."""
+    prefix = encode_prompt(tokenizer, prompt)
+    full = token_ids(
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    )
+    if full[: len(prefix)] != prefix:
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    eos = tokenizer.eos_token_id
+    end = full.index(eos, len(prefix)) + 1 if eos in full[len(prefix) :] else len(full)
+    return full[:end], len(prefix)
 
 
 def tokenizer_differences(a: Any, b: Any) -> list[str]:

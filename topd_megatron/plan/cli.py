@@ -17,6 +17,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from topd_megatron.plan.feasibility import plan
+from topd_megatron.plan.report import plan_to_json, render
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe name (see recipes/): tiny, qwen3_4b_from_30b_a3b, ...")
@@ -39,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import recipes
-    from topd_megatron.plan.feasibility import plan
-    from topd_megatron.plan.report import plan_to_json, render
 
     try:
         cfg = recipes.get(args.recipe, args.set)

@@ -1,7 +1,7 @@
 """Per-GPU memory of every rank role of a run, component by component, in bytes (reported in GiB = 2^30 bytes).
 
-Model states (the student as topd_megatron/training/optim.py builds it: Megatron DDP with grad_reduce_in_fp32=True and the
-distributed optimizer; P = parameters on the rank):
+Model states (the student as topd_megatron/training/optim.py builds it: Megatron DDP with grad_reduce_in_fp32=True
+and the distributed optimizer; P = parameters on the rank):
     student weights     P * bytes(dtype)                               bf16: 2, fp32: 4
     gradient buffer     P * 4                                          fp32 DDP buffer
     optimizer state     P * (4 main + 4 Adam m + 4 Adam v) / shards    bf16/fp16 params (fp32 main params)
@@ -93,8 +93,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from topd_megatron.config import RunConfig
 from topd_megatron.algorithm.loss import default_chunk_size
+from topd_megatron.config import RunConfig
 from topd_megatron.models.build import ModelConfig, padded_vocab
 from topd_megatron.plan.architecture import Architecture
 from topd_megatron.plan.layout import Layout, StepShape

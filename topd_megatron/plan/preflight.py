@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 from topd_megatron.config import RunConfig
+from topd_megatron.models.tokenizer import check_same_tokenizer
 from topd_megatron.plan.architecture import config_json_path
+from topd_megatron.tasks import load_task
 
 Status = Literal["ok", "not checked", "error"]
 
@@ -57,8 +59,6 @@ def checkpoint_checks(cfg: RunConfig, strict: bool) -> list[Check]:
         else:
             out.append(Check(f"{role} checkpoint", "ok", path))
     if all(c.status == "ok" for c in out):
-        from topd_megatron.models.tokenizer import check_same_tokenizer
-
         s, t = _tokenizer_dir(cfg.student.path), _tokenizer_dir(cfg.teacher.path)
         try:
             check_same_tokenizer(s, t)
@@ -94,7 +94,6 @@ def _first_row(path: Path) -> str | None:
 
 
 def data_checks(cfg: RunConfig, strict: bool) -> list[Check]:
-    from topd_megatron.tasks import load_task
 
     try:
         task = load_task(cfg.task)

@@ -2,8 +2,8 @@
 
 Every step runs the unfinished sequences (right-padded, causal mask: a row's padding never influences its real
 tokens) through Megatron's pipeline schedule without a KV cache, samples the next token on the last pipeline stage
-from the vocab-sharded logits (`topd_megatron.rollout.sampling`), and broadcasts it to the other stages. Quadratic in the
-sequence length: meant for tiny models and tests; use SGLang at scale.
+from the vocab-sharded logits (`topd_megatron.rollout.sampling`), and broadcasts it to the other stages. Quadratic
+in the sequence length: meant for tiny models and tests; use SGLang at scale.
 
 All ranks of the model-parallel group must call `generate` with the same prompts and parameters (data-parallel
 replicas pass their own prompts); every rank returns the same generations.
@@ -16,10 +16,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from topd_megatron.training.forward import forward_logits, make_microbatch
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
+from topd_megatron.training.forward import forward_logits, make_microbatch
 
 
 class EmbeddedEngine:

@@ -12,8 +12,7 @@ embedded engine (every rank passes the same prompts, every rank gets the same re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,13 +27,10 @@ def rollout_engine(
     teacher server when one is configured, otherwise from the colocated Megatron teacher in-process. With no Megatron
     teacher (`teacher=None`: a teacher served by SGLang only), `teacher_dir` is the teacher's HF directory to serve.
     """
-    from topd_megatron.rollout.embedded import EmbeddedEngine
 
     if kind == "embedded":
         return EmbeddedEngine(student, teacher, micro_batch_size=micro_batch_size)
     if kind == "sglang":
-        from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
-
         fallback = EmbeddedEngine(student, teacher, micro_batch_size=micro_batch_size) if teacher else None
         return SGLangEngine(
             sglang or SGLangConfig(),

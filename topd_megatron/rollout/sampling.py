@@ -51,9 +51,14 @@ def _log_softmax(x: Tensor, group: ProcessGroup | None, world: int) -> Tensor:
     return x - m.unsqueeze(-1) - z.log().unsqueeze(-1)
 
 
-def vocab_parallel_argmax(scores: Tensor, group: ProcessGroup | None = None) -> Tensor:
-    """Global argmax ids [B] of sharded scores [B, V_local] (-inf entries never win unless a row is all -inf)."""
+def vocab_parallel_argmax(
+    scores: Tensor, group: ProcessGroup | None = None, *, vocab_size: int | None = None
+) -> Tensor:
+    """Global argmax ids [...] of sharded scores [..., V_local] (-inf entries never win unless a row is all -inf; with
+    `vocab_size`, padded ids >= vocab_size never win)."""
     rank, world = _rank_world(group)
+    if vocab_size is not None:
+        scores = _masked_fp32(scores, vocab_size, rank)
     v_local = scores.shape[-1]
     local_max, local_idx = scores.max(dim=-1)
     best = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group, world)  # winning value per row

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from topd_megatron.paths import shared_data_dir
 from topd_megatron.tasks import Problem
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -93,7 +94,6 @@ class MathJsonlTask:
 
 def dapo_math500() -> MathJsonlTask:
     """DAPO-Math-17k training prompts with MATH-500 held out, from the shared data directory."""
-    from topd_megatron.paths import shared_data_dir
 
     data = shared_data_dir()
     return MathJsonlTask(

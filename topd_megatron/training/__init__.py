@@ -1,1 +1,2 @@
-"""Training: the loop, one step in phases, forward/backward through Megatron's schedules, optimizer, teacher, metrics."""
+"""Training: the loop, one step in phases, forward/backward through Megatron's schedules, optimizer, teacher,
+metrics."""

@@ -15,20 +15,20 @@ from typing import Any
 import torch.distributed as dist
 
 from topd_megatron.algorithm.batch import build_step_batch
-from topd_megatron.models.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.evaluation.task_eval import evaluate_task
-from topd_megatron.training.metrics import MetricsLogger
-from topd_megatron.models.build import build_model
-from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.distributed.parallel import init_model_parallel
-from topd_megatron.analysis.prepare import encode_prompt
+from topd_megatron.evaluation.runner import evaluate_benchmarks_in_training
+from topd_megatron.evaluation.task_eval import evaluate_task
+from topd_megatron.models.build import build_model
+from topd_megatron.models.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
 from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.rollout.factory import rollout_engine
 from topd_megatron.tasks import Problem, load_task
-from topd_megatron.training.teacher import build_teacher, teacher_hf_dir
-from topd_megatron.models.tokenizer import load_tokenizer
+from topd_megatron.training.metrics import MetricsLogger
+from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.training.step import StepContext, train_step
+from topd_megatron.training.teacher import build_teacher, teacher_hf_dir
 
 
 class TooManyBadSteps(RuntimeError):
@@ -114,8 +114,6 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
         def run_eval(step: int) -> dict[str, float]:
             summary, _ = evaluate_task(cfg.eval, engine, tokenizer, task, encode_prompt, step_seed=step)
             if cfg.eval.benchmarks:  # the recipe's math benchmarks, graded like `topd eval`
-                from topd_megatron.evaluation.runner import evaluate_benchmarks_in_training
-
                 summary.update(
                     evaluate_benchmarks_in_training(
                         cfg.eval.benchmarks,

@@ -37,10 +37,10 @@ import torch.distributed as dist
 
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch, prefixes, windows_from_generations
-from topd_megatron.algorithm.detection import Detection, TokenBatch, Windows
-from topd_megatron.training.forward import forward_logits, run_pipeline
+from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.training.forward import forward_logits, run_pipeline
 from topd_megatron.training.teacher import served_branch_scores, served_rollout_scores, teacher_logits
 
 

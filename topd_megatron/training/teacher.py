@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from topd_megatron.algorithm.batch import StepBatch, prefixes
-from topd_megatron.algorithm.detection import Windows
-from topd_megatron.training.forward import MicroBatch, forward_logits
-from topd_megatron.models.build import MegatronLM, ModelConfig, build_model, hf_dir
 from topd_megatron.algorithm.objective import ServedTeacher
+from topd_megatron.algorithm.types import Windows
 from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import MegatronLM, ModelConfig, build_model
+from topd_megatron.models.format import hf_dir
 from topd_megatron.models.tokenizer import check_same_tokenizer
+from topd_megatron.training.forward import MicroBatch, forward_logits
 
 
 def build_teacher(cfg: ModelConfig, parallel: ParallelConfig, student: MegatronLM) -> MegatronLM:

@@ -5,7 +5,8 @@
 
     # one server over 4 GPU nodes (SGLang multi-node: TP 8 per replica, 4 data-parallel replicas), one task per node;
     # beyond loopback every request needs the API key, read from $TOPD_SGLANG_API_KEY
-    srun --nodes 4 --ntasks-per-node 1 bash -c 'python -m topd_megatron.rollout.sglang.serve --role student --model CKPT \
+    srun --nodes 4 --ntasks-per-node 1 bash -c 'python -m topd_megatron.rollout.sglang.serve --role student \
+        --model CKPT \
         --host 0.0.0.0 --port 30000 --tp 8 --dp 4 --dtype bfloat16 \
         --nnodes 4 --node-rank $SLURM_PROCID --dist-init-addr FIRST_NODE:5000'
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from topd_megatron.distributed.env import free_port
+from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -70,12 +72,6 @@ class ServerConfig:
             raise ValueError(f"sglang mem_fraction must be in (0, 1], got {self.mem_fraction}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def cpu_server_args() -> list[str]:
     """SGLang's generic torch path: the only one that runs without a GPU (its CPU engine needs sgl_kernel CPU ops,
     which are not published)."""
@@ -113,7 +109,6 @@ def server_command(cfg: ServerConfig, port: int, api_key: str | None, *, cuda: b
 def server_env(*, cuda: bool) -> dict[str, str]:
     """Environment of a launched server. Log-probs are always those of the model's own distribution (temperature 1,
     before top-p), the quantity the trainer's importance ratios and the teacher-served loss need."""
-    from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
 
     env = dict(os.environ)
     env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from topd_megatron.distributed.env import free_port
+from topd_megatron.logs import quiet_stdout
 from topd_megatron.rollout.sglang.client import SGLangClient, SGLangResponseError
 
 SyncMode = Literal["disk", "tensor", "distributed"]
@@ -37,7 +39,6 @@ SYNC_MODES = ("disk", "tensor", "distributed")
 def hf_weights(lm: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full CPU tensor) of every student weight, in Megatron-Bridge's order. Collective over the TP/PP group
     of this replica: every rank of it must iterate to the end."""
-    from topd_megatron.logs import quiet_stdout
 
     with quiet_stdout():
         for item in lm.bridge.export_hf_weights(lm.modules, cpu=True, show_progress=False):
@@ -192,8 +193,6 @@ class WeightSync:
         if self._group is not None:
             return self._group
         from sglang.srt.utils.common import init_custom_process_group
-
-        from topd_megatron.rollout.sglang.server import free_port
 
         assert self.client is not None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
