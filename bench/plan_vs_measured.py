@@ -14,7 +14,7 @@ with the student's DDP and distributed optimizer exactly as training builds them
   events summed in time order) during forward, loss (objective.token_terms + objective.loss, reverse KL against
   teacher logits computed beforehand) and backward of that micro-batch, above what was allocated before it;
 - d_t pass peak: the same high-water mark for the detector's no-grad student pass of that micro-batch as
-  train_step.step_divergence runs it (forward.forward_logits reducing the logits to d_t as they arrive);
+  training.scoring.step_divergence runs it (forward_logits reducing the logits to d_t as they arrive);
 - teacher window rows: the distinct storages train_step keeps of a branch micro-batch's teacher logits (the
   `BranchBatch.window_logits` rows of WINDOW tokens per row, cut out as the logits arrive) (PP = 1 cases).
 The planner's numbers for the same layout and micro-batch (attention='local': Megatron-Core's local spec, the CPU
@@ -157,7 +157,7 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
     if case.pp == 1:
         t_logits = teacher_logits(teacher, [mb])[0]
 
-        def d_t(m, s_l: torch.Tensor) -> torch.Tensor:  # train_step.step_divergence's reduction
+        def d_t(m, s_l: torch.Tensor) -> torch.Tensor:  # training.scoring.step_divergence's reduction
             return objective.token_terms(cfg, tb, s_l[:, :-1], t_logits[:, :-1], **kw).divergence.detach().float()
 
         # first through Megatron's schedule, as training does (it sets up the MoE aux-loss scale an MoE layer

@@ -6,8 +6,12 @@
     llama3_8b_from_70b      Llama-3.1-8B-Instruct from Llama-3.3-70B-Instruct, one 8-GPU node
     topd_70b                Llama-3.3-70B-Instruct from Llama-3.1-405B-Instruct (FP8 teacher forward), multi-node
 
+    from topd_megatron import recipes
     cfg = recipes.get("tiny")                               # a RunConfig
     cfg = recipes.get("topd_70b", ["train.steps=10"])       # with dotted-key overrides
+
+This folder is not an installed package: `topd_megatron.recipes` mounts it (as `topd_recipes`) when a recipe is
+asked for, so recipe modules import each other relatively. Register a new recipe in RECIPES below.
 
 Checkpoint, data and output locations of the GPU recipes come from environment variables (defaults in brackets):
 TOPD_CKPT_DIR [checkpoints] holds the Hugging Face (or converted topd) checkpoint directories named as on the Hub
@@ -18,56 +22,26 @@ Slurm scripts run them directly; `topd plan NAME` checks a recipe's layout again
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from topd_megatron.recipes import Recipe
 
-from topd_megatron.config import RunConfig
-from topd_megatron.overrides import apply_overrides
+from . import llama3_8b_from_70b, qwen3_4b_from_30b_a3b, tiny, topd_70b
 
-
-@dataclass(frozen=True, slots=True)
-class Recipe:
-    name: str
-    build: Callable[[], RunConfig]
-    summary: str
-    needs_tiny_pair: bool = False
-    """The recipe trains the prepared tiny pair (`topd prepare` makes it; launchers run it first)."""
-
-
-def _registry() -> dict[str, Recipe]:
-    from recipes import llama3_8b_from_70b, qwen3_4b_from_30b_a3b, tiny, topd_70b
-
-    return {
-        "tiny": Recipe("tiny", tiny.tiny, "CPU gloo ranks, the tiny embedded default", needs_tiny_pair=True),
-        "qwen3_4b_from_30b_a3b": Recipe(
-            "qwen3_4b_from_30b_a3b",
-            qwen3_4b_from_30b_a3b.qwen3_4b_from_30b_a3b,
-            "Qwen3-4B-Instruct-2507 from Qwen3-30B-A3B-Instruct-2507 (MoE, EP), one 8-GPU node",
-        ),
-        "llama3_8b_from_70b": Recipe(
-            "llama3_8b_from_70b",
-            llama3_8b_from_70b.llama3_8b_from_70b,
-            "Llama-3.1-8B-Instruct from Llama-3.3-70B-Instruct, one 8-GPU node",
-        ),
-        "topd_70b": Recipe(
-            "topd_70b",
-            topd_70b.topd_70b,
-            "Llama-3.3-70B-Instruct from Llama-3.1-405B-Instruct (FP8 teacher forward), multi-node",
-        ),
-    }
-
-
-def names() -> list[str]:
-    return list(_registry())
-
-
-def recipe(name: str) -> Recipe:
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(registry)}")
-    return registry[name]
-
-
-def get(name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The recipe's RunConfig with dotted-key overrides applied (see topd_megatron.overrides)."""
-    return apply_overrides(recipe(name).build(), list(overrides))
+RECIPES = (
+    Recipe("tiny", tiny.tiny, "CPU gloo ranks, the tiny embedded default", needs_tiny_pair=True),
+    Recipe(
+        "qwen3_4b_from_30b_a3b",
+        qwen3_4b_from_30b_a3b.qwen3_4b_from_30b_a3b,
+        "Qwen3-4B-Instruct-2507 from Qwen3-30B-A3B-Instruct-2507 (MoE, EP), one 8-GPU node",
+    ),
+    Recipe(
+        "llama3_8b_from_70b",
+        llama3_8b_from_70b.llama3_8b_from_70b,
+        "Llama-3.1-8B-Instruct from Llama-3.3-70B-Instruct, one 8-GPU node",
+    ),
+    Recipe(
+        "topd_70b",
+        topd_70b.topd_70b,
+        "Llama-3.3-70B-Instruct from Llama-3.1-405B-Instruct (FP8 teacher forward), multi-node",
+    ),
+)
+"""Every recipe `topd train --recipe`, `topd plan`, `recipes/launch.py` and the Slurm scripts can name."""

@@ -5,7 +5,8 @@
     python recipes/launch.py topd_70b --executor slurm --account A --partition P --container IMAGE
 
 Overrides are dotted keys of the RunConfig (topd_megatron.overrides). The recipes are also registered as nemo-run
-factories (`run.cli.factory`) for the `cfg` argument of `train_run`, so a nemo-run entry point can name them.
+factories (`run.cli.factory`) for the `cfg` argument of `topd_megatron.training.loop.train_run`, so a nemo-run
+entry point can name them.
 Ranks: nodes * ranks per node from the recipe's `cluster` (tiny: TP*PP ranks on one node); `--nodes` and
 `--ranks-per-node` change that. On a single CPU machine torchrun starts gloo ranks; on GPUs, NCCL.
 """
@@ -22,18 +23,10 @@ from typing import Any
 
 import nemo_run as run
 
-import recipes
+from topd_megatron import recipes
+from topd_megatron.analysis.prepare import prepare
 from topd_megatron.config import RunConfig
-
-
-def train_run(cfg: RunConfig) -> None:
-    """What every rank executes: this rank's share of training (torchrun/srun set RANK and WORLD_SIZE)."""
-    from topd_megatron.distributed.launch import run_ranks
-    from topd_megatron.training.loop import train
-
-    report = run_ranks(train, cfg.parallel.model_parallel_size, cfg, timeout=86400.0)
-    if report is not None:
-        print(f"[topd] finished {cfg.run_dir}: {report}", flush=True)
+from topd_megatron.training.loop import train_run
 
 
 def to_config(obj: Any) -> Any:
@@ -103,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     task = run.Partial(train_run, cfg=to_config(cfg))
     if args.executor == "local":
         if recipes.recipe(args.recipe).needs_tiny_pair and not args.dry_run:
-            from topd_megatron.analysis.prepare import prepare
-
             prepare()
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         if shutil.which("torchrun") is None:

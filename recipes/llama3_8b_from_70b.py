@@ -23,7 +23,6 @@ top-k log-probs instead of full distributions) fits 64 prompts at 59.2 GiB, 2,19
 
 from __future__ import annotations
 
-from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
@@ -31,6 +30,8 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
+
+from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 
 
 def llama3_8b_from_70b() -> RunConfig:

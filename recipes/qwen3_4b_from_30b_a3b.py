@@ -21,7 +21,6 @@ on the full-prefix branch rows.
 
 from __future__ import annotations
 
-from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
@@ -29,6 +28,8 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
+
+from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 
 
 def qwen3_4b_from_30b_a3b() -> RunConfig:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from recipes._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
@@ -33,6 +32,8 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
+
+from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 
 
 def topd_70b() -> RunConfig:

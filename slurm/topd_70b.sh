@@ -38,11 +38,12 @@
 # Partition, account, QOS, container: SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_CONTAINER (an OCI bundle
 # for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
 #
-# What it does: (a) starts the SGLang servers with srun on their own nodes (`python -m topd_megatron.rollout.sglang.serve`,
-# one task per node; a server spanning several nodes uses SGLang's multi-node mode) and waits until each answers
-# /health_generate; (b) runs training with srun (one task per training node) + torchrun (c10d rendezvous on the first
-# training node) of `topd train --recipe topd_70b`, attached to the servers; (c) on exit, stops what it started by
-# PID (srun forwards the SIGTERM to its tasks; serve.py stops its server); (d) exits with training's exit code.
+# What it does: (a) starts the SGLang servers with srun on their own nodes
+# (`python -m topd_megatron.rollout.sglang.serve`, one task per node; a server spanning several nodes uses SGLang's
+# multi-node mode) and waits until each answers /health_generate; (b) runs training with srun (one task per training
+# node) + torchrun (c10d rendezvous on the first training node) of `topd train --recipe topd_70b`, attached to the
+# servers; (c) on exit, stops what it started by PID (srun forwards the SIGTERM to its tasks; serve.py stops its
+# server); (d) exits with training's exit code.
 set -euo pipefail
 
 # ==== LAYOUT (continued): the node split and the servers' parallelism, set from `topd plan topd_70b` ================

@@ -26,9 +26,9 @@
 # for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
 #
 # What it does: (a) prepares the tiny pair (cached) and starts the student SGLang server
-# (`python -m topd_megatron.rollout.sglang.serve`, bound to 127.0.0.1), waiting until it is healthy; (b) runs training with
-# srun (one task per node) + torchrun (c10d rendezvous on the first node), attached to that server; (c) on exit, stops
-# what it started, by PID; (d) exits with training's exit code.
+# (`python -m topd_megatron.rollout.sglang.serve`, bound to 127.0.0.1), waiting until it is healthy; (b) runs training
+# with srun (one task per node) + torchrun (c10d rendezvous on the first node), attached to that server; (c) on exit,
+# stops what it started, by PID; (d) exits with training's exit code.
 set -euo pipefail
 
 # ---- settings ------------------------------------------------------------------------------------------------------
@@ -76,7 +76,8 @@ trap 'exit 130' INT
 "$PY" -m topd_megatron.cli prepare
 # The student checkpoint and ranks per node, as the recipe (with the user's overrides) defines them.
 read -r student nproc < <("$PY" -c '
-import sys, recipes
+import sys
+from topd_megatron import recipes
 cfg = recipes.get("tiny", sys.argv[1:])
 print(cfg.student.path, cfg.cluster.gpus_per_node)' "${user_overrides[@]}")
 nproc="${TOPD_NPROC_PER_NODE:-$nproc}"

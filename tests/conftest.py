@@ -14,9 +14,9 @@ SHARED_DATA = shared_data_dir()
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from topd_megatron.models.tiny import _default_corpus, make_tiny_tokenizer
+    from topd_megatron.models.tiny import default_corpus, make_tiny_tokenizer
 
-    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", _default_corpus(), vocab_size=384)
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", default_corpus(), vocab_size=384)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from topd_megatron import recipes
+from topd_megatron.algorithm.objective import PRESETS
 from topd_megatron.analysis import agreement, experiment
 from topd_megatron.analysis.prepare import PrepareConfig, prepare
 from topd_megatron.config import config_from_dict
@@ -36,18 +38,7 @@ from topd_megatron.overrides import apply_overrides
 from topd_megatron.plan import cli as plan_cli
 from topd_megatron.training.loop import train
 
-ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
 DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
-
-
-def _launched_externally() -> bool:
-
-    return launched_externally()
-
-
-def _run_ranks(fn: Any, world: int, cfg: Any, timeout: float) -> Any:
-
-    return run_ranks(fn, world, cfg, timeout=timeout)
 
 
 def _print_agreement(report: dict[str, Any]) -> None:
@@ -81,14 +72,13 @@ def _print_agreement(report: dict[str, Any]) -> None:
 
 
 def cmd_agree(args: argparse.Namespace, student: str, teacher: str) -> int:
-
     cfg = agreement.AgreementConfig(
         student=ModelConfig(path=student, dtype=args.dtype),
         teacher=ModelConfig(path=teacher, dtype=args.dtype),
         parallel=ParallelConfig(tp=args.tp, pp=args.pp),
     )
     _preflight(cfg)
-    report = _run_ranks(agreement.run, args.tp * args.pp, cfg, timeout=args.timeout)
+    report = run_ranks(agreement.run, args.tp * args.pp, cfg, timeout=args.timeout)
     if report is None:
         return 0
     _print_agreement(report)
@@ -112,7 +102,6 @@ def _preflight(cfg: Any) -> None:
 
 
 def cmd_run_tiny(args: argparse.Namespace) -> int:
-
     cfg = experiment.TinyConfig(
         tp=args.tp,
         pp=args.pp,
@@ -135,10 +124,7 @@ def cmd_run_tiny(args: argparse.Namespace) -> int:
 
 def load_run_config(args: argparse.Namespace) -> Any:
     """The RunConfig of `--config FILE` or `--recipe NAME`, with every `--set KEY=VALUE` applied."""
-
     if args.recipe:
-        import recipes
-
         return recipes.get(args.recipe, args.set)
     path = Path(args.config)
     if not path.is_file():
@@ -147,23 +133,19 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     cfg = load_run_config(args)
-    if args.recipe and not _launched_externally():
-        import recipes
-
+    if args.recipe and not launched_externally():
         if recipes.recipe(args.recipe).needs_tiny_pair:
             prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
         checkpoint_kind(getattr(cfg, role).path)  # a missing or partial checkpoint fails before any rank starts
-    report = _run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
+    report = run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
     if report is not None:
         print(json.dumps(report, indent=2, default=str))
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-
     prepared = prepare(PrepareConfig(task=args.task), force=args.force)
     report = prepared.report
     for role in ("teacher", "student"):
@@ -191,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     common(run)
     run.add_argument("--steps", type=int, default=30, help="training steps per arm")
     run.add_argument("--seeds", type=int, default=1, help="repeat every arm with this many seeds")
-    run.add_argument("--arms", default=",".join(ARMS), help="comma-separated presets to train")
+    run.add_argument(
+        "--arms",
+        default=",".join(experiment.DEFAULT_ARMS),
+        help=f"comma-separated presets to train: {', '.join(PRESETS)}",
+    )
     run.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
     run.add_argument("--out-dir", default="runs/tiny", help="metrics, TensorBoard logs, checkpoints and plots")
     run.add_argument("--rollout", default="embedded", choices=["embedded", "sglang"], help="where rollouts are sampled")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from topd_megatron.algorithm import objective
+from topd_megatron.choices import check_choices
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation.task_eval import EvalConfig
@@ -58,9 +60,9 @@ class RunConfig:
     run_dir: str
     """Where metrics, TensorBoard logs, checkpoints and plots go (a rerun with the same run_dir resumes)."""
     task: str = "topd_megatron.tasks.synthetic:default"
-    rollout: str = "embedded"
+    rollout: Literal["embedded", "sglang"] = "embedded"
     """'embedded' (sample in-process from the Megatron models) or 'sglang' (SGLang servers, see `sglang`)."""
-    teacher_source: str = "megatron"
+    teacher_source: Literal["megatron", "sglang"] = "megatron"
     """'megatron': the teacher is built in Megatron on the student's ranks and gives vocab-sharded logits;
     'sglang': the teacher is only served (sglang.teacher), for teachers that cannot be colocated; the loss then uses
     the served forms (objective.teacher_signal 'top_k' or 'sampled_token')."""
@@ -74,8 +76,7 @@ class RunConfig:
     """The machines the run is meant for (planner, launchers); training uses what torchrun/srun give it."""
 
     def __post_init__(self) -> None:
-        if self.rollout not in ("embedded", "sglang"):
-            raise ValueError(f"rollout must be 'embedded' or 'sglang', got {self.rollout!r}")
+        check_choices(self)
         signal = self.objective.teacher_signal
         if self.teacher_source == "megatron":
             if signal != "logits":
@@ -83,7 +84,7 @@ class RunConfig:
                     f"objective.teacher_signal={signal!r} is for a teacher served by SGLang; with the colocated"
                     " Megatron teacher use teacher_signal=logits (or set teacher_source=sglang)"
                 )
-        elif self.teacher_source == "sglang":
+        else:  # sglang
             problems = []
             if self.rollout != "sglang":
                 problems.append("rollout=sglang (the teacher server is reached through the SGLang engine)")
@@ -93,8 +94,6 @@ class RunConfig:
                 problems.append("objective.teacher_signal=top_k or sampled_token (a server reports log-probs)")
             if problems:
                 raise ValueError("teacher_source=sglang needs " + "; ".join(problems))
-        else:
-            raise ValueError(f"teacher_source must be 'megatron' or 'sglang', got {self.teacher_source!r}")
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -26,15 +26,6 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _dataclass_in(kind: Any) -> type | None:
-    if dataclasses.is_dataclass(kind):
-        return kind
-    for arg in typing.get_args(kind):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
 def _optional(kind: Any) -> bool:
     return typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
 

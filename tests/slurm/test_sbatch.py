@@ -125,8 +125,8 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     assert len(sruns) == 3, dry.stdout
     student, teacher, train = sruns
     # the layout of slurm/topd_70b.sh: 16 training nodes, then one student-server node and one teacher-server node
-    assert "rollout.serve" in student and "--role student" in student and "--nodelist=node017" in student
-    assert "rollout.serve" in teacher and "--role teacher" in teacher and "--nodelist=node018" in teacher
+    assert "rollout.sglang.serve" in student and "--role student" in student and "--nodelist=node017" in student
+    assert "rollout.sglang.serve" in teacher and "--role teacher" in teacher and "--nodelist=node018" in teacher
     assert "torch.distributed.run --nnodes=16" in train and "--rdzv-endpoint=node001:29500" in train
     assert "--recipe topd_70b" in train and "sglang.student.url=http://node017:30000" in train
     assert "sglang.teacher.url=http://node018:30001" in train and "--set=train.steps=3" in train

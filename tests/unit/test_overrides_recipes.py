@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-import recipes
+from topd_megatron import recipes
 from topd_megatron.config import RunConfig, config_from_dict
 from topd_megatron.overrides import apply_overrides, flatten
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import recipes
+from topd_megatron import recipes
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.distributed.parallel import ParallelConfig

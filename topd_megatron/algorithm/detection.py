@@ -5,11 +5,11 @@ generate and score the teacher windows that guidance uses. The order within one 
 
     terms = objective.token_terms(cfg, batch, student_logits, teacher_logits, vocab_size=V, group=tp)  # d_t etc.
     d = terms.divergence.detach()
-    cands = divergence.select_candidates(cfg.detection, batch, d)        # 1. top-q per rollout, at most M
+    cands = detection.select_candidates(cfg.detection, batch, d)         # 1. top-q per rollout, at most M
     # window_ot only: the loop samples K teacher tokens u after (x, y_<t) for every t in cands.positions (in that
     # order) -> Windows; with student_window="fresh" also K fresh student tokens.
-    det = divergence.detect(cfg.detection, batch, cands, d, teacher_windows=u, embedding=emb_shard,
-                            vocab_size=V, group=tp)                      # 2. scores D_t, tau, divergent
+    det = detection.detect(cfg.detection, batch, cands, d, teacher_windows=u, embedding=emb_shard,
+                           vocab_size=V, group=tp)                       # 2. scores D_t, tau, divergent
     # teacher_window guidance only: for t in det.guidance_positions() the loop scores the branch (x, y_<t, u) with
     # both models (u = det.guidance_windows(u): the detection windows are reused, nothing new is generated).
     branch = objective.branch_terms(cfg, det.guidance_positions(), det.guidance_windows(u), s_branch, t_branch, ...)
@@ -19,8 +19,8 @@ Everything here works on per-token `[N]` vectors and small `[C, K]` windows, nev
 the same detection (its inputs are all-reduced quantities); the scores are broadcast from the group's first rank so
 that the ranks agree bit for bit.
 
-Batch layout (`TokenBatch`): N packed positions; the positions of one rollout are contiguous and in order; row i of
-the logits is the distribution the model gives to `tokens[i]` (already shifted: p_t = pi(.|x, y_<t) for y_t).
+Batch layout (`types.TokenBatch`): N packed positions; the positions of one rollout are contiguous and in order; row i
+of the logits is the distribution the model gives to `tokens[i]` (already shifted: p_t = pi(.|x, y_<t) for y_t).
 A window after t runs over the following positions of the same contiguous response run (it stops at the rollout's
 EOS, at padding and at masked positions): windows carry their real lengths.
 """
@@ -42,6 +42,7 @@ from torch.distributed import ProcessGroup
 
 from topd_megatron.algorithm.loss import vocab_parallel_embedding
 from topd_megatron.algorithm.types import Candidates, Detection, TokenBatch, Windows
+from topd_megatron.choices import check_choices
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,8 +76,7 @@ class Config:
     """gamma of the lookahead detector: D_t = sum_j gamma^j d_{t+j} / sum_j gamma^j, j = 1..K (real length)."""
 
     def __post_init__(self) -> None:
-        if self.detector not in ("none", "window_ot", "lookahead"):
-            raise ValueError(f"detection.detector must be 'none', 'window_ot' or 'lookahead', got {self.detector!r}")
+        check_choices(self, "detection")
         if not 0.0 < self.q <= 1.0:
             raise ValueError(f"detection.q must be in (0, 1], got {self.q}")
         if self.max_candidates is not None and self.max_candidates < 1:
@@ -87,15 +87,11 @@ class Config:
             raise ValueError(f"detection.tau must be finite or None, got {self.tau}")
         if self.window < 1:
             raise ValueError(f"detection.window must be >= 1, got {self.window}")
-        if self.ot_solver not in ("exact", "sinkhorn"):
-            raise ValueError(f"detection.ot_solver must be 'exact' or 'sinkhorn', got {self.ot_solver!r}")
         if self.sinkhorn_eps <= 0.0 or self.sinkhorn_iters < 1:
             raise ValueError(
                 f"detection.sinkhorn_eps must be > 0 and sinkhorn_iters >= 1, got {self.sinkhorn_eps},"
                 f" {self.sinkhorn_iters}"
             )
-        if self.student_window not in ("rollout", "fresh"):
-            raise ValueError(f"detection.student_window must be 'rollout' or 'fresh', got {self.student_window!r}")
         if not 0.0 < self.lookahead_gamma <= 1.0:
             raise ValueError(f"detection.lookahead_gamma must be in (0, 1], got {self.lookahead_gamma}")
 

@@ -232,6 +232,34 @@ def _gather_local(x: Tensor, tokens: Tensor, sh: _Shard) -> Tensor:
     return torch.where(owned, vals, torch.zeros_like(vals))
 
 
+def _partial_sums(op: str, s: Tensor, t: Tensor | None, tokens: Tensor | None, sh: _Shard, n: int) -> Tensor:
+    """[4, n] this shard's partial sums of a chunk, from the max-shifted logits `s`, `t` ([n, V_local], modified in
+    place): row 0 sum_v e^{ls}; row 1 sum_v e^{lt}; rows 2-3 the op's terms (module docstring)."""
+    sums = torch.zeros(4, n, dtype=s.dtype, device=s.device)
+    if not sh.n_valid:
+        return sums
+    es = s.exp()
+    sums[0] = es.sum(dim=1)
+    if op == "reverse_kl":
+        sums[1] = torch.exp(t).sum(dim=1)
+        sums[2] = _rowdot(es, t.neg_().add_(s))  # sum_v e^{ls} (ls - lt)
+    elif op == "forward_kl":
+        et = t.exp()
+        sums[1] = et.sum(dim=1)
+        sums[2] = _rowdot(et, s.neg_().add_(t))  # sum_v e^{lt} (lt - ls)
+    elif op == "jsd":
+        sums[1] = torch.exp(t).sum(dim=1)
+    elif op == "log_ratio":
+        sums[1] = torch.exp(t).sum(dim=1)
+        sums[2] = _gather_local(s, tokens, sh)
+        sums[3] = _gather_local(t, tokens, sh)
+    elif op == "logprob":
+        sums[2] = _gather_local(s, tokens, sh)
+    elif op == "entropy":
+        sums[2] = _rowdot(es, s)  # sum_v e^{ls} ls
+    return sums
+
+
 def _forward_chunk(student, teacher, tokens, op, beta, sh: _Shard, group, c0, c1, out, stats, bad) -> None:
     acc = stats.dtype
     n, nv = c1 - c0, sh.n_valid
@@ -260,28 +288,7 @@ def _forward_chunk(student, teacher, tokens, op, beta, sh: _Shard, group, c0, c1
         t.sub_(mt.unsqueeze(1))  # lt = t - max_t
 
     # (2) partition functions and the op's partial sums on this shard.
-    sums = torch.zeros(4, n, dtype=acc, device=dev)
-    if nv:
-        es = s.exp()
-        sums[0] = es.sum(dim=1)
-        if op == "reverse_kl":
-            sums[1] = torch.exp(t).sum(dim=1)
-            sums[2] = _rowdot(es, t.neg_().add_(s))  # sum_v e^{ls} (ls - lt)
-        elif op == "forward_kl":
-            et = t.exp()
-            sums[1] = et.sum(dim=1)
-            sums[2] = _rowdot(et, s.neg_().add_(t))  # sum_v e^{lt} (lt - ls)
-        elif op == "jsd":
-            sums[1] = torch.exp(t).sum(dim=1)
-        elif op == "log_ratio":
-            sums[1] = torch.exp(t).sum(dim=1)
-            sums[2] = _gather_local(s, tokens[c0:c1], sh)
-            sums[3] = _gather_local(t, tokens[c0:c1], sh)
-        elif op == "logprob":
-            sums[2] = _gather_local(s, tokens[c0:c1], sh)
-        elif op == "entropy":
-            sums[2] = _rowdot(es, s)  # sum_v e^{ls} ls
-        del es
+    sums = _partial_sums(op, s, t, tokens[c0:c1] if tokens is not None else None, sh, n)
     # all-reduce #2 (SUM): partition functions, partial sums and the target logit (owned by exactly one rank).
     _all_reduce(sums, dist.ReduceOp.SUM, group, sh.world)
     lzs = sums[0].log()

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -57,9 +58,9 @@ from topd_megatron.algorithm import detection
 from topd_megatron.algorithm.detection import future_weights
 from topd_megatron.algorithm.loss import token_divergence, token_logprobs, topk_divergence
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
+from topd_megatron.choices import check_choices
 
 PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
-TEACHER_SIGNALS: tuple[str, ...] = ("logits", "top_k", "sampled_token")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -102,16 +103,11 @@ class Config:
     """k of teacher_signal='top_k'."""
 
     def __post_init__(self) -> None:
-        if self.opd not in ("dense", "pg"):
-            raise ValueError(f"objective.opd must be 'dense' or 'pg', got {self.opd!r}")
-        if self.divergence not in ("reverse_kl", "forward_kl", "jsd"):
-            raise ValueError(f"objective.divergence must be reverse_kl, forward_kl or jsd, got {self.divergence!r}")
+        check_choices(self, "objective")
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"objective.jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if not 0.0 <= self.suppress_weight <= 1.0:
             raise ValueError(f"objective.suppress_weight (beta_s) must be in [0, 1], got {self.suppress_weight}")
-        if self.guidance not in ("none", "teacher_window", "on_path"):
-            raise ValueError(f"objective.guidance must be none, teacher_window or on_path, got {self.guidance!r}")
         if self.guidance != "none" and self.detection.detector == "none":
             raise ValueError(
                 f"objective.guidance={self.guidance!r} needs a detector (it acts at divergent positions); set"
@@ -119,14 +115,8 @@ class Config:
             )
         if self.guidance_coef < 0.0:
             raise ValueError(f"objective.guidance_coef (lambda) must be >= 0, got {self.guidance_coef}")
-        if self.guidance_weights not in ("uniform", "geometric"):
-            raise ValueError(f"objective.guidance_weights must be uniform or geometric, got {self.guidance_weights!r}")
         if not 0.0 < self.guidance_gamma <= 1.0:
             raise ValueError(f"objective.guidance_gamma must be in (0, 1], got {self.guidance_gamma}")
-        if self.guidance_divergence not in ("reverse_kl", "forward_kl", "cross_entropy"):
-            raise ValueError(f"objective.guidance_divergence got {self.guidance_divergence!r}")
-        if self.normalization not in ("token_mean", "sequence_mean", "constant"):
-            raise ValueError(f"objective.normalization got {self.normalization!r}")
         if self.normalization == "constant" and not (self.normalization_constant or 0) > 0:
             raise ValueError("objective.normalization='constant' needs normalization_constant > 0")
         if self.rho_clip is not None and self.rho_clip <= 0.0:
@@ -136,8 +126,6 @@ class Config:
         self._check_teacher_signal()
 
     def _check_teacher_signal(self) -> None:
-        if self.teacher_signal not in TEACHER_SIGNALS:
-            raise ValueError(f"objective.teacher_signal must be one of {TEACHER_SIGNALS}, got {self.teacher_signal!r}")
         if self.teacher_signal == "logits":
             return
         if self.teacher_top_k < 1:
@@ -212,6 +200,15 @@ class ServedTeacher:
         """Positions [start, stop)."""
         top = (None, None) if self.top_ids is None else (self.top_ids[start:stop], self.top_logprobs[start:stop])
         return ServedTeacher(token_logprobs=self.token_logprobs[start:stop], top_ids=top[0], top_logprobs=top[1])
+
+    def window_rows(self, lengths: Tensor, windows: range) -> ServedTeacher:
+        """The rows of windows `windows.start .. windows.stop - 1` of a report packed window after window (window g
+        holds `lengths[g]` rows): what one branch micro-batch's guidance needs."""
+        offsets = torch.cumsum(lengths, 0) - lengths
+        if len(windows) == 0:
+            return self.slice(0, 0)
+        last = windows.stop - 1
+        return self.slice(int(offsets[windows.start]), int(offsets[last] + lengths[last]))
 
 
 def sampled_log_ratio(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
@@ -367,18 +364,30 @@ def branch_terms(
     )
 
 
-def normalizer(cfg: Config, batch: TokenBatch, dtype: torch.dtype = torch.float32) -> Tensor:
-    """[N] weights 1/N per response position (0 elsewhere), for the chosen normalisation mode."""
+def normalizer(
+    cfg: Config, batch: TokenBatch, dtype: torch.dtype = torch.float32, *, group: ProcessGroup | None = None
+) -> Tensor:
+    """[N] weights 1/N per response position (0 elsewhere), for the chosen normalisation mode.
+
+    With `group` (the data-parallel group of a step split over replicas), the counts are all-reduced over it:
+    token_mean divides by the response tokens of the whole step, sequence_mean by the rollouts with a response of
+    the whole step (times each rollout's own length), so every replica's weights belong to one objective.
+    """
     m = batch.response_mask
     mf = m.to(dtype)
     if cfg.normalization == "constant":
         return mf / cfg.normalization_constant
     if cfg.normalization == "token_mean":
-        return mf / mf.sum().clamp(min=1.0)
+        total = mf.sum().reshape(1)
+        if group is not None:
+            dist.all_reduce(total, group=group)  # response tokens of the whole step
+        return mf / total.clamp(min=1.0)
     n_seq = int(batch.seq_ids.max()) + 1 if batch.num_positions else 0
     per_seq = torch.zeros(n_seq, dtype=dtype, device=m.device).index_add_(0, batch.seq_ids, mf)
-    n_active = (per_seq > 0).sum().clamp(min=1).to(dtype)
-    return mf / (per_seq[batch.seq_ids].clamp(min=1.0) * n_active)
+    n_active = (per_seq > 0).sum().to(dtype).reshape(1)
+    if group is not None:
+        dist.all_reduce(n_active, group=group)  # rollouts with a response, whole step
+    return mf / (per_seq[batch.seq_ids].clamp(min=1.0) * n_active.clamp(min=1.0))
 
 
 def _opd_per_token(cfg: Config, batch: TokenBatch, terms: TokenTerms, metrics: dict) -> Tensor:
@@ -509,7 +518,6 @@ def loss(
 
 __all__ = [
     "PRESETS",
-    "TEACHER_SIGNALS",
     "BranchTerms",
     "Config",
     "ServedTeacher",

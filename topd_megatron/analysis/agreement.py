@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from topd_megatron.algorithm.loss import token_divergence, token_logprobs
-from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
-from topd_megatron.models.build import ModelConfig, build_model
-from topd_megatron.models.tokenizer import encode_example, load_tokenizer
+from topd_megatron.distributed.parallel import ParallelConfig
+from topd_megatron.models.build import ModelConfig
+from topd_megatron.models.tokenizer import encode_example
 from topd_megatron.rollout.sampling import vocab_parallel_argmax
 from topd_megatron.training.forward import forward_logits, make_microbatch
-from topd_megatron.training.teacher import build_teacher, teacher_logits
+from topd_megatron.training.session import rank_session
+from topd_megatron.training.teacher import teacher_logits
 
 DEFAULT_EXAMPLES = (
     ("Compute 12 + 7.", "We add 12 and 7 to get 19. The answer is \\boxed{19}."),
@@ -63,16 +64,14 @@ def run(rank: int, world: int, cfg: AgreementConfig) -> dict[str, Any] | None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    init_model_parallel(cfg.parallel)
-    student = build_model(cfg.student, cfg.parallel, role="student")
-    for m in student.modules:
-        m.eval()
-    teacher = build_teacher(cfg.teacher, cfg.parallel, student)
-    tokenizer = load_tokenizer(student.tokenizer_dir)
-    tokens, mask = encode_examples(tokenizer, cfg.examples)
-    microbatches = [make_microbatch(tokens, mask)]
-    s_logits = forward_logits(student.modules, microbatches)
-    t_logits = teacher_logits(teacher, microbatches)
+    with rank_session(cfg.parallel, cfg.student, teacher=cfg.teacher) as session:
+        student, tokenizer = session.student, session.tokenizer
+        for m in student.modules:
+            m.eval()
+        tokens, mask = encode_examples(tokenizer, cfg.examples)
+        microbatches = [make_microbatch(tokens, mask)]
+        s_logits = forward_logits(student.modules, microbatches)
+        t_logits = teacher_logits(session.teacher, microbatches)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     group = parallel_state.get_tensor_model_parallel_group()

@@ -18,37 +18,40 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from topd_megatron.algorithm import objective
 from topd_megatron.analysis.oracle import OracleConfig, run_oracle
 from topd_megatron.analysis.plots import plot_accuracy, plot_heatmap
 from topd_megatron.analysis.prepare import PrepareConfig, prepare
+from topd_megatron.choices import check_choices
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.distributed.launch import spawn
 from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.rollout.sglang.weight_sync import SyncMode
+from topd_megatron.seeds import arm_parallel_seed
 from topd_megatron.training.loop import train
 from topd_megatron.training.metrics import read_metrics
 from topd_megatron.training.optim import OptimConfig
 
-ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
-ARM_DETECTOR = {
-    "opd": None,
-    "opd_pg": None,
-    "opd_suppress": "window_ot",
-    "topd": "window_ot",
-    "topd_lookahead": "lookahead",
-}
+DEFAULT_ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
+"""The arms of the main job (a subset of objective.PRESETS)."""
+
+
+def arm_detector(arm: str) -> str | None:
+    """The detector a preset runs (None for plain OPD), read from the preset itself."""
+    detector = objective.preset(arm).detection.detector
+    return None if detector == "none" else detector
 
 
 @dataclass(kw_only=True, slots=True)
 class TinyConfig:
     """The tiny comparison; defaults finish in about 15 minutes on a 2-core CPU (preparation included)."""
 
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: int = 1
     tp: int = 2
     pp: int = 1
@@ -65,9 +68,9 @@ class TinyConfig:
     eval_every: int = 15
     oracle_prompts: int = 32
     task: str = "topd_megatron.tasks.synthetic:default"
-    rollout: str = "embedded"
+    rollout: Literal["embedded", "sglang"] = "embedded"
     """'embedded' or 'sglang' (a student SGLang server per run, weights pushed after every step)."""
-    sync_mode: str = "distributed"
+    sync_mode: SyncMode = "distributed"
     """Weight sync to the SGLang student server: 'disk', 'tensor' or 'distributed'."""
     out_dir: str = "runs/tiny"
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -78,9 +81,7 @@ class TinyConfig:
             raise ValueError(f"unknown arms {unknown}; choose from {objective.PRESETS}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.rollout not in ("embedded", "sglang"):
-            raise ValueError(f"--rollout must be 'embedded' or 'sglang', got {self.rollout!r}")
-        SGLangConfig(sync_mode=self.sync_mode)  # validates the mode before anything runs
+        check_choices(self)
 
 
 def arm_objective(arm: str, window: int) -> objective.Config:
@@ -96,7 +97,7 @@ def run_config(cfg: TinyConfig, student: Path, teacher: Path, arm: str, seed: in
         task=cfg.task,
         rollout=cfg.rollout,
         sglang=SGLangConfig(sync_mode=cfg.sync_mode),
-        parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=1234 + seed),
+        parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=arm_parallel_seed(seed)),
         objective=arm_objective(arm, cfg.window),
         optim=OptimConfig(lr=cfg.lr, clip_grad=1.0),
         train=TrainConfig(
@@ -138,7 +139,6 @@ def summarize_run(run_dir: Path, k: int) -> dict[str, Any]:
 
 def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any]:
     """Run the whole comparison; returns the JSON-able results."""
-
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def compile_results(
         else:
             acc, err = finals[0], rs[0]["final"].get(f"{key}_stderr", math.nan)
             err_kind = "over problems"
-        detector = ARM_DETECTOR[arm]
+        detector = arm_detector(arm)
         step_time = _mean([r["step_time_s"] for r in rs])
         table.append(
             {

@@ -21,15 +21,14 @@ import torch.distributed as dist
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import StepBatch, build_step_batch, prefixes
 from topd_megatron.config import RunConfig
-from topd_megatron.distributed.parallel import init_model_parallel
-from topd_megatron.models.build import build_model
-from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
+from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import SamplingParams
-from topd_megatron.rollout.factory import rollout_engine
 from topd_megatron.rollout.sampling import vocab_parallel_argmax
 from topd_megatron.tasks import Problem, Task, load_task
-from topd_megatron.training.step import StepContext, _broadcast_from_last_stage, detect_step, step_divergence
-from topd_megatron.training.teacher import build_teacher, teacher_logits
+from topd_megatron.training.forward import broadcast_from_last_stage
+from topd_megatron.training.scoring import Scores, ScoringContext, detect, scoring_context, step_divergence
+from topd_megatron.training.session import EngineSpec, rank_session
+from topd_megatron.training.teacher import teacher_logits
 
 FORK, SURFACE, UNLABELLED = 1, 0, -1
 
@@ -47,7 +46,7 @@ class OracleConfig:
     """Candidate selection and detector settings (the detector field is overridden per entry of `detectors`)."""
 
 
-def _teacher_choice(ctx: Any, step: StepBatch, positions: torch.Tensor, t_logits: list[torch.Tensor]) -> torch.Tensor:
+def _teacher_choice(ctx: ScoringContext, positions: torch.Tensor, t_logits: list[torch.Tensor]) -> torch.Tensor:
     """a*: the teacher's argmax token at each position, on every rank."""
     from megatron.core import parallel_state as ps
 
@@ -55,14 +54,12 @@ def _teacher_choice(ctx: Any, step: StepBatch, positions: torch.Tensor, t_logits
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         full = torch.cat([t[:, :-1] for t in t_logits]).reshape(-1, t_logits[0].shape[-1])
         rows = full[positions] if positions.numel() else full[:0]
-        ids = torch.arange(rows.shape[-1]) + ps.get_tensor_model_parallel_rank() * rows.shape[-1]
-        rows = rows.float().masked_fill(ids >= ctx.student.vocab_size, float("-inf"))
-        best = vocab_parallel_argmax(rows, ps.get_tensor_model_parallel_group()).float()
-    return _broadcast_from_last_stage(best, (positions.numel(),), torch.float32).long()
+        best = vocab_parallel_argmax(rows, ctx.tp_group, vocab_size=ctx.vocab_size).float()
+    return broadcast_from_last_stage(best, (positions.numel(),), torch.float32).long()
 
 
 def label_candidates(
-    ctx: Any,
+    ctx: ScoringContext,
     step: StepBatch,
     positions: torch.Tensor,
     t_logits: list[torch.Tensor],
@@ -76,7 +73,7 @@ def label_candidates(
     if positions.numel() == 0:
         return torch.zeros(0, dtype=torch.long)
     s1 = step.targets_per_row
-    chosen = _teacher_choice(ctx, step, positions, t_logits)
+    chosen = _teacher_choice(ctx, positions, t_logits)
     pres = prefixes(step, positions)
     student_tok = [int(step.tokens[int(p) // s1, int(p) % s1 + 1]) for p in positions]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
@@ -125,61 +122,73 @@ def fork_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict[str, Any] | None:
     """Rank body: label the student's candidates with the oracle and score each detector. Report on rank 0."""
-
-    init_model_parallel(run.parallel)
     task = load_task(run.task)
-    student = build_model(run.student, run.parallel, role="student")
-    teacher = build_teacher(run.teacher, run.parallel, student)
-    engine = rollout_engine(
-        run.rollout, student, teacher, micro_batch_size=256, sglang=run.sglang, run_dir=Path(run.run_dir) / "oracle"
-    )
-    tokenizer = load_tokenizer(student.tokenizer_dir)
-    problems = task.train_problems(cfg.prompts, seed=cfg.seed)
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    params = SamplingParams(
-        temperature=run.train.temperature,
-        max_new_tokens=cfg.max_new_tokens,
-        stop_token_ids=(tokenizer.eos_token_id,),
-        seed=cfg.seed,
-    )
-    rollouts = engine.generate(prompts, params)
-    step = build_step_batch(rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=run.train.micro_batch_size)
-    tb = step.token_batch()
-    ctx = StepContext(
-        cfg=cfg.objective,
-        student=student,
-        teacher=teacher,
-        optimizer=None,
-        scheduler=None,
-        engine=engine,
-        eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
-        window_seed=cfg.seed + 1,
-    )
-    t_logits = teacher_logits(teacher, step.microbatches())
-    d = step_divergence(ctx, cfg.objective, step, tb, t_logits)
-    cands = detection.select_candidates(cfg.objective.detection, tb, d)
-    labels = label_candidates(
-        ctx, step, cands.positions, t_logits, task, problems, [len(p) for p in prompts], tokenizer, cfg.max_new_tokens
-    )
-    report: dict[str, Any] = {"candidates": int(cands.positions.numel())}
+    engine = EngineSpec(kind=run.rollout, micro_batch_size=256, sglang=run.sglang, run_dir=Path(run.run_dir) / "oracle")
+    with rank_session(run.parallel, run.student, teacher=run.teacher, engine=engine) as session:
+        tokenizer = session.tokenizer
+        ctx = scoring_context(
+            cfg.objective,
+            session.student,
+            session.teacher,
+            session.engine,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+        )
+        problems = task.train_problems(cfg.prompts, seed=cfg.seed)
+        prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+        params = SamplingParams(
+            temperature=run.train.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            stop_token_ids=(tokenizer.eos_token_id,),
+            seed=cfg.seed,
+        )
+        rollouts = ctx.engine.generate(prompts, params)
+        step = build_step_batch(rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=run.train.micro_batch_size)
+        tb = step.token_batch()
+        t_logits = teacher_logits(ctx.teacher, step.microbatches())
+        d = step_divergence(ctx, step, tb, t_logits)
+        cands = detection.select_candidates(cfg.objective.detection, tb, d)
+        labels = label_candidates(
+            ctx,
+            step,
+            cands.positions,
+            t_logits,
+            task,
+            problems,
+            [len(p) for p in prompts],
+            tokenizer,
+            cfg.max_new_tokens,
+        )
+        report = _label_counts(cands.positions.numel(), labels)
+        decisions = {}
+        scores = Scores(tokens=tb, teacher=t_logits, divergence=d)
+        for name in cfg.detectors:
+            dcfg = dataclasses.replace(cfg.objective.detection, detector=name)
+            found = detect(
+                dataclasses.replace(ctx, objective=dataclasses.replace(cfg.objective, detection=dcfg)),
+                step,
+                scores,
+                window_seed=cfg.seed + 1,
+            )
+            det = found.detection
+            decisions[name] = det.divergent.cpu()
+            report[name] = precision_recall(det.divergent.cpu(), labels) | {
+                "auroc": fork_auroc(det.scores.cpu(), labels),
+                "non_divergent_share": float(det.metrics.get("detect/non_divergent_share", float("nan"))),
+            }
+        report["heatmap"] = _heatmap_record(step, tb, d, cands.positions, decisions, labels, tokenizer)
+    return report if dist.get_rank() == 0 else None
+
+
+def _label_counts(candidates: int, labels: torch.Tensor) -> dict[str, Any]:
     n_fork, n_surface = int((labels == FORK).sum()), int((labels == SURFACE).sum())
-    report["forks"], report["surface"], report["unlabelled"] = n_fork, n_surface, int((labels == UNLABELLED).sum())
-    report["surface_share"] = n_surface / (n_fork + n_surface) if n_fork + n_surface else float("nan")
-    decisions = {}
-    for name in cfg.detectors:
-        dcfg = dataclasses.replace(cfg.objective, detection=dataclasses.replace(cfg.objective.detection, detector=name))
-        det, _ = detect_step(ctx, dcfg, step, tb, d)
-        decisions[name] = det.divergent.cpu()
-        report[name] = precision_recall(det.divergent.cpu(), labels) | {
-            "auroc": fork_auroc(det.scores.cpu(), labels),
-            "non_divergent_share": float(det.metrics.get("detect/non_divergent_share", float("nan"))),
-        }
-    report["heatmap"] = _heatmap_record(step, tb, d, cands.positions, decisions, labels, tokenizer)
-    engine.close()
-    if dist.get_rank() != 0:
-        return None
-    return report
+    return {
+        "candidates": int(candidates),
+        "forks": n_fork,
+        "surface": n_surface,
+        "unlabelled": int((labels == UNLABELLED).sum()),
+        "surface_share": n_surface / (n_fork + n_surface) if n_fork + n_surface else float("nan"),
+    }
 
 
 def _heatmap_record(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +18,7 @@ def _plt() -> Any:
 
 def plot_accuracy(runs: dict[str, list[dict[str, Any]]], k: int, path: Path) -> Path:
     """avg@k against training step, one line per arm (seed mean), error bars = standard error over problems."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm, rs in runs.items():
         steps = [p[0] for p in rs[0]["curve"]]
@@ -40,7 +40,7 @@ def plot_heatmap(rec: dict[str, Any], path: Path) -> Path:
     """d_t per response position of one rollout (top strip), candidate/detector/oracle marks below."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     d = np.array(rec["divergence"])
     n = len(d)
     rows = ["d_t (reverse KL)", "candidate", *[f"divergent: {k}" for k in rec["divergent"]], "oracle"]

@@ -74,7 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The EvalRunConfig the arguments describe (ValueError on bad values)."""
-
     if args.dp < 1:
         raise ValueError(f"--dp must be >= 1, got {args.dp}")
     custom_server = args.sglang_url or args.sglang_tp != 1
@@ -143,7 +142,6 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         cfg = config_from_args(args)
         preflight(cfg)

@@ -61,8 +61,3 @@ def render_prompt(cfg: PromptConfig, tokenizer: Any, problem: str) -> str:
             )
         extra["enable_thinking"] = cfg.enable_thinking
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
-
-
-def render_prompts(cfg: PromptConfig, tokenizer: Any, problems: list[str]) -> list[str]:
-    """`render_prompt` for each problem."""
-    return [render_prompt(cfg, tokenizer, p) for p in problems]

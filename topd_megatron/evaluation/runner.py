@@ -27,7 +27,6 @@ seeded from all three, so a different data-parallel size draws different samples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -36,22 +35,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from topd_megatron.analysis.plots import _plt
-from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+from topd_megatron.analysis.plots import pyplot
+from topd_megatron.choices import check_choices
+from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation.benchmarks import Benchmark, load_benchmark
 from topd_megatron.evaluation.extract import ANSWER_RULES, AnswerRule
 from topd_megatron.evaluation.grading import grade_detailed
 from topd_megatron.evaluation.prompting import PromptConfig, render_prompt
 from topd_megatron.evaluation.statistics import summarize
-from topd_megatron.models.build import ModelConfig, build_model, check_layout
+from topd_megatron.models.build import ModelConfig, check_layout
 from topd_megatron.models.format import hf_dir
 from topd_megatron.models.tokenizer import load_tokenizer
 from topd_megatron.rollout.engine import SamplingParams
-from topd_megatron.rollout.factory import rollout_engine
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.rollout.sglang.server import ServerConfig
+from topd_megatron.seeds import benchmark_sample_seed
+from topd_megatron.training.session import EngineSpec, rank_session
 
-ROLLOUTS = ("embedded", "sglang")
 STATUSES = ("correct", "incorrect", "no_answer", "unparsable", "timeout")
 """The statuses a graded completion can have (`grading.GradeStatus`), in the order the summary counts them."""
 SAMPLE_FIELDS = ("completions", "extracted", "statuses", "correct", "response_tokens", "finished")
@@ -112,8 +112,7 @@ class EvalRunConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.rollout not in ROLLOUTS:
-            raise ValueError(f"rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        check_choices(self)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.limit is not None and self.limit < 1:
@@ -157,48 +156,35 @@ def load_benchmarks(cfg: EvalRunConfig) -> list[Benchmark]:
     return out
 
 
-def model_hf_dir(path: str | Path) -> Path:
-    """The directory with the model's HF config, tokenizer and chat template (raises CheckpointError, a ValueError,
-    when `path` is missing or not a checkpoint)."""
-
-    return hf_dir(path)
-
-
 def preflight(cfg: EvalRunConfig) -> list[Benchmark]:
     """Cheap checks that fail with one clear ValueError/FileNotFoundError before any rank starts: the checkpoint,
     the layout against the architecture, the benchmarks, and the prompt against the model's chat template."""
     from transformers import AutoConfig
 
-    hf_dir = model_hf_dir(cfg.model)
+    model_dir = hf_dir(cfg.model)
     check_layout(
-        AutoConfig.from_pretrained(str(hf_dir), local_files_only=True),
+        AutoConfig.from_pretrained(str(model_dir), local_files_only=True),
         cfg.parallel,
         ModelConfig(path=cfg.model, dtype=cfg.dtype),
         "model",
     )
     benchmarks = load_benchmarks(cfg)
-    render_prompt(cfg.prompt, load_tokenizer(hf_dir), benchmarks[0].problems[0].problem)
+    render_prompt(cfg.prompt, load_tokenizer(model_dir), benchmarks[0].problems[0].problem)
     return benchmarks
 
 
 # --- on every rank ------------------------------------------------------------------------------------------------
 
 
-def stop_token_ids(tokenizer: Any, hf_dir: Path) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: Any, model_dir: Path) -> tuple[int, ...]:
     """Where a completion ends: the tokenizer's EOS and the ids of `generation_config.json`'s eos_token_id (Qwen's
     instruct models list both <|im_end|> and <|endoftext|> there)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    gen = hf_dir / "generation_config.json"
+    gen = model_dir / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
     return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-def sample_seed(seed: int, benchmark: str, dp_rank: int) -> int:
-    """The sampling seed of one benchmark on one data-parallel replica (31 bits: engines multiply it further)."""
-    digest = hashlib.sha256(f"{seed}:{benchmark}:{dp_rank}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def student_server(dtype: str, *, tp: int = 1, url: str | None = None) -> SGLangConfig:
@@ -221,36 +207,28 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def run_eval(rank: int, world: int, cfg: EvalRunConfig) -> dict[str, Any] | None:
     """Evaluate `cfg` on this rank (module docstring); returns the summary on global rank 0, None elsewhere."""
-
     t_start = time.perf_counter()
-    init_model_parallel(cfg.parallel)
     benchmarks = load_benchmarks(cfg)
-    hf_dir = model_hf_dir(cfg.model)
-    tokenizer = load_tokenizer(hf_dir)
+    model_dir = hf_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
     prompts = {
         b.name: [_encode(tokenizer, render_prompt(cfg.prompt, tokenizer, p.problem)) for p in b.problems]
         for b in benchmarks
     }
     longest = max(len(ids) for bench_ids in prompts.values() for ids in bench_ids)
     model_cfg = ModelConfig(path=cfg.model, dtype=cfg.dtype, seq_length=longest + cfg.max_new_tokens)
-    model = build_model(model_cfg, cfg.parallel, role="student")
-    t_model = time.perf_counter()
-    engine = rollout_engine(
-        cfg.rollout,
-        model,
-        None,
+    engine = EngineSpec(
+        kind=cfg.rollout,
         micro_batch_size=cfg.micro_batch_size,
         sglang=cfg.sglang or student_server(cfg.dtype),
         run_dir=cfg.out_dir,
     )
-    timing = {"model": t_model - t_start, "engine": time.perf_counter() - t_model}
-    stops = stop_token_ids(tokenizer, hf_dir)
+    stops = stop_token_ids(tokenizer, model_dir)
     results: dict[str, tuple[list[dict[str, Any]], dict[str, float]]] = {}
-    try:
+    with rank_session(cfg.parallel, model_cfg, engine=engine) as session:
+        timing = {"setup": time.perf_counter() - t_start}
         for bench in benchmarks:
-            results[bench.name] = _evaluate_benchmark(cfg, bench, prompts[bench.name], engine, tokenizer, stops)
-    finally:
-        engine.close()
+            results[bench.name] = _evaluate_benchmark(cfg, bench, prompts[bench.name], session.engine, tokenizer, stops)
     if rank != 0:
         return None
     timing["total"] = time.perf_counter() - t_start
@@ -278,7 +256,7 @@ def _evaluate_benchmark(
         top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens,
         stop_token_ids=stops,
-        seed=sample_seed(cfg.seed, bench.name, dp_rank),
+        seed=benchmark_sample_seed(cfg.seed, bench.name, dp_rank),
     )
     t0 = time.perf_counter()
     gens = engine.generate([prompt_ids[i] for i in mine for _ in range(cfg.k)], params, model="student")
@@ -332,7 +310,6 @@ def _finite(x: float) -> float | None:
 
 def benchmark_summary(records: list[dict[str, Any]], k: int, pass_ks: tuple[int, ...]) -> dict[str, Any]:
     """avg@k and pass@j (unbiased) with standard errors over problems, status counts and response lengths."""
-
     out: dict[str, Any] = {"problems": len(records), "samples": len(records) * k}
     for j in pass_ks:
         s = summarize(records, j)
@@ -413,8 +390,7 @@ def _write_report(
 
 def plot_summary(summary: dict[str, Any], path: Path) -> Path:
     """avg@k per benchmark (bars) with standard-error bars over problems, and the macro average as a line."""
-
-    plt = _plt()
+    plt = pyplot()
     k = summary["k"]
     names = list(summary["benchmarks"])
     means = [summary["benchmarks"][n][f"avg@{k}"] for n in names]

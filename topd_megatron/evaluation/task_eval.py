@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from topd_megatron.evaluation.statistics import summarize
 from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.seeds import task_eval_seed
 from topd_megatron.tasks import Problem, Task
 
 
@@ -57,7 +58,7 @@ def evaluate_task(
         top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens,
         stop_token_ids=(tokenizer.eos_token_id,),
-        seed=cfg.seed + 7919 * step_seed + dp_rank,
+        seed=task_eval_seed(cfg.seed, step_seed, dp_rank),
     )
     # called even without prompts: a server-backed engine's calls are collective over every rank of the job
     gens = engine.generate(prompts, params, model="student")

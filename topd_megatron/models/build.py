@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from topd_megatron.choices import check_choices
 from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.logs import quiet_stdout
 from topd_megatron.models.bridge_import import have_transformer_engine, import_bridge
@@ -34,7 +35,6 @@ from topd_megatron.models.format import CHECKPOINT_META, checkpoint_kind, load_c
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -61,14 +61,11 @@ class ModelConfig:
     """Hold the weights themselves in FP8 (Megatron's fp8_param): halves the frozen teacher's weight memory."""
 
     def __post_init__(self) -> None:
-        if self.fp8 is not None and self.fp8 not in FP8_RECIPES:
-            raise ValueError(f"model.fp8 must be one of {FP8_RECIPES} or None, got {self.fp8!r}")
+        check_choices(self, "model")
         if self.fp8 is not None and self.dtype != "bfloat16":
             raise ValueError(f"model.fp8={self.fp8!r} needs model.dtype=bfloat16 (FP8 GEMMs keep bf16 elsewhere)")
         if self.fp8_weights and self.fp8 is None:
             raise ValueError("model.fp8_weights=True needs an FP8 recipe: set model.fp8 (e.g. 'tensorwise')")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:
             raise ValueError(f"model.pad_vocab_to_multiple_of must be >= 1, got {self.pad_vocab_to_multiple_of}")
 
@@ -102,7 +99,6 @@ class MegatronLM:
 
 
 def use_transformer_engine(cfg: ModelConfig) -> bool:
-
     available = have_transformer_engine() and torch.cuda.is_available()
     if cfg.transformer_engine and not available:
         raise ValueError(

@@ -11,7 +11,7 @@ the way; standard library only, so instant), then `check_import` / `plan_export`
 layout the architecture cannot use).
 
 - HF -> topd: `build_model` loads the safetensors through Megatron-Bridge's mapping into the TP/PP shards, and
-  `checkpoint.save_model` writes them with dist_checkpointing (loadable at any layout) next to the HF config and
+  `models.checkpoint.save_model` writes them with dist_checkpointing (loadable at any layout) next to the HF config and
   tokenizer files.
 - topd -> HF: the checkpoint is built at the export layout and Megatron-Bridge's `save_hf_pretrained` gathers the
   shards back to HF tensors and writes config.json, safetensors, tokenizer files and the generation config, into a
@@ -126,19 +126,16 @@ class ImportConfig:
 
     @property
     def model(self) -> ModelConfig:
-
         assert self.dtype is not None, "resolve the dtype with check_import first"
         return ModelConfig(path=self.hf_dir, dtype=self.dtype, pad_vocab_to_multiple_of=self.pad_vocab_to_multiple_of)
 
     @property
     def parallel(self) -> ParallelConfig:
-
         return ParallelConfig(tp=self.tp, pp=self.pp)
 
 
 def check_import(cfg: ImportConfig) -> ImportConfig:
     """Validate `cfg` without starting ranks (ValueError naming the problem); returns it with the dtype resolved."""
-
     check_paths(cfg.hf_dir, cfg.out_dir, overwrite=cfg.overwrite)
     parallel = cfg.parallel  # validates the sizes
     if checkpoint_kind(cfg.hf_dir) != "hf":
@@ -161,7 +158,6 @@ def check_import(cfg: ImportConfig) -> ImportConfig:
 
 def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | None:
     """One rank of the HF -> topd conversion (collective); the report on global rank 0."""
-
     init_model_parallel(cfg.parallel)
     lm = build_model(cfg.model, cfg.parallel, role=cfg.role)
     out = save_model(lm, cfg.out_dir, extra={"converted_from": str(Path(cfg.hf_dir).resolve()), "dtype": cfg.dtype})
@@ -172,7 +168,6 @@ def import_rank(rank: int, world: int, cfg: ImportConfig) -> dict[str, Any] | No
 
 def hf_to_megatron(cfg: ImportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Convert `cfg.hf_dir` into a topd checkpoint at `cfg.out_dir`; the report (None on non-zero launched ranks)."""
-
     cfg = check_import(cfg)
     return run_ranks(import_rank, cfg.tp * cfg.pp, cfg, timeout=timeout)
 
@@ -246,7 +241,6 @@ def _stored_embedding(weights_dir: Path) -> tuple[int, Dtype]:
 
 def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Path]:
     """Classify an export source: ("topd", checkpoint dir) or ("training", RUN/checkpoints/step_N)."""
-
     p = Path(source)
     if not p.is_dir():
         raise ConvertError(f"{p} does not exist or is not a directory")
@@ -276,7 +270,6 @@ def resolve_source(source: str | Path) -> tuple[Literal["topd", "training"], Pat
 
 def plan_export(cfg: ExportConfig) -> ExportPlan:
     """Resolve and validate `cfg` without starting ranks (ValueError naming the problem)."""
-
     check_paths(cfg.source, cfg.out_dir, overwrite=cfg.overwrite, base=cfg.base)
     parallel = ParallelConfig(tp=cfg.tp, pp=cfg.pp)  # validates the sizes
     kind, src = resolve_source(cfg.source)
@@ -431,6 +424,5 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
 def megatron_to_hf(cfg: ExportConfig, *, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Export `cfg.source` to a Hugging Face directory at `cfg.out_dir`; the report (None on non-zero launched
     ranks)."""
-
     plan = plan_export(cfg)
     return run_ranks(export_rank, plan.parallel.tp * plan.parallel.pp, plan, timeout=timeout)

@@ -10,21 +10,25 @@ Tests and the embedded default build their models here, locally (no model hub): 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-FAMILIES = ("qwen2", "qwen3", "llama", "qwen3_moe")
+from topd_megatron.choices import check_choices
+
+Family = Literal["qwen2", "qwen3", "llama", "qwen3_moe"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 
 
 @dataclass(kw_only=True, slots=True)
 class TinyModelSpec:
     """Architecture of a tiny random checkpoint. Defaults give a ~100k-parameter model with a 512-token vocabulary."""
 
-    family: str = "qwen3"
+    family: Family = "qwen3"
     """One of qwen2 (QKV bias), qwen3 (QK-norm), llama, qwen3_moe (QK-norm, routed experts)."""
     vocab_size: int | None = None
     """Embedding rows; None uses the tokenizer's length rounded up to a multiple of 64 (HF-style padding)."""
@@ -47,8 +51,7 @@ class TinyModelSpec:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        check_choices(self, "tiny model")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -160,15 +163,9 @@ def make_tiny_tokenizer(out_dir: str | Path, corpus: list[str], vocab_size: int 
 
 # --- the embedded default pair ------------------------------------------------------------------------------------
 
-TINY_STUDENT = TinyModelSpec(
-    family="qwen3", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=1
-)
-TINY_TEACHER = TinyModelSpec(
-    family="qwen3", hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256, seed=2
-)
 
-
-def _default_corpus() -> list[str]:
+def default_corpus() -> list[str]:
+    """Short math sentences covering a tiny BPE tokenizer's merges (tests build their tokenizer from it)."""
     lines = []
     for a in range(40):
         for b in range(0, 40, 3):
@@ -179,40 +176,7 @@ def _default_corpus() -> list[str]:
 
 def cache_root() -> Path:
     """Where derived artefacts (tiny checkpoints, prepared models) are cached: $TOPD_CACHE_DIR or ~/.cache."""
-    import os
-
     return Path(os.environ.get("TOPD_CACHE_DIR", Path.home() / ".cache" / "topd-megatron"))
-
-
-def ensure_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
-    """Build (once, cached by a hash of the specs) a tiny random student/teacher pair sharing one tokenizer.
-
-    Returns (student_dir, teacher_dir), two HF checkpoint directories. Safe to call concurrently: each directory is
-    built under a temporary name and renamed into place.
-    """
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha256(
-        json.dumps([asdict(TINY_STUDENT), asdict(TINY_TEACHER), _default_corpus()[:3], 1]).encode()
-    ).hexdigest()[:12]
-    base = Path(root) if root is not None else cache_root() / "tiny" / key
-    student, teacher = base / "student", base / "teacher"
-    if student.is_dir() and teacher.is_dir():
-        return student, teacher
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=base, prefix=".build-") as tmp:
-        tok = make_tiny_tokenizer(Path(tmp) / "tokenizer", _default_corpus(), vocab_size=384)
-        for name, spec in (("student", TINY_STUDENT), ("teacher", TINY_TEACHER)):
-            target = base / name
-            if not target.is_dir():
-                built = make_tiny_checkpoint(Path(tmp) / name, spec, tok)
-                try:
-                    built.rename(target)
-                except OSError:
-                    if not target.is_dir():  # someone else won the race; anything else is a real error
-                        raise
-    return student, teacher
 
 
 WORD_CHAT_TEMPLATE = (

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from topd_megatron import recipes
 from topd_megatron.plan.feasibility import plan
 from topd_megatron.plan.report import plan_to_json, render
 
@@ -41,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import recipes
-
     try:
         cfg = recipes.get(args.recipe, args.set)
     except ValueError as e:

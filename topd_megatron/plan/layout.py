@@ -3,7 +3,7 @@
     layout = layout_of(cfg)               # ranks: world, TP, PP, VPP, CP, EP, DP, expert DP
     shape = step_shape(cfg, layout)       # per data-parallel rank: rollouts, micro-batches, candidates, branches
 
-Step shapes follow the code (topd_megatron/algorithm/batch.py, train_step.py, divergence.py), sized for the worst case:
+Step shapes follow the code (algorithm/batch.py, training/step.py, algorithm/detection.py), sized for the worst case:
 - every row of the step's `[B, S]` token matrix is S = `student.seq_length` wide (the declared longest sequence:
   prompt + response + window); B = this replica's rollouts rounded up to whole micro-batches;
 - every rollout is assumed to use all of `max_new_tokens` (RESPONSE_FRACTION), so a rollout has

@@ -50,7 +50,8 @@ Micro-batches in flight (Megatron's 1F1B): PP on the first stage, 1 on the last;
 min(M * VPP, 2 (PP - 1) + (VPP - 1) PP + 1) chunks of layers / (PP * VPP) (first) and (VPP - 1) PP + 1 (last).
 CP divides the tokens of a rank.
 
-Logits (last stage only; V_r = padded vocabulary rows, b S V_r/t one micro-batch's [b, S, V_r/t] shard; train_step.py):
+Logits (last stage only; V_r = padded vocabulary rows, b S V_r/t one micro-batch's [b, S, V_r/t] shard;
+training/step.py):
     teacher logits, rollouts   B S V_r/t * bytes(teacher)    kept from scoring until the update; 0 on the GPU with
                                train.offload_teacher_logits (on CUDA): they wait in pinned host memory, B/b blocks of
                                PowerOf2Ceil(b S V_r/t * bytes) (PyTorch's caching host allocator rounds), and come

@@ -94,7 +94,6 @@ def _first_row(path: Path) -> str | None:
 
 
 def data_checks(cfg: RunConfig, strict: bool) -> list[Check]:
-
     try:
         task = load_task(cfg.task)
     except FileNotFoundError as e:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
+from topd_megatron.seeds import embedded_generator_seed
 from topd_megatron.training.forward import forward_logits, make_microbatch
 
 
@@ -64,7 +65,7 @@ class EmbeddedEngine:
         gen = torch.Generator(device="cpu")
         # Noise differs across TP ranks (each samples its own vocabulary shard) and DP replicas, never across PP.
         gen.manual_seed(
-            int(params.seed) * 1_000_003 + ps.get_tensor_model_parallel_rank() * 7919 + ps.get_data_parallel_rank()
+            embedded_generator_seed(params.seed, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
         )
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         seqs = [list(p) for p in prompts]

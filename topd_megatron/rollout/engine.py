@@ -12,7 +12,7 @@ embedded engine (every rank passes the same prompts, every rank gets the same re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,4 +67,33 @@ class RolloutEngine(Protocol):
 
     def close(self) -> None:
         """Release what the engine started (servers); the engine is unusable afterwards."""
+        ...
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenScores:
+    """Teacher-forced scores of the tokens of one sequence, from position `start` on."""
+
+    logprobs: list[float]
+    """[n] log p(token_i | tokens_<i) for i = start .. len-1."""
+    top_ids: list[list[int]] | None = None
+    """[n][k] the k most likely tokens at each of those positions (when asked)."""
+    top_logprobs: list[list[float]] | None = None
+    """[n][k] their log-probs."""
+
+
+@runtime_checkable
+class TeacherScorer(Protocol):
+    """Teacher forcing by a served model: the log-probs (and top-k) a teacher that is not colocated reports."""
+
+    def score(
+        self,
+        sequences: list[list[int]],
+        starts: list[int],
+        *,
+        top_k: int = 0,
+        model: Literal["student", "teacher"] = "teacher",
+    ) -> list[TokenScores]:
+        """log p(seq[i] | seq[:i]) for i >= starts[j] of each sequence j, with the top-k ids and log-probs at those
+        positions when top_k > 0 (collective over the model-parallel group, like `generate`)."""
         ...

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.embedded import EmbeddedEngine
 from topd_megatron.rollout.engine import RolloutEngine
 from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
@@ -12,11 +12,11 @@ from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
 
 def rollout_engine(
     kind: str,
-    student: Any,
-    teacher: Any | None,
+    student: MegatronLM,
+    teacher: MegatronLM | None,
     *,
     micro_batch_size: int = 64,
-    sglang: Any = None,
+    sglang: SGLangConfig | None = None,
     run_dir: str | Path | None = None,
     teacher_dir: str | Path | None = None,
 ) -> RolloutEngine:
@@ -27,7 +27,6 @@ def rollout_engine(
     teacher server when one is configured, otherwise from the colocated Megatron teacher in-process. With no Megatron
     teacher (`teacher=None`: a teacher served by SGLang only), `teacher_dir` is the teacher's HF directory to serve.
     """
-
     if kind == "embedded":
         return EmbeddedEngine(student, teacher, micro_batch_size=micro_batch_size)
     if kind == "sglang":

@@ -94,7 +94,6 @@ class MathJsonlTask:
 
 def dapo_math500() -> MathJsonlTask:
     """DAPO-Math-17k training prompts with MATH-500 held out, from the shared data directory."""
-
     data = shared_data_dir()
     return MathJsonlTask(
         train_path=str(data / "dapo_math_17k_train.jsonl"), eval_path=str(data / "math500.jsonl"), name="dapo_math500"

@@ -123,3 +123,17 @@ def forward_logits(
 
     run_pipeline(modules, microbatches, keep, forward_only=True)
     return out
+
+
+def broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The last pipeline stage's tensor `t` on every stage of this pipeline (other stages pass None; `shape` and
+    `dtype` describe what they receive)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        assert t is not None
+        return t
+    buf = t.to(dtype).contiguous() if t is not None else torch.empty(shape, dtype=dtype)
+    dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return buf

@@ -4,31 +4,33 @@
     get_forward_backward_func -> Megatron optimizer step -> weight sync to the rollout engine -> eval / checkpoint
 
 Single machine: `topd train` / `topd run tiny` start the ranks; clusters: torchrun/srun start them and every rank
-calls `train(rank, world, cfg)`. A run directory that holds a checkpoint is resumed from it.
+calls `train(rank, world, cfg)` (nemo-run: `train_run(cfg)`). A run directory that holds a checkpoint is resumed
+from it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
 from topd_megatron.algorithm.batch import build_step_batch
 from topd_megatron.config import RunConfig, TrainConfig
-from topd_megatron.distributed.parallel import init_model_parallel
+from topd_megatron.distributed.launch import run_ranks
 from topd_megatron.evaluation.runner import evaluate_benchmarks_in_training
 from topd_megatron.evaluation.task_eval import evaluate_task
-from topd_megatron.models.build import build_model
 from topd_megatron.models.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
-from topd_megatron.rollout.engine import SamplingParams
-from topd_megatron.rollout.factory import rollout_engine
-from topd_megatron.tasks import Problem, load_task
+from topd_megatron.models.tokenizer import encode_prompt
+from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
+from topd_megatron.tasks import Problem, Task, load_task
 from topd_megatron.training.metrics import MetricsLogger
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
+from topd_megatron.training.scoring import scoring_context
+from topd_megatron.training.session import EngineSpec, RankSession, rank_session
 from topd_megatron.training.step import StepContext, train_step
-from topd_megatron.training.teacher import build_teacher, teacher_hf_dir
 
 
 class TooManyBadSteps(RuntimeError):
@@ -60,108 +62,118 @@ def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: sum(p[k] for p in parts) / (1 if k.startswith("loss") else len(parts)) for k in keys}
 
 
+@dataclass(kw_only=True, slots=True)
+class Evaluation:
+    """The periodic evaluation of a run: the task's held-out problems, then the configured benchmarks."""
+
+    cfg: RunConfig
+    session: RankSession
+    task: Task
+    logger: MetricsLogger
+
+    def __call__(self, step: int) -> dict[str, float]:
+        cfg, s = self.cfg, self.session
+        assert s.engine is not None
+        summary, _ = evaluate_task(cfg.eval, s.engine, s.tokenizer, self.task, encode_prompt, step_seed=step)
+        if cfg.eval.benchmarks:  # the recipe's math benchmarks, graded like `topd eval`
+            summary |= evaluate_benchmarks_in_training(
+                cfg.eval.benchmarks,
+                model_dir=s.student.tokenizer_dir,
+                engine=s.engine,
+                tokenizer=s.tokenizer,
+                k=cfg.eval.k,
+                temperature=cfg.eval.temperature,
+                top_p=cfg.eval.top_p,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                seed=benchmark_eval_seed(cfg.eval.seed, step),
+                limit=cfg.eval.benchmark_limit,
+            )
+        self.logger.log(step, "eval", summary)
+        return summary
+
+
+def rollout_metrics(tokenizer: Any, task: Task, problems: list[Problem], rollouts: list[Generation]) -> dict:
+    """Accuracy and length of the step's rollouts."""
+    texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in rollouts]
+    correct = sum(task.is_correct(t, p) for t, p in zip(texts, problems, strict=True))
+    return {
+        "rollout/accuracy": correct / len(texts),
+        "rollout/response_tokens": sum(len(g.output_ids) for g in rollouts) / len(rollouts),
+    }
+
+
+def run_step(
+    ctx: StepContext, session: RankSession, cfg: RunConfig, task: Task, pool: list[Problem], step: int
+) -> dict[str, float]:
+    """Step `step` (0-based) end to end: rollouts, the TOPD step, weight sync; the gathered metrics (collective)."""
+    from megatron.core import parallel_state as ps
+
+    assert session.engine is not None
+    t0 = time.perf_counter()
+    tok = session.tokenizer
+    problems = prompts_for_step(pool, step, cfg.train, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    params = SamplingParams(
+        temperature=cfg.train.temperature,
+        top_p=cfg.train.top_p,
+        max_new_tokens=cfg.train.max_new_tokens,
+        stop_token_ids=(tok.eos_token_id,),
+        seed=rollout_seed(cfg.train.seed, step),
+    )
+    rollouts = session.engine.generate([encode_prompt(tok, p.prompt) for p in problems], params)
+    t_rollout = time.perf_counter() - t0
+    batch = build_step_batch(rollouts, pad_id=tok.pad_token_id, micro_batch_size=cfg.train.micro_batch_size)
+    metrics = train_step(
+        ctx, batch, window_seed=window_seed(cfg.train.seed, step), inject_nan=step + 1 in cfg.train.inject_nan_at
+    )
+    sync = session.engine.sync_weights()
+    metrics |= rollout_metrics(tok, task, problems, rollouts)
+    metrics["time/rollout_s"] = t_rollout
+    metrics["time/step_s"] = time.perf_counter() - t0
+    return gather_metrics(metrics | sync)
+
+
 def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
-    from megatron.core import parallel_state as ps
     from rich.progress import Progress
 
-    init_model_parallel(cfg.parallel)
     task = load_task(cfg.task)
-    student = build_model(
-        cfg.student, cfg.parallel, role="student", wrap_with_ddp=True, ddp_config=ddp_config(cfg.optim)
+    engine = EngineSpec(
+        kind=cfg.rollout, micro_batch_size=cfg.train.micro_batch_size * 4, sglang=cfg.sglang, run_dir=cfg.run_dir
     )
-    teacher, teacher_dir = None, None
-    if cfg.teacher_source == "megatron":
-        teacher = build_teacher(cfg.teacher, cfg.parallel, student)
-    else:  # served only: nothing is built; its server is started from (or attached for) teacher.path
-        teacher_dir = teacher_hf_dir(cfg.teacher, student)
-    optimizer = build_optimizer(cfg.optim, student)
-    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-    engine = rollout_engine(
-        cfg.rollout,
-        student,
-        teacher,
-        micro_batch_size=cfg.train.micro_batch_size * 4,
-        sglang=cfg.sglang,
-        run_dir=cfg.run_dir,
-        teacher_dir=teacher_dir,
-    )
-    try:
-        tokenizer = load_tokenizer(student.tokenizer_dir)
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
+    with rank_session(
+        cfg.parallel,
+        cfg.student,
+        teacher=cfg.teacher,
+        teacher_source=cfg.teacher_source,
+        engine=engine,
+        ddp=ddp_config(cfg.optim),
+    ) as session:
+        optimizer = build_optimizer(cfg.optim, session.student)
+        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         start, bad_steps = 0, 0
         ckpt = latest_checkpoint(cfg.run_dir)
         if ckpt is not None:
-            meta = load_training_state(ckpt, student, optimizer, scheduler)
+            meta = load_training_state(ckpt, session.student, optimizer, scheduler)
             start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
-            engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
+            session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
         logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
-        pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
-        ctx = StepContext(
-            cfg=cfg.objective,
-            student=student,
-            teacher=teacher,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            engine=engine,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            window_seed=0,
+        scoring = scoring_context(
+            cfg.objective,
+            session.student,
+            session.teacher,
+            session.engine,
+            eos_id=session.tokenizer.eos_token_id,
+            pad_id=session.tokenizer.pad_token_id,
             offload_teacher_logits=cfg.train.offload_teacher_logits,
         )
-
-        def run_eval(step: int) -> dict[str, float]:
-            summary, _ = evaluate_task(cfg.eval, engine, tokenizer, task, encode_prompt, step_seed=step)
-            if cfg.eval.benchmarks:  # the recipe's math benchmarks, graded like `topd eval`
-                summary.update(
-                    evaluate_benchmarks_in_training(
-                        cfg.eval.benchmarks,
-                        model_dir=student.tokenizer_dir,
-                        engine=engine,
-                        tokenizer=tokenizer,
-                        k=cfg.eval.k,
-                        temperature=cfg.eval.temperature,
-                        top_p=cfg.eval.top_p,
-                        max_new_tokens=cfg.eval.max_new_tokens,
-                        seed=cfg.eval.seed + 7919 * step,
-                        limit=cfg.eval.benchmark_limit,
-                    )
-                )
-            logger.log(step, "eval", summary)
-            return summary
-
-        last_eval = run_eval(0) if start == 0 and cfg.train.eval_at_start else {}
+        ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
+        evaluate = Evaluation(cfg=cfg, session=session, task=task, logger=logger)
+        pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
+        last_eval = evaluate(0) if start == 0 and cfg.train.eval_at_start else {}
         with Progress(disable=rank != 0, transient=True) as progress:
             bar = progress.add_task("train", total=cfg.train.steps, completed=start)
             for step in range(start, cfg.train.steps):
-                t0 = time.perf_counter()
-                problems = prompts_for_step(pool, step, cfg.train, dp_rank, dp_size)
-                params = SamplingParams(
-                    temperature=cfg.train.temperature,
-                    top_p=cfg.train.top_p,
-                    max_new_tokens=cfg.train.max_new_tokens,
-                    stop_token_ids=(tokenizer.eos_token_id,),
-                    seed=(cfg.train.seed * 1_000_003 + step) * 2,
-                )
-                rollouts = engine.generate([encode_prompt(tokenizer, p.prompt) for p in problems], params)
-                t_rollout = time.perf_counter() - t0
-                batch = build_step_batch(
-                    rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=cfg.train.micro_batch_size
-                )
-                ctx.window_seed = params.seed + 1
-                ctx.inject_nan = step + 1 in cfg.train.inject_nan_at
-                metrics = train_step(ctx, batch)
-                sync = engine.sync_weights()
-                texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in rollouts]
-                metrics["rollout/accuracy"] = sum(
-                    task.is_correct(t, p) for t, p in zip(texts, problems, strict=True)
-                ) / len(texts)
-                metrics["rollout/response_tokens"] = sum(len(g.output_ids) for g in rollouts) / len(rollouts)
-                metrics["time/rollout_s"] = t_rollout
-                metrics["time/step_s"] = time.perf_counter() - t0
-                metrics.update(sync)
-                metrics = gather_metrics(metrics)
+                metrics = run_step(ctx, session, cfg, task, pool, step)
                 logger.log(step + 1, "train", metrics)
                 bad_steps += int(metrics["skipped"])
                 if bad_steps > cfg.train.max_bad_steps:
@@ -170,18 +182,17 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
                         f" {cfg.train.max_bad_steps}); lower optim.lr or check the data and the teacher"
                     )
                 if should_run(cfg.train.eval_every, step + 1, cfg.train.steps):
-                    last_eval = run_eval(step + 1)
+                    last_eval = evaluate(step + 1)
                 if should_run(cfg.train.save_every, step + 1, cfg.train.steps):
-                    save_training_state(
-                        cfg.run_dir,
-                        step + 1,
-                        student,
-                        optimizer,
-                        scheduler,
-                        {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step},
-                    )
+                    extra = {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step}
+                    save_training_state(cfg.run_dir, step + 1, session.student, optimizer, scheduler, extra)
                 progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")
         logger.close()
-    finally:
-        engine.close()
     return {"final_eval": last_eval, "steps": cfg.train.steps} if rank == 0 else None
+
+
+def train_run(cfg: RunConfig) -> None:
+    """What every rank of a launched job executes (nemo-run's entry point; torchrun/srun set RANK and WORLD_SIZE)."""
+    report = run_ranks(train, cfg.parallel.model_parallel_size, cfg, timeout=86400.0)
+    if report is not None:
+        print(f"[topd] finished {cfg.run_dir}: {report}", flush=True)

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import torch
 
+from topd_megatron.choices import check_choices
+
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
@@ -40,6 +42,7 @@ class OptimConfig:
     decay: Literal["constant", "cosine", "linear"] = "constant"
 
     def __post_init__(self) -> None:
+        check_choices(self, "optim")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.clip_grad < 0:

@@ -60,7 +60,7 @@ def freeze(lm: MegatronLM) -> None:
 
 def teacher_logits(teacher: MegatronLM, microbatches: list[MicroBatch], reduce: Any = None) -> list[Any]:
     """The teacher's vocab-sharded logits [b, s, V_padded / TP] per micro-batch (last pipeline stage only; an
-    empty list on other stages), or `reduce(mb, logits)` of each (see `forward.forward_logits`)."""
+    empty list on other stages), or `reduce(mb, logits)` of each (see `training.forward.forward_logits`)."""
     return forward_logits(teacher.modules, microbatches, reduce)
 
 

@@ -8,10 +8,9 @@ Responses are checked: a missing field, a wrong count of outputs or log-probs, o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.rollout.engine import Generation, SamplingParams, TokenScores
 
 
 class SGLangResponseError(RuntimeError):
@@ -20,18 +19,6 @@ class SGLangResponseError(RuntimeError):
 
 class SGLangUnavailable(RuntimeError):
     """The server could not be reached within the retry budget (it may have died: restart and resync)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class TokenScores:
-    """Teacher-forced scores of the tokens of one sequence, from position `start` on."""
-
-    logprobs: list[float]
-    """[n] log p(token_i | tokens_<i) for i = start .. len-1."""
-    top_ids: list[list[int]] | None = None
-    """[n][k] the k most likely tokens at each of those positions (when asked)."""
-    top_logprobs: list[list[float]] | None = None
-    """[n][k] their log-probs."""
 
 
 class SGLangClient:

@@ -22,10 +22,12 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 
-from topd_megatron.rollout.engine import Generation, SamplingParams
-from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable, TokenScores
+from topd_megatron.choices import check_choices
+from topd_megatron.rollout.engine import Generation, SamplingParams, TokenScores
+from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable
 from topd_megatron.rollout.sglang.server import ServerConfig, SGLangServer, launch_server
-from topd_megatron.rollout.sglang.weight_sync import SYNC_MODES, WeightSync
+from topd_megatron.rollout.sglang.weight_sync import SyncMode, WeightSync
+from topd_megatron.seeds import server_request_seeds
 
 
 @dataclass(kw_only=True, slots=True)
@@ -36,7 +38,7 @@ class SGLangConfig:
     teacher: ServerConfig | None = None
     """A teacher server for near-future windows (and oracle continuations). None: the colocated Megatron teacher
     generates them in-process."""
-    sync_mode: str = "distributed"
+    sync_mode: SyncMode = "distributed"
     """How the student's weights reach its server after every step: 'disk', 'tensor' or 'distributed'."""
     bucket_mb: int = 256
     sync_address: str = "127.0.0.1"
@@ -53,8 +55,7 @@ class SGLangConfig:
     """What `sglang.teacher=default` sets (topd_megatron.overrides): a teacher server on the teacher's own weights."""
 
     def __post_init__(self) -> None:
-        if self.sync_mode not in SYNC_MODES:
-            raise ValueError(f"sglang.sync_mode must be one of {SYNC_MODES}, got {self.sync_mode!r}")
+        check_choices(self, "sglang")
 
 
 def _resolve(cfg: ServerConfig, model_dir: Path) -> ServerConfig:
@@ -184,7 +185,12 @@ class SGLangEngine:
         return self._collective(model, lambda: self._request(model, prompts, params))
 
     def score(
-        self, sequences: list[list[int]], starts: list[int], *, top_k: int = 0, model: str = "teacher"
+        self,
+        sequences: list[list[int]],
+        starts: list[int],
+        *,
+        top_k: int = 0,
+        model: Literal["student", "teacher"] = "teacher",
     ) -> list[TokenScores]:
         """Teacher forcing on the `model`'s server (collective, like `generate`): log p(seq[i] | seq[:i]) for
         i >= starts[j] of each sequence, with the top-k ids and log-probs at those positions when top_k > 0."""
@@ -226,7 +232,7 @@ class SGLangEngine:
             self._killed = True  # once: the retries of this call must reach the restarted server
             if dist.get_rank() == 0:
                 self._kill("student")
-        seeds = [int(params.seed) * 1_000_003 + i for i in range(len(prompts))]
+        seeds = server_request_seeds(params.seed, len(prompts))
         return client.generate(prompts, params, seeds=seeds)
 
     def _kill(self, role: str) -> None:

@@ -1,7 +1,7 @@
 """One SGLang server in the foreground, for launchers: the Slurm scripts start one per role, then attach training.
 
     python -m topd_megatron.rollout.sglang.serve --role student --model CKPT --port 30000 --pid-file run/student.pid
-    # CPU: the generic torch path is chosen automatically (see sglang_server.cpu_server_args), dtype float32
+    # CPU: the generic torch path is chosen automatically (see server.cpu_server_args), dtype float32
 
     # one server over 4 GPU nodes (SGLang multi-node: TP 8 per replica, 4 data-parallel replicas), one task per node;
     # beyond loopback every request needs the API key, read from $TOPD_SGLANG_API_KEY

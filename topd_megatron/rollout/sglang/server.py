@@ -19,7 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from topd_megatron.choices import check_choices
 from topd_megatron.distributed.env import free_port
 from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
 
@@ -36,7 +38,7 @@ class ServerConfig:
 
     model_path: str = ""
     """HF checkpoint directory (config + safetensors + tokenizer files). Empty with `url` set."""
-    role: str = "student"
+    role: Literal["student", "teacher"] = "student"
     """'student' (weights updated every step) or 'teacher' (static); names the log file."""
     url: str | None = None
     """Attach to this already-running server instead of launching one (e.g. 'http://10.0.0.5:30000')."""
@@ -62,8 +64,7 @@ class ServerConfig:
     """Retries of a request on transient errors (connection refused/reset, timeouts, 5xx), with backoff."""
 
     def __post_init__(self) -> None:
-        if self.role not in ("student", "teacher"):
-            raise ValueError(f"sglang role must be 'student' or 'teacher', got {self.role!r}")
+        check_choices(self, "sglang server")
         if not self.url and not self.model_path:
             raise ValueError("an SGLang server needs model_path (to launch it) or url (to attach to it)")
         if self.tp < 1 or self.dp < 1:
@@ -109,7 +110,6 @@ def server_command(cfg: ServerConfig, port: int, api_key: str | None, *, cuda: b
 def server_env(*, cuda: bool) -> dict[str, str]:
     """Environment of a launched server. Log-probs are always those of the model's own distribution (temperature 1,
     before top-p), the quantity the trainer's importance ratios and the teacher-served loss need."""
-
     env = dict(os.environ)
     env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not a rank of the trainer

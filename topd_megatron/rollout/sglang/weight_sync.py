@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -33,13 +33,12 @@ from topd_megatron.logs import quiet_stdout
 from topd_megatron.rollout.sglang.client import SGLangClient, SGLangResponseError
 
 SyncMode = Literal["disk", "tensor", "distributed"]
-SYNC_MODES = ("disk", "tensor", "distributed")
+SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
 
 
 def hf_weights(lm: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full CPU tensor) of every student weight, in Megatron-Bridge's order. Collective over the TP/PP group
     of this replica: every rank of it must iterate to the end."""
-
     with quiet_stdout():
         for item in lm.bridge.export_hf_weights(lm.modules, cpu=True, show_progress=False):
             yield item[0], item[1].detach()

@@ -1,0 +1,249 @@
+"""Phases 1-2 of a step, shared by training and the oracle: score a step's rollouts, then detect divergences.
+
+    ctx = scoring_context(objective, student, teacher, engine, tokenizer)     # no optimizer: scoring only
+    scores = score(ctx, step)                           # teacher logits per micro-batch (or a served report); d_t
+    found = detect(ctx, step, scores, window_seed=s)    # candidates, D_t, tau, decisions; window_ot's teacher windows
+
+`score` keeps the teacher's vocab-sharded logits of every micro-batch (`[b, S, V/TP]` on the last pipeline stage,
+in host memory with `offload_teacher_logits`), or asks a served teacher (`ctx.teacher is None`) for its log-probs of
+every response token. With a detector it also runs the student without gradients and keeps only d_t `[N]`,
+broadcast from the last pipeline stage so that every rank detects the same positions. `detect` selects the
+candidates over the whole step (one tau per step and data-parallel rank) and, for window_ot, samples K teacher tokens
+after (x, y_<t) at each candidate through the rollout engine (and K student tokens with student_window='fresh').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from topd_megatron.algorithm import detection, objective
+from topd_megatron.algorithm.batch import StepBatch, prefixes, windows_from_generations
+from topd_megatron.algorithm.objective import ServedTeacher
+from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
+from topd_megatron.models.build import MegatronLM
+from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer
+from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
+from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+TeacherScores = list[Tensor] | ServedTeacher
+"""The teacher's side of a step: its vocab-sharded logits per micro-batch, or a served teacher's report."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScoringContext:
+    """What scoring and detection need: the objective, both models, the engine and the vocabulary shards."""
+
+    objective: objective.Config
+    student: MegatronLM
+    teacher: MegatronLM | None
+    """None: the teacher is served (`scorer`), see objective.teacher_signal."""
+    engine: RolloutEngine
+    scorer: TeacherScorer | None
+    """The server scoring for a served teacher (the SGLang engine); None with a colocated teacher."""
+    eos_id: int
+    pad_id: int
+    tp_group: ProcessGroup
+    """The tensor-parallel group the vocabulary is sharded over."""
+    dp_group: ProcessGroup
+    """The data-parallel group (step-wide normalisation)."""
+    offload_teacher_logits: bool = False
+    """Keep the step's teacher logits in host memory until each micro-batch's loss needs them (GPU only)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The true vocabulary: logits at ids >= this are padding."""
+        return self.student.vocab_size
+
+    @property
+    def top_k(self) -> int:
+        """k of a served teacher's top-k report (0: the sampled-token form or a colocated teacher)."""
+        return self.objective.teacher_top_k if self.objective.teacher_signal == "top_k" else 0
+
+
+def scoring_context(
+    cfg: objective.Config,
+    student: MegatronLM,
+    teacher: MegatronLM | None,
+    engine: RolloutEngine,
+    *,
+    eos_id: int,
+    pad_id: int,
+    offload_teacher_logits: bool = False,
+) -> ScoringContext:
+    """A ScoringContext on this rank's parallel groups. A served teacher (teacher=None) needs an engine that scores."""
+    from megatron.core import parallel_state as ps
+
+    scorer = None
+    if teacher is None:
+        if not isinstance(engine, TeacherScorer):
+            raise ValueError(
+                f"no Megatron teacher and the {type(engine).__name__} rollout engine cannot score sequences: a served"
+                " teacher needs rollout=sglang with sglang.teacher set"
+            )
+        scorer = engine
+    return ScoringContext(
+        objective=cfg,
+        student=student,
+        teacher=teacher,
+        engine=engine,
+        scorer=scorer,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        offload_teacher_logits=offload_teacher_logits,
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class Scores:
+    """Phase 1: the step's positions, the teacher's side and the student's no-grad d_t."""
+
+    tokens: TokenBatch
+    """The step's positions (N = B * (S - 1)), `StepBatch.token_batch()`."""
+    teacher: TeacherScores
+    divergence: Tensor | None
+    """[N] float32 no-grad d_t on every rank (with a detector), else None."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Detected:
+    """Phase 2: the detector's decisions and the teacher windows sampled for them."""
+
+    detection: Detection | None
+    """None without a detector."""
+    teacher_windows: Windows | None
+    """window_ot: one teacher window per candidate (in candidate order); else None."""
+
+
+def teacher_view(
+    teacher: TeacherScores, microbatch: int, start: int, stop: int, device: torch.device
+) -> Tensor | ServedTeacher:
+    """What `objective.token_terms` takes for micro-batch `microbatch` (positions [start, stop)): its teacher logits
+    [mb, S - 1, V_local] (moved to `device`: they may wait in host memory) or the served report's slice."""
+    if isinstance(teacher, ServedTeacher):
+        return teacher.slice(start, stop)
+    return teacher[microbatch][:, :-1].to(device, non_blocking=True)
+
+
+def microbatch_tokens(tokens: TokenBatch, start: int, stop: int) -> TokenBatch:
+    """Positions [start, stop) of a step's TokenBatch (a micro-batch's share), rollout ids renumbered from 0."""
+    lp = None if tokens.rollout_logprobs is None else tokens.rollout_logprobs[start:stop]
+    seq = tokens.seq_ids[start:stop]
+    return TokenBatch(
+        tokens=tokens.tokens[start:stop],
+        seq_ids=seq - seq.min() if seq.numel() else seq,
+        response_mask=tokens.response_mask[start:stop],
+        rollout_logprobs=lp,
+    )
+
+
+def teacher_scores(ctx: ScoringContext, step: StepBatch) -> TeacherScores:
+    """The teacher's side of the step: its logits per micro-batch (colocated) or the server's report."""
+    if ctx.teacher is None:
+        assert ctx.scorer is not None
+        return served_rollout_scores(ctx.scorer, step, ctx.top_k)
+    offload = ctx.offload_teacher_logits and torch.cuda.is_available()
+    to_host = (lambda mb, t: t.to("cpu", non_blocking=True)) if offload else None
+    return teacher_logits(ctx.teacher, step.microbatches(), to_host)
+
+
+@dataclass(kw_only=True, slots=True)
+class _DivergenceOf:
+    """forward_logits reduction: a micro-batch's no-grad d_t, so no whole-step student logits are kept."""
+
+    ctx: ScoringContext
+    step: StepBatch
+    tokens: TokenBatch
+    teacher: TeacherScores
+
+    def __call__(self, mb: MicroBatch, logits: Tensor) -> Tensor:
+        a, b = self.step.position_range(mb.index)
+        teacher = teacher_view(self.teacher, mb.index, a, b, logits.device)
+        terms = objective.token_terms(
+            self.ctx.objective,
+            microbatch_tokens(self.tokens, a, b),
+            logits[:, :-1],
+            teacher,
+            vocab_size=self.ctx.vocab_size,
+            group=self.ctx.tp_group,
+        )
+        return terms.divergence.detach().float()
+
+
+def step_divergence(ctx: ScoringContext, step: StepBatch, tokens: TokenBatch, teacher: TeacherScores) -> Tensor:
+    """The student's no-grad d_t [N] for the whole step, on every rank (computed on the last pipeline stage)."""
+    from megatron.core import parallel_state as ps
+
+    parts = forward_logits(
+        ctx.student.modules, step.microbatches(), _DivergenceOf(ctx=ctx, step=step, tokens=tokens, teacher=teacher)
+    )
+    d_local = torch.cat(parts) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+    return broadcast_from_last_stage(d_local, (tokens.num_positions,), torch.float32)
+
+
+def score(ctx: ScoringContext, step: StepBatch) -> Scores:
+    """Phase 1 (collective): the teacher's side of every position and, with a detector, the student's d_t."""
+    tokens = step.token_batch()
+    teacher = teacher_scores(ctx, step)
+    d = step_divergence(ctx, step, tokens, teacher) if ctx.objective.detection.detector != "none" else None
+    return Scores(tokens=tokens, teacher=teacher, divergence=d)
+
+
+def sample_windows(ctx: ScoringContext, step: StepBatch, positions: Tensor, model: str, seed: int) -> Windows:
+    """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher."""
+    k = ctx.objective.detection.window
+    params = SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
+    gens = ctx.engine.generate(prefixes(step, positions), params, model=model) if positions.numel() else []
+    return windows_from_generations(gens, k)
+
+
+def student_embedding_shard(student: MegatronLM) -> Tensor:
+    """This TP rank's input-embedding shard [V_local, H], available on every pipeline stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
+
+    first_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
+    weight = unwrap_model(student.modules[0]).embedding.word_embeddings.weight.detach() if first_stage else None
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return weight
+    shape = (student.padded_vocab_size // ps.get_tensor_model_parallel_world_size(), student.provider.hidden_size)
+    buf = weight.float().contiguous() if weight is not None else torch.empty(shape, dtype=torch.float32)
+    dist.broadcast(buf, src=ps.get_pipeline_model_parallel_first_rank(), group=ps.get_pipeline_model_parallel_group())
+    return buf
+
+
+def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int) -> Detected:
+    """Phase 2 (collective: window_ot samples windows through the engine): candidates over the whole step and the
+    detector's decisions, with the teacher windows it sampled."""
+    cfg = ctx.objective.detection
+    if cfg.detector == "none":
+        return Detected(detection=None, teacher_windows=None)
+    assert scores.divergence is not None, "score() computes d_t whenever a detector is configured"
+    cands = detection.select_candidates(cfg, scores.tokens, scores.divergence)
+    u = student_windows = embedding = None
+    if cfg.detector == "window_ot":
+        u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
+        if cfg.student_window == "fresh":
+            student_windows = sample_windows(ctx, step, cands.positions, "student", window_seed)
+        embedding = student_embedding_shard(ctx.student)
+    det = detection.detect(
+        cfg,
+        scores.tokens,
+        cands,
+        scores.divergence,
+        teacher_windows=u,
+        student_windows=student_windows,
+        embedding=embedding,
+        vocab_size=ctx.vocab_size,
+        group=ctx.tp_group,
+    )
+    return Detected(detection=det, teacher_windows=u)
