@@ -23,7 +23,14 @@ from typing import Any
 import torch.distributed as dist
 
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.models.format import CHECKPOINT_META, FORMAT, HF_SIDE_FILES, chunks_sharded_state_dict, unwrap
+from topd_megatron.models.format import (
+    CHECKPOINT_META,
+    FORMAT,
+    HF_SIDE_FILES,
+    chunks_sharded_state_dict,
+    move_into_place,
+    unwrap,
+)
 
 
 def _barrier() -> None:
@@ -69,14 +76,7 @@ def save_model(lm: MegatronLM, out_dir: str | Path, *, extra: dict[str, Any] | N
             "extra": extra or {},
         }
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old"
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
+        move_into_place(tmp, out)
     _barrier()
     return out
 

@@ -42,7 +42,7 @@ from topd_megatron.models.build import (
     padded_vocab,
 )
 from topd_megatron.models.checkpoint import LATEST, latest_checkpoint, save_model
-from topd_megatron.models.format import chunks_sharded_state_dict
+from topd_megatron.models.format import chunks_sharded_state_dict, move_into_place
 from topd_megatron.models.format import hf_dir as model_hf_dir
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -403,14 +403,7 @@ def export_rank(rank: int, world: int, plan: ExportPlan) -> dict[str, Any] | Non
     if rank == 0:
         _conform_weights(tmp, plan.vocab_size, tied=bool(getattr(lm.hf_config, "tie_word_embeddings", False)))
         _finish_hf_dir(tmp, plan.weight_dtype)
-        old = out.parent / f".{out.name}.old"
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
+        move_into_place(tmp, out)
         report = {
             "out_dir": str(out),
             "source": plan.source,

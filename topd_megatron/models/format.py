@@ -14,6 +14,7 @@ Writing one is `topd_megatron.models.checkpoint.save_model`; building a model fr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,3 +110,16 @@ def load_chunk_weights(modules: list[Any], ckpt_dir: str | Path) -> None:
     loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), str(Path(ckpt_dir) / meta["model_dir"]))
     for i, module in enumerate(modules):
         unwrap(module).load_state_dict(loaded[f"chunk{i}"], strict=True)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Make the finished directory `tmp` the directory `out`: the previous `out` (if any) is moved aside first and
+    removed only after the rename, so a crash leaves either the old or the new directory, never a partial one."""
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
