@@ -1,5 +1,7 @@
-"""The embedded rollout engine samples from the Megatron model: greedy continuations and their log-probs equal
-Hugging Face's for the same checkpoint, at TP=2 and PP=2; seeded sampling is reproducible."""
+"""The embedded rollout engine (KV-cached decoding) samples from the Megatron model: greedy continuations and their
+log-probs equal
+Hugging Face's (a full forward per token) for the same checkpoint, at TP=2 and PP=2, for prompts of different lengths
+split over micro-batches; seeded sampling is reproducible."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The embedded rollout engine: sample continuations in-process from the Megatron student or teacher.
 
-Every step runs the unfinished sequences (right-padded, causal mask: a row's padding never influences its real
-tokens) through Megatron's pipeline schedule without a KV cache, samples the next token on the last pipeline stage
-from the vocab-sharded logits (`topd_megatron.rollout.sampling`), and broadcasts it to the other stages. Quadratic
-in the sequence length: meant for tiny models and tests; use SGLang at scale.
+Prompts are decoded in chunks of `micro_batch_size` with Megatron-Core's static KV cache (StaticInferenceContext):
+a prefill of the shortest prompt, then one position of every row per forward through Megatron's pipeline schedule;
+the next token is sampled on the last pipeline stage from the vocab-sharded logits (`topd_megatron.rollout.sampling`)
+and broadcast to the other stages. Meant for tiny models and tests; use SGLang at scale.
 
 All ranks of the model-parallel group must call `generate` with the same prompts and parameters (data-parallel
 replicas pass their own prompts); every rank returns the same generations.
@@ -11,6 +11,7 @@ replicas pass their own prompts); every rank returns the same generations.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -20,7 +21,7 @@ from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
 from topd_megatron.seeds import embedded_generator_seed
-from topd_megatron.training.forward import forward_logits, make_microbatch
+from topd_megatron.training.forward import MicroBatch, causal_mask, forward_logits
 
 
 class EmbeddedEngine:
@@ -58,61 +59,109 @@ class EmbeddedEngine:
     def _generate(self, lm: MegatronLM, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         from megatron.core import parallel_state as ps
 
-        tp_group = ps.get_tensor_model_parallel_group()
-        pp_group = ps.get_pipeline_model_parallel_group()
-        last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
         gen = torch.Generator(device="cpu")
-        # Noise differs across TP ranks (each samples its own vocabulary shard) and DP replicas, never across PP.
         gen.manual_seed(
             embedded_generator_seed(params.seed, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
         )
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.micro_batch_size):
+            out += _Decoder(lm, prompts[start : start + self.micro_batch_size], params, gen).run()
+        return out
+
+
+@dataclass(slots=True)
+class _Decoder:
+    """KV-cached decoding of one chunk of prompts, all rows advancing one position per forward.
+
+    The first forward is the prefill of the shortest prompt's length; each later forward feeds one position of every
+    row: the row's own prompt token while it is still inside its prompt, else its sampled token (a finished row feeds
+    padding, never read). Rows never contain padding before their last real token, so no mask beyond the causal one
+    is needed, and the cached keys/values are exactly those of a full forward.
+    """
+
+    lm: MegatronLM
+    prompts: list[list[int]]
+    params: SamplingParams
+    gen: torch.Generator
+    outs: list[list[int]] = field(init=False)
+    lps: list[list[float]] = field(init=False)
+    done: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outs = [[] for _ in self.prompts]
+        self.lps = [[] for _ in self.prompts]
+        self.done = [False for _ in self.prompts]
+
+    def run(self) -> list[Generation]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        seqs = [list(p) for p in prompts]
-        outs: list[list[int]] = [[] for _ in prompts]
-        lps: list[list[float]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        stop = set(params.stop_token_ids)
-        for _ in range(params.max_new_tokens):
-            if not active:
+        lens = [len(p) for p in self.prompts]
+        total = max(lens) + self.params.max_new_tokens
+        tokens = torch.zeros(len(self.prompts), total, dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(device)
+        positions = torch.arange(total, device=device).unsqueeze(0).expand_as(tokens)
+        mask = causal_mask(total, device)
+        cache = StaticInferenceContext(max_batch_size=len(self.prompts), max_sequence_length=total)
+        start, end = 0, min(lens)
+        while True:
+            chunk = MicroBatch(
+                tokens=tokens[:, start:end],
+                position_ids=positions[:, start:end],
+                loss_mask=torch.ones(len(self.prompts), end - start, device=device),
+                attention_mask=mask[..., start:end, :end],
+                inference_context=cache,
+            )
+            ids, logps = self._sample(chunk)
+            cache.increment_sequence_len_offset(end - start)
+            self._advance(tokens, end, ids, logps, lens)
+            if all(self.done):
                 break
-            ids = torch.zeros(len(active), dtype=torch.long)
-            logps = torch.zeros(len(active), dtype=torch.float32)
-            width = max(len(seqs[i]) for i in active)
-            for start in range(0, len(active), self.micro_batch_size):
-                rows = active[start : start + self.micro_batch_size]
-                tokens = torch.zeros(len(rows), width, dtype=torch.long)
-                for r, i in enumerate(rows):
-                    tokens[r, : len(seqs[i])] = torch.tensor(seqs[i])
-                logits = forward_logits(lm.modules, [make_microbatch(tokens.to(device))])
-                if last_stage:
-                    last = torch.tensor([len(seqs[i]) - 1 for i in rows], device=device)
-                    step_logits = logits[0][torch.arange(len(rows), device=device), last]
-                    tok, lp = sample_next(
-                        step_logits,
-                        temperature=params.temperature,
-                        top_p=params.top_p,
-                        generator=gen,
-                        vocab_size=lm.vocab_size,
-                        group=tp_group,
-                    )
-                    ids[start : start + len(rows)] = tok.cpu()
-                    logps[start : start + len(rows)] = lp.float().cpu()
-            if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
-                payload = torch.stack([ids.double(), logps.double()]).to(device)
-                dist.broadcast(payload, src=pp_last_rank, group=pp_group)  # the last stage decided the tokens
-                ids, logps = payload[0].long().cpu(), payload[1].float().cpu()
-            still = []
-            for r, i in enumerate(active):
-                t = int(ids[r])
-                seqs[i].append(t)
-                outs[i].append(t)
-                lps[i].append(float(logps[r]))
-                if t not in stop:
-                    still.append(i)
-            active = still
-        finished_ids = set(range(len(prompts))) - set(active)
+            start, end = end, end + 1
         return [
-            Generation(prompt_ids=list(p), output_ids=outs[i], output_logprobs=lps[i], finished=i in finished_ids)
-            for i, p in enumerate(prompts)
+            Generation(prompt_ids=list(p), output_ids=o, output_logprobs=lp, finished=self._stopped(o))
+            for p, o, lp in zip(self.prompts, self.outs, self.lps, strict=True)
         ]
+
+    def _sample(self, chunk: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of every row and its log-prob (sampled on the last stage, broadcast over the pipeline)."""
+        from megatron.core import parallel_state as ps
+
+        b = chunk.tokens.shape[0]
+        ids, logps = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
+        logits = forward_logits(self.lm.modules, [chunk])
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            tok, lp = sample_next(
+                logits[0][:, -1],
+                temperature=self.params.temperature,
+                top_p=self.params.top_p,
+                generator=self.gen,
+                vocab_size=self.lm.vocab_size,
+                group=ps.get_tensor_model_parallel_group(),
+            )
+            ids, logps = tok.cpu(), lp.float().cpu()
+        pp_group = ps.get_pipeline_model_parallel_group()
+        if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
+            payload = torch.stack([ids.double(), logps.double()]).to(chunk.tokens.device)
+            dist.broadcast(payload, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
+            ids, logps = payload[0].long().cpu(), payload[1].float().cpu()
+        return ids, logps
+
+    def _advance(self, tokens: torch.Tensor, pos: int, ids: torch.Tensor, logps: torch.Tensor, lens: list[int]) -> None:
+        """Write position `pos` of every row: its prompt token, its new sampled token, or padding once done."""
+        for r, n in enumerate(lens):
+            if pos < n:
+                continue  # still inside its prompt: the prompt token is already there
+            if self.done[r]:
+                tokens[r, pos] = 0
+                continue
+            t = int(ids[r])
+            tokens[r, pos] = t
+            self.outs[r].append(t)
+            self.lps[r].append(float(logps[r]))
+            self.done[r] = self._stopped(self.outs[r]) or len(self.outs[r]) >= self.params.max_new_tokens
+
+    def _stopped(self, out: list[int]) -> bool:
+        return bool(out) and out[-1] in self.params.stop_token_ids

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.inference.contexts import BaseInferenceContext
 
 
 @dataclass(slots=True)
@@ -37,6 +40,9 @@ class MicroBatch:
     """Position of this micro-batch in the step, for loss functions that look up per-micro-batch data."""
     attention_mask: torch.Tensor | None = None
     """Megatron boolean mask [b, 1, s, s], True = masked out; None = causal (right padding needs nothing more)."""
+    inference_context: BaseInferenceContext | None = None
+    """Megatron's KV cache for incremental decoding (`tokens` are then the next chunk of every sequence, the mask
+    [1, 1, s, offset + s] covers the cached positions too); None for a plain forward."""
 
 
 def causal_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
@@ -88,7 +94,10 @@ def run_pipeline(
 
     def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
-        logits = model(mb.tokens, mb.position_ids, mb.attention_mask)
+        if mb.inference_context is None:
+            logits = model(mb.tokens, mb.position_ids, mb.attention_mask)
+        else:
+            logits = model(mb.tokens, mb.position_ids, mb.attention_mask, inference_context=mb.inference_context)
 
         def reduce(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             return loss_fn(mb, output)
