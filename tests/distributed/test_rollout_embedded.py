@@ -1,7 +1,6 @@
 """The embedded rollout engine (KV-cached decoding) samples from the Megatron model: greedy continuations and their
-log-probs equal
-Hugging Face's (a full forward per token) for the same checkpoint, at TP=2 and PP=2, for prompts of different lengths
-split over micro-batches; seeded sampling is reproducible."""
+log-probs equal Hugging Face's (a full forward per token) for the same checkpoint, at TP=2 and PP=2, for prompts of
+different lengths split over micro-batches; seeded sampling is reproducible."""
 
 from __future__ import annotations
 
