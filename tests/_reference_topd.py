@@ -141,6 +141,9 @@ def topd_loss(cfg, case: dict) -> dict:
                 continue
             w = [det.lookahead_gamma ** (j + 1) for j in range(len(fut))]
             scores[t] = sum(wj * float(d[i].detach()) for wj, i in zip(w, fut, strict=True)) / sum(w)
+        elif det.detector == "oracle":
+            kind = case["kinds"][t]
+            scores[t] = 1.0 if kind == "reasoning" else 0.0 if kind == "surface" else math.nan
         elif det.detector == "window_ot":
             u = case["u_tokens"][t, : int(case["u_len"][t])].tolist()
             if det.student_window == "rollout":
@@ -152,22 +155,39 @@ def topd_loss(cfg, case: dict) -> dict:
             cost = 1.0 - (e[u] @ e[s].T)
             scores[t] = ot_bruteforce(cost.numpy())
     finite = [v for v in scores.values() if not math.isnan(v)]
-    if det.tau is not None:
+    if det.detector == "oracle":
+        tau = 0.5
+    elif det.tau is not None:
         tau = det.tau
     else:
         tau = float(np.quantile(np.array(finite), det.q_d)) if finite else math.nan
     divergent = [t for t in cands if math.isnan(scores[t]) or math.isnan(tau) or scores[t] >= tau]
     suppressed = [t for t in cands if t not in divergent]
 
-    # 3. OPD term with suppression
+    # guided anchors: the divergent candidates, or the random control's positions (given by the case)
+    anchors = list(divergent) if cfg.guidance_at == "divergent" else list(case["random_anchors"])
+
+    # 3. OPD term with suppression (and no OPD weight where a window replaces it)
     weight = [norm[i] * (cfg.suppress_weight if i in suppressed else 1.0) for i in range(n)]
+    if cfg.guidance != "none" and cfg.guidance_replaces_opd:
+        weight = [0.0 if i in anchors else w for i, w in enumerate(weight)]
     if cfg.opd == "dense":
         per_tok = d
     else:
         safe = torch.tensor([toks[i] if mask[i] else 0 for i in range(n)])
         lp = logprobs(case["student"], safe, vocab)
         lq = logprobs(case["teacher"].detach(), safe, vocab)
-        adv = -(lp - lq).detach()
+        r = (lp - lq).detach()
+        adv = -r
+        if cfg.pg_discount > 0:  # discounted future log-ratio: -sum_{j>=t} gamma^(j-t) r_j, same rollout's response
+            adv = torch.stack(
+                [
+                    -sum(cfg.pg_discount ** (j - i) * r[j] for j in [i, *_run_after(i, seq, mask)])
+                    if mask[i]
+                    else r[i] * 0
+                    for i in range(n)
+                ]
+            )
         terms = []
         for i in range(n):
             if not mask[i]:
@@ -185,8 +205,10 @@ def topd_loss(cfg, case: dict) -> dict:
     # 4. guidance
     gamma = cfg.guidance_gamma if cfg.guidance_weights == "geometric" else 1.0
     loss_g = torch.zeros((), dtype=torch.float64)
-    for t in divergent:
-        if cfg.guidance == "teacher_window":
+    for t in anchors:
+        if cfg.guidance == "upweight":
+            loss_g = loss_g + norm[t] * d[t]
+        elif cfg.guidance == "teacher_window":
             k = int(case["u_len"][t])
             u = case["u_tokens"][t, :k]
             bs, bt = case["branch_student"][t, :k], case["branch_teacher"][t, :k]
@@ -201,4 +223,4 @@ def topd_loss(cfg, case: dict) -> dict:
             om = _omega(len(fut), gamma)
             loss_g = loss_g + norm[t] * sum((om[j] * d[i] for j, i in enumerate(fut)), torch.zeros((), dtype=d.dtype))
     total = loss_opd + cfg.guidance_coef * loss_g
-    return {"loss": total, "candidates": cands, "scores": scores, "divergent": divergent, "tau": tau}
+    return {"loss": total, "candidates": cands, "scores": scores, "divergent": divergent, "guided": anchors, "tau": tau}

@@ -55,11 +55,14 @@ def variants() -> dict[str, objective.Config]:
     )
     out["opd_pg_noclip"] = r(out["opd_pg"], rho_clip=None)
     out["opd_pg_suppress"] = r(out["opd_pg"], detection=small_detection(detector="lookahead"), suppress_weight=0.5)
-    out["opd_suppress_fresh"] = r(
+    out["opd_suppress_rollout_window"] = r(
         out["opd_suppress"],
-        detection=small_detection(detector="window_ot", student_window="fresh"),
+        detection=small_detection(detector="window_ot", student_window="rollout"),
         suppress_weight=0.25,
     )
+    out["topd_window_replaces_opd"] = r(out["topd"], guidance_replaces_opd=True, guidance_coef=2.0)
+    out["topd_upweight_sequence_mean"] = r(out["topd_upweight"], normalization="sequence_mean", guidance_coef=0.5)
+    out["opd_kl_discount_half"] = r(out["opd_kl_discount"], pg_discount=0.5, rho_clip=None)
     return out
 
 
@@ -93,6 +96,10 @@ def make_case(seed: int, *, scale: float = 2.0) -> dict:
         "s_len": torch.randint(1, K + 1, (n,), generator=g),
         "branch_student": torch.randn(n, K, V_PAD, generator=g, dtype=torch.float64) * scale,
         "branch_teacher": torch.randn(n, K, V_PAD, generator=g, dtype=torch.float64) * scale,
+        "kinds": [("reasoning", "surface", None)[int(i)] for i in torch.randint(0, 3, (n,), generator=g)],
+        "random_anchors": sorted(
+            torch.nonzero(mask_t).flatten()[torch.randperm(int(mask_t.sum()), generator=g)[:4]].tolist()
+        ),
     }
 
 
@@ -133,11 +140,15 @@ def run_pipeline(
             teacher_windows=u,
             student_windows=sw if cfg.detection.student_window == "fresh" else None,
             embedding=emb,
+            choice_kinds=[case["kinds"][int(i)] for i in p],
             vocab_size=vocab,
             group=group,
         )
+        if cfg.guidance_at == "random":
+            det = det.with_guided(torch.tensor(case["random_anchors"], dtype=torch.long))
         if cfg.guidance == "teacher_window":
-            pos, win = det.guidance_positions(), det.guidance_windows(u)
+            pos = det.guidance_positions()
+            win = types.Windows(tokens=case["u_tokens"][pos], lengths=case["u_len"][pos])
             valid = win.valid()
             branch = objective.branch_terms(
                 cfg, pos, win, bs[pos][valid], bt[pos][valid], vocab_size=vocab, group=group
@@ -149,7 +160,8 @@ def run_pipeline(
         "grad": s.grad.detach().clone(),
         "branch_grad": bs.grad.detach().clone() if bs.grad is not None else torch.zeros_like(bs),
         "candidates": [] if det is None else det.candidates.positions.tolist(),
-        "divergent": [] if det is None else det.guidance_positions().tolist(),
+        "divergent": [] if det is None else det.candidates.positions[det.divergent].tolist(),
+        "guided": [] if det is None else det.guidance_positions().tolist(),
         "scores": None if det is None else det.scores.clone(),
         "tau": float("nan") if det is None else det.tau,
         "metrics": metrics,

@@ -38,7 +38,7 @@ from topd_megatron.overrides import apply_overrides
 from topd_megatron.plan import cli as plan_cli
 from topd_megatron.training.loop import train
 
-DEFAULT_TASK = "topd_megatron.tasks.synthetic:default"
+DEFAULT_TASK = "topd_megatron.tasks.drift:default"
 
 
 def _print_agreement(report: dict[str, Any]) -> None:
@@ -101,23 +101,19 @@ def _preflight(cfg: Any) -> None:
     check_same_tokenizer(dirs["student"], dirs["teacher"])
 
 
+RUN_OPTIONS = ("tp", "pp", "steps", "seeds", "workers", "lr", "task", "out_dir", "rollout", "sync_mode")
+
+
 def cmd_run_tiny(args: argparse.Namespace) -> int:
-    cfg = experiment.TinyConfig(
-        tp=args.tp,
-        pp=args.pp,
-        steps=args.steps,
-        seeds=args.seeds,
-        task=args.task,
-        out_dir=args.out_dir,
-        arms=tuple(args.arms.split(",")),
-        rollout=args.rollout,
-        sync_mode=args.sync_mode,
-    )
+    given = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
+    if args.arms is not None:
+        given["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    cfg = experiment.TinyConfig(**given)  # the defaults of every option not given are TinyConfig's
     results = experiment.run_tiny(cfg, world_timeout=args.timeout)
     experiment.print_table(results)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(results, indent=2, default=experiment._json_default) + "\n")
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=experiment.json_default) + "\n")
         print(f"wrote {args.json_out}")
     return 0
 
@@ -168,25 +164,27 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json-out", default=None, help="also write the results as JSON here")
         p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a hung run is stopped")
 
-    run = sub.add_parser("run", help="run a named job; `tiny` compares OPD and TOPD on the embedded default")
+    run = sub.add_parser("run", help="run a named job; `tiny` compares OPD, TOPD and controls on the embedded default")
     run.add_argument("recipe", choices=["tiny"])
-    common(run)
-    run.add_argument("--steps", type=int, default=30, help="training steps per arm")
-    run.add_argument("--seeds", type=int, default=1, help="repeat every arm with this many seeds")
-    run.add_argument(
-        "--arms",
-        default=",".join(experiment.DEFAULT_ARMS),
-        help=f"comma-separated presets to train: {', '.join(PRESETS)}",
-    )
-    run.add_argument("--task", default=DEFAULT_TASK, help="task as module:attr")
-    run.add_argument("--out-dir", default="runs/tiny", help="metrics, TensorBoard logs, checkpoints and plots")
-    run.add_argument("--rollout", default="embedded", choices=["embedded", "sglang"], help="where rollouts are sampled")
+    defaults = experiment.TinyConfig()
+    run.add_argument("--tp", type=int, default=None, help=f"tensor-parallel size of every run [{defaults.tp}]")
+    run.add_argument("--pp", type=int, default=None, help=f"pipeline-parallel size of every run [{defaults.pp}]")
+    run.add_argument("--workers", type=int, default=None, help=f"runs side by side [{defaults.workers}]")
+    run.add_argument("--steps", type=int, default=None, help=f"training steps per run [{defaults.steps}]")
+    run.add_argument("--seeds", type=int, default=None, help=f"training seeds per arm [{defaults.seeds}]")
+    run.add_argument("--lr", type=float, default=None, help=f"learning rate of every arm [{defaults.lr}]")
+    run.add_argument("--arms", default=None, help=f"comma-separated presets to train [all: {', '.join(PRESETS)}]")
+    run.add_argument("--task", default=None, help=f"task as module:attr [{defaults.task}]")
+    run.add_argument("--out-dir", default=None, help=f"metrics, TensorBoard logs and plots [{defaults.out_dir}]")
+    run.add_argument("--rollout", default=None, choices=["embedded", "sglang"], help="where rollouts are sampled")
     run.add_argument(
         "--sync-mode",
-        default="distributed",
+        default=None,
         choices=["disk", "tensor", "distributed"],
         help="with --rollout sglang: how the student's weights reach its server after every step",
     )
+    run.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds before a hung run is stopped")
     tr = sub.add_parser("train", help="train (or resume) one run from a RunConfig JSON file")
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="JSON of a topd_megatron.config.RunConfig (dataclasses.asdict)")

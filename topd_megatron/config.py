@@ -37,6 +37,8 @@ class TrainConfig:
     """Also evaluate the initial student (step 0) in a fresh run."""
     save_every: int = 10
     """Save a training checkpoint every this many steps (and after the last); 0: only after the last."""
+    save_checkpoints: bool = True
+    """False: a run that is never resumed (the experiment's arms), no checkpoint is written."""
     offload_teacher_logits: bool = False
     """Keep the step's teacher logits ([B, S, V/TP] per last-stage rank) in host memory between scoring and the
     backward pass, copied back one micro-batch at a time (GPU only; the planner counts one micro-batch then)."""
@@ -59,7 +61,7 @@ class RunConfig:
     teacher: ModelConfig
     run_dir: str
     """Where metrics, TensorBoard logs, checkpoints and plots go (a rerun with the same run_dir resumes)."""
-    task: str = "topd_megatron.tasks.synthetic:default"
+    task: str = "topd_megatron.tasks.drift:default"
     rollout: Literal["embedded", "sglang"] = "embedded"
     """'embedded' (sample in-process from the Megatron models) or 'sglang' (SGLang servers, see `sglang`)."""
     teacher_source: Literal["megatron", "sglang"] = "megatron"

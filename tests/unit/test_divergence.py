@@ -132,7 +132,7 @@ def _window_ot_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     d = torch.rand(batch.num_positions, generator=g)
     emb = torch.randn(50, 6, generator=g, dtype=torch.float64)
-    cfg = dv.Config(q=0.5, max_candidates=None, window=3, q_d=0.5)
+    cfg = dv.Config(q=0.5, max_candidates=None, window=3, q_d=0.5, student_window="rollout")
     cands = dv.select_candidates(cfg, batch, d)
     c = cands.positions.numel()
     u = types.Windows(tokens=torch.randint(0, 50, (c, 3), generator=g), lengths=torch.randint(1, 4, (c,), generator=g))
@@ -162,11 +162,61 @@ def test_detect_window_ot_scores_the_windows_with_exact_ot():
         assert key in m
 
 
+def test_fresh_student_windows_are_the_default_and_are_what_ot_compares():
+    """The paper's detector compares two windows drawn from the same prefix: with student_window='fresh' (the default)
+    D_t is the OT distance between the teacher's and the fresh student window, whatever the rollout's own tokens."""
+    batch, d, emb, _, cands, u = _window_ot_inputs()
+    assert dv.Config().student_window == "fresh"
+    fresh = dv.Config(q=0.5, max_candidates=None, window=3, q_d=0.5)
+    s = types.Windows(tokens=u.tokens.flip(0), lengths=u.lengths.flip(0))
+    det = dv.detect(fresh, batch, cands, d, teacher_windows=u, student_windows=s, embedding=emb, vocab_size=50)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    for i in range(cands.positions.numel()):
+        ut, st = u.tokens[i, : u.lengths[i]], s.tokens[i, : s.lengths[i]]
+        assert float(det.scores[i]) == pytest.approx(ref.ot_bruteforce((1 - e[ut] @ e[st].T).numpy()), abs=1e-8)
+    same = dv.detect(fresh, batch, cands, d, teacher_windows=u, student_windows=u, embedding=emb, vocab_size=50)
+    assert torch.allclose(same.scores, torch.zeros_like(same.scores), atol=1e-12)  # identical windows: distance 0
+    assert det.metrics["detect/windows"] == 2 * cands.positions.numel()
+
+
+def test_oracle_detector_uses_the_task_labels_and_a_frozen_tau():
+    batch = batch_of([(0, 4, 0)])
+    d = torch.tensor([0.1, 0.9, 0.5, 0.7])
+    cfg = dv.Config(detector="oracle", q=1.0)
+    cands = dv.select_candidates(cfg, batch, d)
+    det = dv.detect(cfg, batch, cands, d, choice_kinds=["surface", "reasoning", None, "surface"])
+    assert det.tau == dv.ORACLE_TAU and det.scores[:2].tolist() == [0.0, 1.0] and math.isnan(det.scores[2])
+    assert det.divergent.tolist() == [False, True, True, False]  # unknown: kept divergent, like a missing window
+    with pytest.raises(ValueError, match="oracle detector needs choice_kinds"):
+        dv.detect(cfg, batch, cands, d)
+
+
+def test_guided_positions_replace_the_divergent_ones_and_survive_restrict():
+    batch = batch_of([(0, 4, 0), (0, 4, 0)])
+    d = torch.arange(8, dtype=torch.float32)
+    cfg = dv.Config(detector="lookahead", q=0.5, tau=0.0)
+    det = dv.detect(cfg, batch, dv.select_candidates(cfg, batch, d), d)
+    moved = det.with_guided(torch.tensor([1, 5]))
+    assert moved.guidance_positions().tolist() == [1, 5] and moved.divergent.tolist() == det.divergent.tolist()
+    assert moved.restrict(4, 8).guidance_positions().tolist() == [1]
+    assert (
+        det.restrict(4, 8).guidance_positions().tolist()
+        == (det.guidance_positions()[det.guidance_positions() >= 4] - 4).tolist()
+    )
+
+
 def test_detect_sinkhorn_is_close_to_exact():
     batch, d, emb, cfg, cands, u = _window_ot_inputs(1)
     exact = dv.detect(cfg, batch, cands, d, teacher_windows=u, embedding=emb)
     sk = dv.Config(
-        q=0.5, max_candidates=None, window=3, q_d=0.5, ot_solver="sinkhorn", sinkhorn_eps=0.003, sinkhorn_iters=3000
+        q=0.5,
+        max_candidates=None,
+        window=3,
+        q_d=0.5,
+        ot_solver="sinkhorn",
+        sinkhorn_eps=0.003,
+        sinkhorn_iters=3000,
+        student_window="rollout",
     )
     approx = dv.detect(sk, batch, cands, d, teacher_windows=u, embedding=emb)
     torch.testing.assert_close(approx.scores, exact.scores, atol=2e-2, rtol=0)

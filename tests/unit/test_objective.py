@@ -31,6 +31,8 @@ def reference(cfg, case):
 def assert_matches_reference(got: dict, exp: dict, *, tol: float = 1e-10) -> None:
     assert got["candidates"] == exp["candidates"]
     assert got["divergent"] == exp["divergent"]
+    if exp["candidates"]:
+        assert got["guided"] == exp["guided"]
     if exp["candidates"] and not math.isnan(exp["tau"]):
         assert got["tau"] == pytest.approx(exp["tau"], rel=1e-6, abs=1e-9)
     assert got["loss"] == pytest.approx(float(exp["loss"].detach()), rel=tol, abs=tol)
@@ -197,9 +199,34 @@ def test_loss_errors_are_clear():
     win = types.Windows(tokens=torch.zeros(1, 2, dtype=torch.long), lengths=torch.tensor([2]))
     logits = torch.zeros(2, cases.V_PAD, dtype=torch.float64)
     branch = objective.branch_terms(cfg, bad, win, logits, logits, vocab_size=cases.VOCAB)
-    with pytest.raises(ValueError, match="must be divergent positions"):
+    with pytest.raises(ValueError, match="must be guided positions"):
         objective.loss(cfg, batch, terms, det, branch)
     with pytest.raises(ValueError, match="packed"):
         objective.branch_terms(cfg, bad, win, logits[:1], logits[:1])
     with pytest.raises(ValueError, match=r"expected \[N, V_local\]"):
         objective.token_terms(cfg, batch, case["student"][:3], case["teacher"][:3])
+
+
+def test_discounted_future_sum_restarts_at_every_sequence():
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 5.0], dtype=torch.float64)
+    seq = torch.tensor([0, 0, 0, 1, 1, 2])
+    got = objective.discounted_future_sum(values, seq, 0.5)
+    expected = [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 10 + 0.5 * 20, 20.0, 5.0]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+    assert objective.discounted_future_sum(values[:0], seq[:0], 0.5).numel() == 0
+
+
+def test_random_anchors_match_the_counts_and_stay_in_each_response():
+    from topd_megatron.training.scoring import random_anchors
+
+    batch = types.TokenBatch.from_padded(
+        torch.zeros(3, 6, dtype=torch.long),
+        torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]], dtype=torch.bool),
+    )
+    anchors = random_anchors(batch, torch.tensor([2, 4, 5]), seed=7)
+    assert anchors.tolist() == sorted(anchors.tolist())
+    rows = (anchors // 6).tolist()
+    assert [rows.count(b) for b in range(3)] == [2, 4, 2]  # capped at the response length
+    assert bool(batch.response_mask[anchors].all())
+    assert anchors.tolist() == random_anchors(batch, torch.tensor([2, 4, 5]), seed=7).tolist()
+    assert anchors.tolist() != random_anchors(batch, torch.tensor([2, 4, 5]), seed=8).tolist()

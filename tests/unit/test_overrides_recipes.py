@@ -65,7 +65,7 @@ def test_overrides_parse_by_field_type_and_revalidate():
         ("bogus=1", "the run config has no field 'bogus'"),
         ("train.steps=two", "override train.steps='two'"),
         ("train.steps=0", "must be >= 1"),
-        ("objective.guidance=sideways", "must be one of ['none', 'teacher_window', 'on_path']"),
+        ("objective.guidance=sideways", "must be one of ['none', 'teacher_window', 'on_path', 'upweight']"),
         ("train.eval_at_start=maybe", "must be true or false"),
         ("sglang.teacher.port=1", "sglang.teacher is None; set it first with sglang.teacher=default"),
         ("train.steps", "is not KEY=VALUE"),

@@ -49,19 +49,21 @@ from topd_megatron.choices import check_choices
 class Config:
     """Candidate selection and the divergence detector (docs/topd.md, TOPD steps 1-2)."""
 
-    detector: Literal["none", "window_ot", "lookahead"] = "window_ot"
+    detector: Literal["none", "window_ot", "lookahead", "oracle"] = "window_ot"
     """'window_ot': OT distance between a teacher window and a student window in embedding space (the paper's);
     'lookahead': discounted mean of the student's own next per-token divergences (ours, no generation);
-    'none': no detection (plain OPD)."""
+    'oracle': the task's own label of each candidate (a reasoning choice is divergent, a surface choice is not; a
+    control arm for tasks that can label their choices, `tasks.LabelsChoices`); 'none': no detection (plain OPD)."""
     q: float = 0.2
     """Candidates are the top-q fraction of each rollout's response positions by per-token loss: ceil(q * n)."""
     max_candidates: int | None = 64
     """M: at most this many candidates per rollout (largest loss first); None for no cap."""
     tau: float | None = None
-    """Fixed threshold: t is divergent when D_t >= tau. None: tau is the q_d quantile of D over the candidates."""
+    """Fixed threshold, calibrated once and frozen: t is divergent when D_t >= tau, so the share of candidates judged
+    non-divergent is a measurement. None: tau is the q_d quantile of each step's D instead."""
     q_d: float = 0.3
-    """Quantile of D over the candidates passed to `detect` used as tau when `tau` is None (0.3: about 30% judged
-    surface form, the paper's share). Pass a whole step's candidates to share one tau across micro-batches."""
+    """With tau=None, the quantile of D over a step's candidates used as tau. This fixes the non-divergent share at
+    q_d by construction (0.3: the paper's ~30%); it is not a measurement."""
     window: int = 50
     """K: tokens per window (teacher/student windows, lookahead, on_path guidance)."""
     ot_solver: Literal["exact", "sinkhorn"] = "exact"
@@ -70,8 +72,11 @@ class Config:
     """Entropic regularisation of Sinkhorn, in units of the cost (1 - cosine, in [0, 2])."""
     sinkhorn_iters: int = 200
     """Sinkhorn iterations (fixed, so that every rank runs the same computation)."""
-    student_window: Literal["rollout", "fresh"] = "rollout"
-    """Student window s for window_ot: the rollout's own y_t..y_{t+K-1} (free) or a fresh sample the loop passes."""
+    student_window: Literal["rollout", "fresh"] = "fresh"
+    """Student window s for window_ot. 'fresh': K tokens sampled from the student after the same prefix (x, y_<t) as
+    the teacher's window (the paper's: candidates are positions, so both windows start at the prefix). 'rollout': the
+    rollout's own y_t..y_{t+K-1}, free but biased: it begins with the one token the student happened to sample, so a
+    high-d_t position where it sampled the teacher's token looks like a surface mismatch."""
     lookahead_gamma: float = 0.9
     """gamma of the lookahead detector: D_t = sum_j gamma^j d_{t+j} / sum_j gamma^j, j = 1..K (real length)."""
 
@@ -276,6 +281,21 @@ def window_ot_scores(
     return torch.tensor([ot_exact(cost_np[i, : n_l[i], : m_l[i]]) for i in range(n_c)], dtype=torch.float64)
 
 
+ORACLE_TAU = 0.5
+"""The oracle detector's threshold between its scores 0 (surface) and 1 (reasoning)."""
+
+
+def oracle_scores(choice_kinds: list[str | None] | None, n: int) -> Tensor:
+    """[C] float64 D of the oracle detector: 1 for a reasoning choice, 0 for a surface choice, NaN when unknown."""
+    if choice_kinds is None or len(choice_kinds) != n:
+        raise ValueError(
+            f"detect: the oracle detector needs choice_kinds, one per candidate ({n}); got"
+            f" {None if choice_kinds is None else len(choice_kinds)} (the task must label its choices)"
+        )
+    value = {"reasoning": 1.0, "surface": 0.0}
+    return torch.tensor([value.get(k, math.nan) if k else math.nan for k in choice_kinds], dtype=torch.float64)
+
+
 def threshold(cfg: Config, scores: Tensor) -> float:
     """tau: the fixed value, or the q_d quantile (linear interpolation) of the finite scores; NaN if none."""
     if cfg.tau is not None:
@@ -314,6 +334,7 @@ def detect(
     teacher_windows: Windows | None = None,
     student_windows: Windows | None = None,
     embedding: Tensor | None = None,
+    choice_kinds: list[str | None] | None = None,
     vocab_size: int | None = None,
     group: ProcessGroup | None = None,
 ) -> Detection:
@@ -324,6 +345,8 @@ def detect(
             `embedding` (this rank's `[V_local, H]` student input-embedding shard), `vocab_size`, `group`; and
             `student_windows` when cfg.student_window == 'fresh' (else the rollout's own tokens are used).
         lookahead: `per_token_divergence` `[N]` d_t on the rollout (detached).
+        oracle: `choice_kinds`, the task's label of each candidate ('reasoning' -> D = 1, 'surface' -> D = 0,
+            unknown -> NaN, kept divergent); tau is 0.5.
         none: nothing; every candidate is divergent (no suppression).
     Returns a Detection whose metrics hold the diagnostics of docs/topd.md.
     """
@@ -354,9 +377,14 @@ def detect(
         if per_token_divergence.shape != (batch.num_positions,):
             raise ValueError(f"detect: per_token_divergence must be [N] = [{batch.num_positions}]")
         scores = lookahead_scores(cfg, batch, pos, per_token_divergence).cpu()
+    elif cfg.detector == "oracle":
+        scores = oracle_scores(choice_kinds, pos.numel())
     else:
         scores = torch.full((pos.numel(),), math.nan, dtype=torch.float64)
-    tau = threshold(cfg, scores) if cfg.detector != "none" else math.nan
+    if cfg.detector == "oracle":
+        tau = ORACLE_TAU
+    else:
+        tau = threshold(cfg, scores) if cfg.detector != "none" else math.nan
     has = ~torch.isnan(scores)
     divergent = ~has | (scores >= tau) if not math.isnan(tau) else torch.ones_like(has)
     divergent = divergent.to(pos.device)

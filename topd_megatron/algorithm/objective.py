@@ -4,11 +4,16 @@
 
 with every sum normalised by N (token mean, per-sequence mean or a constant). Presets (`preset(name)`):
 
-    opd             dense OPD: L = sum_t m_t d_t / N
-    opd_pg          policy-gradient OPD: A_t = -r_t (detached), L = -sum_t m_t A_t rho_t / N
-    opd_suppress    opd + window_ot detector + suppression (beta_s = 0), no guidance: the paper's middle arm
-    topd            window_ot detector + suppression + teacher_window guidance (the paper's method; Config())
-    topd_lookahead  lookahead detector + suppression + on_path guidance: TOPD without any extra generation
+    opd                  dense OPD: L = sum_t m_t d_t / N
+    opd_pg               policy-gradient OPD: A_t = -r_t (detached), L = -sum_t m_t A_t rho_t / N
+    opd_suppress         opd + window_ot detector + suppression (beta_s = 0), no guidance: the paper's middle arm
+    topd                 window_ot detector + suppression + teacher_window guidance (the paper's method; Config())
+    topd_lookahead       lookahead detector + suppression + on_path guidance: TOPD without any extra generation
+    controls (docs/tiny.md):
+    topd_upweight        topd's detector and suppression; lambda more weight on d_t at divergent t, no window
+    topd_random_windows  topd, with its windows at as many random response positions instead of the divergent ones
+    topd_oracle          topd with the task's own labels as the detector (tasks that label their choices)
+    opd_kl_discount      opd_pg with the discounted future log-ratio as advantage (Tinker's kl_discount, gamma 0.9)
 
 One micro-batch, in the loop's order (see topd_megatron/algorithm/detection.py for why detection comes first):
 
@@ -60,7 +65,17 @@ from topd_megatron.algorithm.loss import token_divergence, token_logprobs, topk_
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.choices import check_choices
 
-PRESETS: tuple[str, ...] = ("opd", "opd_pg", "opd_suppress", "topd", "topd_lookahead")
+PRESETS: tuple[str, ...] = (
+    "opd",
+    "opd_pg",
+    "opd_suppress",
+    "topd",
+    "topd_lookahead",
+    "topd_upweight",
+    "topd_random_windows",
+    "topd_oracle",
+    "opd_kl_discount",
+)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,10 +92,18 @@ class Config:
     """beta of JSD(beta) when divergence == 'jsd'."""
     suppress_weight: float = 0.0
     """beta_s: OPD weight of high-loss tokens judged non-divergent (1 elsewhere)."""
-    guidance: Literal["none", "teacher_window", "on_path"] = "teacher_window"
-    """Guidance at divergent t: the branch (x, y_<t, u_1..u_K) scored by both models, or the rollout's own future."""
+    guidance: Literal["none", "teacher_window", "on_path", "upweight"] = "teacher_window"
+    """Guidance at divergent t: the branch (x, y_<t, u_1..u_K) scored by both models (the paper's), the rollout's own
+    future d_{t+1..t+K} (ours), or 'upweight': lambda more weight on d_t itself, no window (a control: the same extra
+    loss mass at the same positions as a window, whose omega sums to 1)."""
     guidance_coef: float = 1.0
-    """lambda: L = L_OPD + lambda * L_guidance."""
+    """lambda: L = L_OPD + lambda * L_guidance (1.0: untuned, a window weighs like one more token at its anchor)."""
+    guidance_at: Literal["divergent", "random"] = "divergent"
+    """Where guidance acts: the divergent candidates, or (a control) as many uniformly random response positions of
+    the same rollout, so that only the placement differs."""
+    guidance_replaces_opd: bool = False
+    """False: the OPD term at a guided position stays (its weight n_t plus lambda n_t omega_1 g_1 from the window,
+    whose first token is scored by the same distribution); True: the window replaces it (OPD weight 0 there)."""
     guidance_weights: Literal["uniform", "geometric"] = "uniform"
     """omega_j over a window of real length K': 1/K', or gamma_g^j normalised to sum to 1."""
     guidance_gamma: float = 0.9
@@ -91,6 +114,9 @@ class Config:
     """N: response tokens of the micro-batch; per rollout then mean over rollouts; or `normalization_constant`."""
     normalization_constant: float | None = None
     """N for normalization == 'constant' (e.g. the number of tokens of the whole step, for gradient accumulation)."""
+    pg_discount: float = 0.0
+    """opd_pg: A_t = -sum_{j>=t} gamma^(j-t) r_j over the rest of the response (Tinker's kl_discount_factor: the
+    discounted future KL); 0 is the per-token advantage -r_t."""
     rho_clip: float | None = 2.0
     """opd_pg: rho_t = pi_S(y_t) / pi_rollout(y_t) truncated at this value (value and gradient weight); None: no cap."""
     chunk_size: int | None = None
@@ -113,6 +139,8 @@ class Config:
                 f"objective.guidance={self.guidance!r} needs a detector (it acts at divergent positions); set"
                 " detection.detector to 'window_ot' or 'lookahead', or guidance='none'"
             )
+        if not 0.0 <= self.pg_discount < 1.0:
+            raise ValueError(f"objective.pg_discount must be in [0, 1), got {self.pg_discount}")
         if self.guidance_coef < 0.0:
             raise ValueError(f"objective.guidance_coef (lambda) must be >= 0, got {self.guidance_coef}")
         if not 0.0 < self.guidance_gamma <= 1.0:
@@ -157,17 +185,20 @@ class Config:
 def preset(name: str) -> Config:
     """The Config of a named algorithm (see the module docstring); change fields with dataclasses.replace."""
     det = detection.Config
-    if name == "opd":
-        return Config(detection=det(detector="none"), guidance="none")
-    if name == "opd_pg":
-        return Config(detection=det(detector="none"), guidance="none", opd="pg")
-    if name == "opd_suppress":
-        return Config(detection=det(detector="window_ot"), guidance="none")
-    if name == "topd":
-        return Config(detection=det(detector="window_ot"), guidance="teacher_window")
-    if name == "topd_lookahead":
-        return Config(detection=det(detector="lookahead"), guidance="on_path")
-    raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    configs = {
+        "opd": lambda: Config(detection=det(detector="none"), guidance="none"),
+        "opd_pg": lambda: Config(detection=det(detector="none"), guidance="none", opd="pg"),
+        "opd_suppress": lambda: Config(detection=det(detector="window_ot"), guidance="none"),
+        "topd": lambda: Config(detection=det(detector="window_ot"), guidance="teacher_window"),
+        "topd_lookahead": lambda: Config(detection=det(detector="lookahead"), guidance="on_path"),
+        "topd_upweight": lambda: Config(detection=det(detector="window_ot"), guidance="upweight"),
+        "topd_random_windows": lambda: Config(detection=det(detector="window_ot"), guidance_at="random"),
+        "topd_oracle": lambda: Config(detection=det(detector="oracle"), guidance="teacher_window"),
+        "opd_kl_discount": lambda: Config(detection=det(detector="none"), guidance="none", opd="pg", pg_discount=0.9),
+    }
+    if name not in configs:
+        raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+    return configs[name]()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -397,6 +428,8 @@ def _opd_per_token(cfg: Config, batch: TokenBatch, terms: TokenTerms, metrics: d
     slp, tlp = terms.student_logprobs, terms.teacher_logprobs
     m = batch.response_mask.to(slp.device)
     r = (slp - tlp).detach()  # A_t = -r_t, detached
+    if cfg.pg_discount > 0:  # A_t = -sum_{j>=t} gamma^(j-t) r_j within the response
+        r = discounted_future_sum(torch.where(m, r, torch.zeros_like(r)), batch.seq_ids.to(r.device), cfg.pg_discount)
     if batch.rollout_logprobs is None:
         w_is = torch.ones_like(slp)
     else:
@@ -411,6 +444,27 @@ def _opd_per_token(cfg: Config, batch: TokenBatch, terms: TokenTerms, metrics: d
     metrics["opd/rho_mean"] = float((raw * m).sum()) / n_resp
     metrics["opd/rho_clipped_share"] = float(((raw != w_is) & m).sum()) / n_resp
     return torch.where(m, r * rho, torch.zeros_like(r))
+
+
+def discounted_future_sum(values: Tensor, seq_ids: Tensor, gamma: float) -> Tensor:
+    """[N] y_t = sum_{j>=t, same sequence} gamma^(j-t) values_j, for packed sequences (each contiguous, in order):
+    y_t = values_t + gamma * y_{t+1} run backwards, restarting at every sequence boundary. Vectorised over sequences:
+    one pass over the longest sequence's positions."""
+    n = values.numel()
+    if n == 0:
+        return values.clone()
+    starts = torch.ones(n, dtype=torch.bool, device=values.device)
+    starts[1:] = seq_ids[1:] != seq_ids[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(n, device=values.device), 0), 0).values
+    col = torch.arange(n, device=values.device) - first  # index within the sequence
+    row = torch.cumsum(starts.long(), 0) - 1
+    grid = values.new_zeros(int(row[-1]) + 1, int(col.max()) + 1)
+    grid[row, col] = values
+    acc = values.new_zeros(grid.shape[0])
+    for j in range(grid.shape[1] - 1, -1, -1):
+        acc = grid[:, j] + gamma * acc
+        grid[:, j] = acc
+    return grid[row, col]
 
 
 def _omega(lengths: Tensor, gamma: float, dtype: torch.dtype) -> Tensor:
@@ -438,6 +492,59 @@ def teacher_window_loss(cfg: Config, anchor_weights: Tensor, branch: BranchTerms
     return (per_value * omega * branch.values).sum()
 
 
+def _guided(cfg: Config, detection: Detection | None, dev: torch.device) -> Tensor:
+    """[G] the anchors guidance acts on (`Detection.guidance_positions`: divergent, or the random control's)."""
+    if detection is None:
+        raise ValueError(f"loss: guidance={cfg.guidance!r} acts at divergent positions and needs a detection")
+    return detection.guidance_positions().to(dev)
+
+
+def _guidance_loss(
+    cfg: Config,
+    batch: TokenBatch,
+    terms: TokenTerms,
+    detection: Detection | None,
+    branch: BranchTerms | None,
+    norm: Tensor,
+    metrics: dict[str, float],
+) -> tuple[Tensor, int]:
+    """L_g (before lambda) and the number of guided anchors; fills 'guidance/tokens' and 'time/guidance_s'."""
+    dev, dt = norm.device, norm.dtype
+    if cfg.guidance == "none":
+        return torch.zeros((), dtype=dt, device=dev), 0
+    anchors = _guided(cfg, detection, dev)
+    metrics["time/guidance_s"] = 0.0  # on_path and upweight reuse the OPD step's d_t: no extra forward
+    if cfg.guidance == "teacher_window":
+        if branch is None:
+            raise ValueError("loss: guidance='teacher_window' needs branch (branch_terms on the guided positions)")
+        pos = branch.positions.to(dev)
+        if pos.numel() and not bool(torch.isin(pos, anchors).all()):
+            raise ValueError("loss: branch.positions must be guided positions (detection.guidance_positions())")
+        metrics["guidance/tokens"] = float(branch.lengths.sum())
+        metrics["time/guidance_s"] = branch.seconds
+        return teacher_window_loss(cfg, norm[pos], branch).to(dt), pos.numel()
+    if cfg.guidance == "upweight":
+        metrics["guidance/tokens"] = float(anchors.numel())
+        return (norm[anchors] * terms.divergence[anchors]).sum(), anchors.numel()
+    idx, w = future_weights(batch, anchors, cfg.detection.window, cfg.omega_gamma)  # on_path
+    contrib = (w.to(dev, dt) * norm[anchors].unsqueeze(1)).reshape(-1)
+    extra = torch.zeros_like(norm).index_add_(0, idx.reshape(-1), contrib)
+    metrics["guidance/tokens"] = float((w > 0).sum())
+    return torch.where(extra != 0, extra * terms.divergence, torch.zeros_like(norm)).sum(), anchors.numel()
+
+
+def _opd_weights(cfg: Config, detection: Detection | None, norm: Tensor) -> Tensor:
+    """[N] w_t n_t: beta_s on candidates judged non-divergent, 0 at guided positions when the window replaces the
+    OPD term there, n_t elsewhere."""
+    weight = norm.clone()
+    if detection is None or cfg.detection.detector == "none":
+        return weight
+    weight = torch.where(detection.suppressed_mask().to(norm.device), weight * cfg.suppress_weight, weight)
+    if cfg.guidance != "none" and cfg.guidance_replaces_opd:
+        weight[detection.guidance_positions().to(norm.device)] = 0.0
+    return weight
+
+
 def loss(
     cfg: Config,
     batch: TokenBatch,
@@ -450,9 +557,11 @@ def loss(
     """The scalar TOPD loss of a micro-batch and its diagnostics.
 
     L = sum_t n_t w_t l_t + lambda * L_g, with n_t the normaliser weights (`normalizer`), w_t = beta_s on
-    non-divergent candidates and 1 elsewhere, l_t the OPD term (`_opd_per_token`) and
+    non-divergent candidates (0 at guided t with guidance_replaces_opd) and 1 elsewhere, l_t the OPD term
+    (`_opd_per_token`) and, over the guided anchors t (divergent, or random with guidance_at='random'):
         teacher_window: L_g = sum_g n_{t_g} sum_j omega_gj g_gj over the branch windows (`teacher_window_loss`),
-        on_path:        L_g = sum_{t divergent} n_t sum_{j=1..K'} omega_j d_{t+j} (K' cut at the response end).
+        on_path:        L_g = sum_t n_t sum_{j=1..K'} omega_j d_{t+j} (K' cut at the response end),
+        upweight:       L_g = sum_t n_t d_t.
     `weights` [N] replaces `normalizer(cfg, batch)` when the normalisation spans more than this micro-batch (a
     training step split into micro-batches and data-parallel replicas).
     Returns (0-dim tensor, metrics): 'loss*', 'opd/*', 'guidance/*', 'time/*' and the detection's 'detect/*'.
@@ -460,47 +569,37 @@ def loss(
     metrics: dict[str, float] = {}
     if cfg.detection.detector != "none" and detection is None:
         raise ValueError(f"loss: detector {cfg.detection.detector!r} is configured but no detection was passed")
-    if cfg.guidance == "teacher_window" and branch is None:
-        raise ValueError("loss: guidance='teacher_window' needs branch (branch_terms on the divergent positions)")
     per_tok = _opd_per_token(cfg, batch, terms, metrics)
     dev, dt = per_tok.device, per_tok.dtype
     if weights is not None and weights.shape != (batch.num_positions,):
         raise ValueError(f"loss: weights must be [N] = [{batch.num_positions}], got {tuple(weights.shape)}")
     norm = (normalizer(cfg, batch, dt) if weights is None else weights.to(dt)).to(dev)
-    weight = norm.clone()
-    if detection is not None and cfg.detection.detector != "none":
-        weight = torch.where(detection.suppressed_mask().to(dev), weight * cfg.suppress_weight, weight)
+    weight = _opd_weights(cfg, detection, norm)
     # padded or masked rows have weight 0; where() keeps any value there out of the sum
     loss_opd = torch.where(weight != 0, weight * per_tok, torch.zeros_like(per_tok)).sum()
-
-    loss_g = torch.zeros((), dtype=dt, device=dev)
-    g_windows = 0
-    if cfg.guidance == "teacher_window":
-        div_mask = detection.divergent_mask().to(dev)
-        pos = branch.positions.to(dev)
-        if pos.numel() and not bool(div_mask[pos].all()):
-            raise ValueError("loss: branch.positions must be divergent positions (detection.guidance_positions())")
-        loss_g = teacher_window_loss(cfg, norm[pos], branch).to(dt)
-        g_windows = pos.numel()
-        metrics["guidance/tokens"] = float(branch.lengths.sum())
-        metrics["time/guidance_s"] = branch.seconds
-    elif cfg.guidance == "on_path":
-        anchors = detection.guidance_positions().to(dev)
-        idx, w = future_weights(batch, anchors, cfg.detection.window, cfg.omega_gamma)
-        contrib = (w.to(dev, dt) * norm[anchors].unsqueeze(1)).reshape(-1)
-        extra = torch.zeros_like(norm).index_add_(0, idx.reshape(-1), contrib)
-        loss_g = torch.where(extra != 0, extra * terms.divergence, torch.zeros_like(per_tok)).sum()
-        g_windows = anchors.numel()
-        metrics["guidance/tokens"] = float((w > 0).sum())
-        metrics["time/guidance_s"] = 0.0  # on_path reuses the OPD step's d_t: no extra forward
+    loss_g, g_windows = _guidance_loss(cfg, batch, terms, detection, branch, norm, metrics)
     total = loss_opd + cfg.guidance_coef * loss_g
+    _loss_metrics(cfg, batch, terms, detection, metrics, total, loss_opd, loss_g, g_windows)
+    return total, metrics
 
+
+def _loss_metrics(
+    cfg: Config,
+    batch: TokenBatch,
+    terms: TokenTerms,
+    detection: Detection | None,
+    metrics: dict[str, float],
+    total: Tensor,
+    loss_opd: Tensor,
+    loss_g: Tensor,
+    g_windows: int,
+) -> None:
     n_resp = max(int(batch.response_mask.sum()), 1)
     metrics["loss"] = float(total.detach())
     metrics["loss/opd"] = float(loss_opd.detach())
     metrics["loss/guidance"] = float(loss_g.detach())
     if terms.divergence is not None:
-        m = batch.response_mask.to(dev)
+        m = batch.response_mask.to(terms.divergence.device)
         metrics["opd/divergence_mean"] = float(torch.where(m, terms.divergence.detach(), 0.0).sum()) / n_resp
     metrics["opd/response_tokens"] = float(n_resp)
     metrics["guidance/windows"] = float(g_windows)
@@ -513,7 +612,6 @@ def loss(
         metrics["opd/suppressed"] = float((~detection.divergent).sum()) if cfg.detection.detector != "none" else 0.0
     t_extra = metrics.get("detect/time_s", 0.0) + metrics["time/guidance_s"]
     metrics["time/detect_guidance_over_opd"] = t_extra / terms.seconds if terms.seconds > 0 else math.nan
-    return total, metrics
 
 
 __all__ = [

@@ -6,6 +6,7 @@ the logits is the distribution the model gives to `tokens[i]` (already shifted: 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,9 @@ class Detection:
     """The threshold used (NaN when no candidate had a score)."""
     metrics: dict[str, float]
     """Diagnostics (docs/topd.md): 'detect/*' keys."""
+    guided: Tensor | None = None
+    """[G] ascending positions guidance acts on when they are not the divergent candidates (the random-placement
+    control, `with_guided`); None: the divergent candidates."""
 
     def candidate_mask(self) -> Tensor:
         """[N] bool: candidate positions."""
@@ -133,7 +137,11 @@ class Detection:
 
     def guidance_positions(self) -> Tensor:
         """[G] ascending positions that need guidance (teacher_window: branch sequences to score, in this order)."""
-        return self.candidates.positions[self.divergent]
+        return self.candidates.positions[self.divergent] if self.guided is None else self.guided
+
+    def with_guided(self, positions: Tensor) -> Detection:
+        """The same detection with guidance at `positions` [G] (ascending) instead of the divergent candidates."""
+        return dataclasses.replace(self, guided=positions)
 
     def restrict(self, start: int, stop: int) -> Detection:
         """The detection of positions [start, stop) of this batch, renumbered from 0 (a micro-batch's share of a
@@ -141,6 +149,9 @@ class Detection:
         pos = self.candidates.positions
         keep = (pos >= start) & (pos < stop)
         cands = Candidates(positions=pos[keep] - start, loss=self.candidates.loss[keep])
+        guided = None
+        if self.guided is not None:
+            guided = self.guided[(self.guided >= start) & (self.guided < stop)] - start
         return Detection(
             num_positions=stop - start,
             candidates=cands,
@@ -148,6 +159,7 @@ class Detection:
             divergent=self.divergent[keep.to(self.divergent.device)],
             tau=self.tau,
             metrics=self.metrics,
+            guided=guided,
         )
 
     def guidance_windows(self, teacher_windows: Windows) -> Windows:

@@ -1,13 +1,20 @@
-"""`topd run tiny`: OPD and TOPD compared on the tiny embedded default, with the paper's diagnostics.
+"""`topd run tiny`: OPD, TOPD and controls on the tiny embedded default, with paired statistics over seeds.
 
-    topd run tiny [--tp 2 --pp 1 --steps 30 --seeds 1 --json-out PATH]
+    topd run tiny [--seeds 3 --steps N --arms opd,topd,... --workers 2 --json-out PATH]
 
-1. prepare the tiny teacher/student pair for the task (cached, see `topd_megatron.analysis.prepare`);
-2. train the same student initialisation with each arm (`opd`, `opd_suppress`, `topd`, `topd_lookahead`) and each
-   seed, on tp*pp gloo ranks, evaluating avg@k on held-out problems during and after training;
-3. label the student's high-loss tokens with the oracle (`topd_megatron.analysis.oracle`) and score both detectors;
-4. print the table (accuracy +- stderr, share of non-divergent candidates, detector precision/recall, step time and
-   overhead against OPD), write metrics (JSONL, TensorBoard per run), plots and `--json-out`.
+1. prepare the tiny teacher, student and capacity-ceiling control for the task (cached, `analysis.prepare`);
+2. calibrate: label two disjoint sets of initial-student rollouts with the oracle (`analysis.oracle`); each
+   detector's tau is chosen on the first set and frozen, and the frozen detectors are scored on the second;
+3. train every arm with every seed from the same student initialisation (Megatron-Core ranks through
+   `training.loop.train`; `workers` runs side by side), and evaluate it on held-out problems at the end: avg@k at
+   T=1 (the primary metric) and greedy accuracy, per problem;
+4. evaluate the references with the same protocol: the initial student (per seed), the teacher, the capacity
+   ceiling;
+5. compare every arm with OPD seed by seed (paired differences and their 95% t intervals; an ordering is claimed only
+   where the interval excludes 0), print the table, write `results.json`, metrics and plots.
+
+The design and the pre-registered primary metric are in docs/tiny.md. Any `Task` runs (`--task module:attr`); the
+oracle-detector arm needs a task that labels its choices (`tasks.LabelsChoices`) and is left out otherwise.
 """
 
 from __future__ import annotations
@@ -16,29 +23,37 @@ import dataclasses
 import json
 import math
 import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from topd_megatron.algorithm import objective
 from topd_megatron.analysis.oracle import OracleConfig, run_oracle
-from topd_megatron.analysis.plots import plot_accuracy, plot_heatmap
-from topd_megatron.analysis.prepare import PrepareConfig, prepare
+from topd_megatron.analysis.plots import plot_final_accuracy, plot_heatmap
+from topd_megatron.analysis.prepare import PrepareConfig, Prepared, prepare
+from topd_megatron.analysis.statistics import Interval, t_interval, verdict
 from topd_megatron.choices import check_choices
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.distributed.launch import spawn
 from topd_megatron.distributed.parallel import ParallelConfig
-from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.evaluation.task_eval import EvalConfig, evaluate_task
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.rollout.sglang.weight_sync import SyncMode
 from topd_megatron.seeds import arm_parallel_seed
+from topd_megatron.tasks import LabelsChoices, load_task
 from topd_megatron.training.loop import train
 from topd_megatron.training.metrics import read_metrics
 from topd_megatron.training.optim import OptimConfig
+from topd_megatron.training.session import EngineSpec, rank_session
 
-DEFAULT_ARMS = ("opd", "opd_suppress", "topd", "topd_lookahead")
-"""The arms of the main job (a subset of objective.PRESETS)."""
+DEFAULT_ARMS = objective.PRESETS
+"""Every preset: the five methods and the four controls (objective.PRESETS)."""
+PRIMARY = "avg"
+"""The pre-registered primary metric: avg@k at T=1 on the held-out problems after the last step (docs/tiny.md)."""
+RECORDS = "eval_records.jsonl"
 
 
 def arm_detector(arm: str) -> str | None:
@@ -49,25 +64,32 @@ def arm_detector(arm: str) -> str | None:
 
 @dataclass(kw_only=True, slots=True)
 class TinyConfig:
-    """The tiny comparison; defaults finish in about 15 minutes on a 2-core CPU (preparation included)."""
+    """The tiny comparison; the defaults finish in about 15 minutes on 2 CPU cores (preparation included)."""
 
     arms: tuple[str, ...] = DEFAULT_ARMS
-    seeds: int = 1
-    tp: int = 2
+    seeds: int = 3
+    """Training seeds per arm (the unit of the paired comparison)."""
+    steps: int = 40
+    tp: int = 1
     pp: int = 1
-    steps: int = 30
+    workers: int = 2
+    """Runs side by side, each on tp*pp ranks with one CPU thread per rank."""
     prompts_per_step: int = 16
     samples_per_prompt: int = 2
-    micro_batch_size: int = 16
-    lr: float = 3e-4
+    micro_batch_size: int = 32
+    lr: float = 3e-3
+    """Adam learning rate of every arm (tuned for OPD, docs/tiny.md "Tuning")."""
+    clip_grad: float = 1.0
     window: int = 8
-    """K, the detector/guidance window. The synthetic traces are ~24 tokens: the paper's K=50 would span them."""
-    eval_problems: int = 100
+    """K, the detector/guidance window. The drift traces are ~27 tokens: the paper's K=50 would span them."""
+    eval_problems: int = 256
+    eval_problem_seed: int = 0
+    """Which draw of held-out problems is evaluated (the tuning study validated on draw 1; the job reports draw 0)."""
     eval_k: int = 4
-    eval_temperature: float = 0.6
-    eval_every: int = 15
-    oracle_prompts: int = 32
-    task: str = "topd_megatron.tasks.synthetic:default"
+    eval_temperature: float = 1.0
+    oracle_prompts: int = 64
+    """Initial-student rollouts in each of the oracle's two sets (calibration, evaluation)."""
+    task: str = "topd_megatron.tasks.drift:default"
     rollout: Literal["embedded", "sglang"] = "embedded"
     """'embedded' or 'sglang' (a student SGLang server per run, weights pushed after every step)."""
     sync_mode: SyncMode = "distributed"
@@ -76,201 +98,356 @@ class TinyConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         unknown = [a for a in self.arms if a not in objective.PRESETS]
         if unknown:
             raise ValueError(f"unknown arms {unknown}; choose from {objective.PRESETS}")
-        if self.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
-        check_choices(self)
+        if "opd" not in self.arms:
+            raise ValueError("--arms must include opd: every arm is compared with it")
+        if self.seeds < 1 or self.steps < 1 or self.workers < 1:
+            raise ValueError(f"--seeds, --steps and --workers must be >= 1, got {self.seeds}, {self.steps}")
 
 
-def arm_objective(arm: str, window: int) -> objective.Config:
+def arm_objective(arm: str, window: int, taus: dict[str, float]) -> objective.Config:
+    """The preset with the job's window and the detector's calibrated, frozen tau."""
     cfg = objective.preset(arm)
-    return dataclasses.replace(cfg, detection=dataclasses.replace(cfg.detection, window=window))
+    tau = taus.get(cfg.detection.detector)
+    det = dataclasses.replace(cfg.detection, window=window, tau=None if tau is None or math.isnan(tau) else tau)
+    return dataclasses.replace(cfg, detection=det)
 
 
-def run_config(cfg: TinyConfig, student: Path, teacher: Path, arm: str, seed: int, eval_at_start: bool) -> RunConfig:
+def eval_config(cfg: TinyConfig, seed: int) -> EvalConfig:
+    """The evaluation protocol, with seed `seed`'s eval samples (the start and every arm of a seed share them)."""
+    return EvalConfig(
+        problems=cfg.eval_problems,
+        problem_seed=cfg.eval_problem_seed,
+        k=cfg.eval_k,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.prepare.max_new_tokens,
+        seed=1234 + 1000 * seed,
+        greedy=True,
+        records_file=RECORDS,
+    )
+
+
+def run_config(cfg: TinyConfig, student: Path, teacher: Path, arm: str, seed: int, taus: dict[str, float]) -> RunConfig:
+    """One run of the comparison: `arm` with training seed `seed` on the prepared pair, tau frozen from `taus`."""
     return RunConfig(
         student=ModelConfig(path=str(student), dtype="float32"),
         teacher=ModelConfig(path=str(teacher), dtype="float32"),
-        run_dir=str(Path(cfg.out_dir) / f"{arm}-seed{seed}"),
+        run_dir=str(Path(cfg.out_dir) / "runs" / f"{arm}-seed{seed}"),
         task=cfg.task,
         rollout=cfg.rollout,
         sglang=SGLangConfig(sync_mode=cfg.sync_mode),
-        parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=arm_parallel_seed(seed)),
-        objective=arm_objective(arm, cfg.window),
-        optim=OptimConfig(lr=cfg.lr, clip_grad=1.0),
+        parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=arm_parallel_seed(seed), cpu_threads=1),
+        objective=arm_objective(arm, cfg.window, taus),
+        optim=OptimConfig(lr=cfg.lr, clip_grad=cfg.clip_grad),
         train=TrainConfig(
             steps=cfg.steps,
             prompts_per_step=cfg.prompts_per_step,
             samples_per_prompt=cfg.samples_per_prompt,
             micro_batch_size=cfg.micro_batch_size,
-            eval_every=cfg.eval_every,
-            save_every=cfg.steps,
-            seed=seed,
-            eval_at_start=eval_at_start,
-        ),
-        eval=EvalConfig(
-            problems=cfg.eval_problems,
-            k=cfg.eval_k,
-            temperature=cfg.eval_temperature,
             max_new_tokens=cfg.prepare.max_new_tokens,
+            eval_every=0,
+            eval_at_start=False,
+            save_checkpoints=False,
+            seed=seed,
         ),
+        eval=eval_config(cfg, seed),
     )
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else math.nan
+@dataclass(kw_only=True, slots=True)
+class ReferenceJob:
+    """Evaluate one fixed model with the job's protocol (the initial student, the teacher, the ceiling)."""
+
+    name: str
+    model: str
+    run: RunConfig
 
 
-def summarize_run(run_dir: Path, k: int) -> dict[str, Any]:
-    train = read_metrics(run_dir, "train")
-    evals = read_metrics(run_dir, "eval")
-    steady = train[1:] or train  # the first step pays one-off costs (warm-up)
+def evaluate_reference(rank: int, world: int, job: ReferenceJob) -> list[dict[str, Any]] | None:
+    """Rank body: the per-problem records of `job.model` (rank 0; None elsewhere)."""
+    run = job.run
+    engine = EngineSpec(kind="embedded", micro_batch_size=256, run_dir=run.run_dir)
+    model = ModelConfig(path=job.model, dtype="float32")
+    with rank_session(run.parallel, model, engine=engine) as session:
+        _, records = evaluate_task(run.eval, session.engine, session.tokenizer, load_task(run.task), step_seed=0)
+    return records if rank == 0 else None
+
+
+def _final_records(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / RECORDS).read_text().splitlines() if line]
+    last = max(r["step"] for r in rows)
+    return [r for r in rows if r["step"] == last]
+
+
+def accuracy(records: list[dict[str, Any]]) -> dict[str, float]:
+    """avg@k (mean over problems of the share of correct samples) and greedy accuracy of per-problem records."""
+    avg = statistics.fmean(sum(r["correct"]) / len(r["correct"]) for r in records)
+    greedy = statistics.fmean(float(r["greedy_correct"]) for r in records)
+    return {"avg": avg, "greedy": greedy}
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run: final accuracy, measured non-divergent share, step time and its phases (medians)."""
+    train_rows = read_metrics(run_dir, "train")
+    steady = train_rows[1:] or train_rows  # the first step pays one-off costs (warm-up)
+
+    def median(key: str) -> float:
+        values = [m[key] for m in steady if m.get(key) is not None]
+        return statistics.median(values) if values else math.nan
+
+    phases = ("rollout", "score", "detect", "branch_score", "backward", "update", "step")
     return {
-        "curve": [(e["step"], e[f"avg@{k}"], e[f"avg@{k}_stderr"]) for e in evals],
-        "final": evals[-1] if evals else {},
-        "step_time_s": _mean([m["time/step_s"] for m in steady]),
-        "non_divergent_share": _mean([m.get("detect/non_divergent_share") for m in train]),
-        "train_loss_last": train[-1]["loss"] if train else math.nan,
+        **accuracy(_final_records(run_dir)),
+        "non_divergent_share": median("detect/non_divergent_share"),
+        "guided_windows": median("guidance/windows"),
+        "seconds": {p: median(f"time/{p}_s") for p in phases},
+        "loss_last": train_rows[-1]["loss"] if train_rows else math.nan,
     }
+
+
+class Scheduler:
+    """Runs rank jobs `workers` at a time (each `spawn` is its own process tree)."""
+
+    def __init__(self, workers: int, world: int, timeout: float) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.world, self.timeout = world, timeout
+
+    def submit(self, fn: Any, arg: Any, label: str) -> Future:
+        def job() -> Any:
+            t0 = time.perf_counter()
+            out = [r for r in spawn(fn, self.world, (arg,), timeout=self.timeout) if r is not None][0]
+            print(f"[topd] {label} done in {time.perf_counter() - t0:.0f} s", flush=True)
+            return out
+
+        return self.pool.submit(job)
 
 
 def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any]:
     """Run the whole comparison; returns the JSON-able results."""
+    t_start = time.perf_counter()
+    task = load_task(cfg.task)
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
+    arms = [a for a in cfg.arms if arm_detector(a) != "oracle" or isinstance(task, LabelsChoices)]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = cfg.tp * cfg.pp
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in cfg.arms}
-    for seed in range(cfg.seeds):
-        for i, arm in enumerate(cfg.arms):
-            rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, arm, seed, eval_at_start=i == 0)
-            print(f"[topd] seed {seed} arm {arm}: {cfg.steps} steps on {world} ranks -> {rc.run_dir}", flush=True)
-            spawn(train, world, (rc,), timeout=world_timeout)
-            runs[arm].append(summarize_run(Path(rc.run_dir), cfg.eval_k))
-    # every arm starts from the same student and evaluates it with the same seed: one step-0 evaluation per seed
-    for seed in range(cfg.seeds):
-        start = [p for p in runs[cfg.arms[0]][seed]["curve"] if p[0] == 0]
-        for arm in cfg.arms[1:]:
-            runs[arm][seed]["curve"] = start + runs[arm][seed]["curve"]
-
-    base = run_config(cfg, prepared.student_dir, prepared.teacher_dir, cfg.arms[0], 0, eval_at_start=False)
+    sched = Scheduler(cfg.workers, cfg.tp * cfg.pp, world_timeout)
+    base = run_config(cfg, prepared.student_dir, prepared.teacher_dir, "opd", 0, {})
     ocfg = OracleConfig(
         prompts=cfg.oracle_prompts,
-        objective=arm_objective("topd", cfg.window),
+        objective=arm_objective("topd", cfg.window, {}),
         max_new_tokens=cfg.prepare.max_new_tokens,
     )
-    print(f"[topd] oracle: labelling the candidates of {cfg.oracle_prompts} student rollouts", flush=True)
-    oracle = [r for r in spawn(run_oracle, world, (base, ocfg), timeout=world_timeout) if r is not None][0]
-
-    results = compile_results(cfg, runs, oracle, prepared.report)
-
+    oracle_run = dataclasses.replace(base, run_dir=str(out / "oracle"))
+    oracle = sched.submit(_run_oracle, (oracle_run, ocfg), "oracle (calibration + detector scores)")
+    needs_tau = {a for a in arms if arm_detector(a) in ("window_ot", "lookahead")}
+    futures: dict[tuple[str, int], Future] = {}
+    for arm in [a for a in arms if a not in needs_tau]:
+        for seed in range(cfg.seeds):
+            futures[arm, seed] = _submit_run(sched, cfg, prepared, arm, seed, {})
+    refs = _submit_references(sched, cfg, prepared, base)
+    taus = oracle.result()["tau"]
+    for arm in [a for a in arms if a in needs_tau]:
+        for seed in range(cfg.seeds):
+            futures[arm, seed] = _submit_run(sched, cfg, prepared, arm, seed, taus)
+    runs = {key: f.result() for key, f in futures.items()}
+    references = {name: accuracy(f.result()) for name, f in refs.items()}
+    results = compile_results(cfg, arms, runs, references, oracle.result(), prepared.report)
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["plots"] = {
-        "accuracy": str(plot_accuracy(runs, cfg.eval_k, out / "accuracy.png")),
-        "heatmap": str(plot_heatmap(oracle["heatmap"], out / "divergence_heatmap.png")),
+        "accuracy": str(plot_final_accuracy(results, out / "accuracy.png")),
+        "heatmap": str(plot_heatmap(oracle.result()["heatmap"], out / "divergence_heatmap.png")),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default) + "\n")
+    sched.pool.shutdown()
     return results
 
 
-def _json_default(o: Any) -> Any:
+def _run_oracle(rank: int, world: int, args: tuple[RunConfig, OracleConfig]) -> dict[str, Any] | None:
+    return run_oracle(rank, world, *args)
+
+
+def _train_and_summarize(rank: int, world: int, rc: RunConfig) -> dict[str, Any] | None:
+    train(rank, world, rc)
+    return summarize_run(Path(rc.run_dir)) if rank == 0 else None
+
+
+def _submit_run(sched: Scheduler, cfg: TinyConfig, prepared: Prepared, arm: str, seed: int, taus: dict) -> Future:
+    rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, arm, seed, taus)
+    (Path(rc.run_dir) / RECORDS).unlink(missing_ok=True)
+    return sched.submit(_train_and_summarize, rc, f"{arm} seed {seed} ({cfg.steps} steps)")
+
+
+def _submit_references(sched: Scheduler, cfg: TinyConfig, prepared: Prepared, base: RunConfig) -> dict[str, Future]:
+    """The initial student under every seed's eval samples; the teacher and the ceiling under seed 0's."""
+    jobs = {f"start-seed{s}": (str(prepared.student_dir), s) for s in range(cfg.seeds)}
+    jobs["teacher"] = (str(prepared.teacher_dir), 0)
+    if prepared.ceiling_dir is not None:
+        jobs["ceiling"] = (str(prepared.ceiling_dir), 0)
+    futures = {}
+    for name, (model, seed) in jobs.items():
+        run = dataclasses.replace(base, run_dir=str(Path(cfg.out_dir) / "references"), eval=eval_config(cfg, seed))
+        futures[name] = sched.submit(evaluate_reference, ReferenceJob(name=name, model=model, run=run), name)
+    return futures
+
+
+def json_default(o: Any) -> Any:
     if isinstance(o, float) and math.isnan(o):
         return None
+    if isinstance(o, Interval):
+        return o.as_dict()
     return str(o)
 
 
+def _paired(runs: dict[tuple[str, int], dict], arm: str, other: str, seeds: int, metric: str) -> dict[str, Any]:
+    """Per-seed differences arm - other on `metric`, their mean and 95% t interval, and the verdict."""
+    diffs = [runs[arm, s][metric] - runs[other, s][metric] for s in range(seeds)]
+    interval = t_interval(diffs)
+    return {"per_seed": diffs, "interval": interval.as_dict(), "verdict": verdict(interval)}
+
+
 def compile_results(
-    cfg: TinyConfig, runs: dict[str, list[dict[str, Any]]], oracle: dict[str, Any], prepare_report: dict[str, Any]
+    cfg: TinyConfig,
+    arms: list[str],
+    runs: dict[tuple[str, int], dict[str, Any]],
+    references: dict[str, dict[str, float]],
+    oracle: dict[str, Any],
+    prepare_report: dict[str, Any],
 ) -> dict[str, Any]:
-    k = cfg.eval_k
-    key = f"avg@{k}"
-    opd_time = _mean([r["step_time_s"] for r in runs.get("opd", [])])
+    """The table (arms in `arms` order, each compared with OPD seed by seed), OPD's gain over the start, and the
+    references."""
+    starts = {s: references[f"start-seed{s}"] for s in range(cfg.seeds)}
+    opd_time = statistics.fmean(runs["opd", s]["seconds"]["step"] for s in range(cfg.seeds))
     table = []
-    for arm, rs in runs.items():
-        finals = [r["final"].get(key, math.nan) for r in rs]
-        if len(finals) > 1:
-            acc, err = statistics.mean(finals), statistics.stdev(finals) / math.sqrt(len(finals))
-            err_kind = "over seeds"
-        else:
-            acc, err = finals[0], rs[0]["final"].get(f"{key}_stderr", math.nan)
-            err_kind = "over problems"
+    for arm in arms:
+        rs = [runs[arm, s] for s in range(cfg.seeds)]
         detector = arm_detector(arm)
-        step_time = _mean([r["step_time_s"] for r in rs])
-        table.append(
-            {
-                "arm": arm,
-                key: acc,
-                "stderr": err,
-                "stderr_kind": err_kind,
-                "non_divergent_share": _mean([r["non_divergent_share"] for r in rs]) if detector else None,
-                "detector": detector,
-                "precision": oracle[detector]["precision"] if detector else None,
-                "recall": oracle[detector]["recall"] if detector else None,
-                "auroc": oracle[detector]["auroc"] if detector else None,
-                "step_time_s": step_time,
-                "overhead_vs_opd": step_time / opd_time if opd_time and not math.isnan(opd_time) else None,
-            }
-        )
-    start = runs[cfg.arms[0]][0]["curve"][0] if runs[cfg.arms[0]][0]["curve"] else None
+        step_time = statistics.fmean(r["seconds"]["step"] for r in rs)
+        row: dict[str, Any] = {
+            "arm": arm,
+            "detector": detector,
+            "avg": t_interval([r["avg"] for r in rs]).as_dict(),
+            "greedy": t_interval([r["greedy"] for r in rs]).as_dict(),
+            "non_divergent_share": statistics.fmean(r["non_divergent_share"] for r in rs) if detector else None,
+            "tau": oracle["tau"].get(detector) if detector else None,
+            "detector_scores": oracle["detectors"].get(detector) if detector else None,
+            "step_time_s": step_time,
+            "overhead_vs_opd": step_time / opd_time if opd_time else math.nan,
+        }
+        if arm != "opd":
+            row["vs_opd"] = {m: _paired(runs, arm, "opd", cfg.seeds, m) for m in ("avg", "greedy")}
+        table.append(row)
+    gain = {
+        m: {
+            "per_seed": [runs["opd", s][m] - starts[s][m] for s in range(cfg.seeds)],
+            "interval": t_interval([runs["opd", s][m] - starts[s][m] for s in range(cfg.seeds)]).as_dict(),
+        }
+        for m in ("avg", "greedy")
+    }
+    start = {m: statistics.fmean(starts[s][m] for s in range(cfg.seeds)) for m in ("avg", "greedy")}
+    teacher = references["teacher"]
+    halfway = {m: (start[m] + teacher[m]) / 2 for m in ("avg", "greedy")}
     return {
-        "config": dataclasses.asdict(cfg) | {"non_divergent_quantile": arm_objective("topd", cfg.window).detection.q_d},
-        "student_start": {key: start[1], "stderr": start[2]} if start else None,
+        "config": dataclasses.asdict(cfg),
+        "primary_metric": f"avg@{cfg.eval_k} at T={cfg.eval_temperature} on {cfg.eval_problems} held-out problems",
         "table": table,
-        "oracle": {k_: v for k_, v in oracle.items() if k_ != "heatmap"},
+        "opd_gain_over_start": gain,
+        "references": {"student_start": start, **{k: v for k, v in references.items() if not k.startswith("start")}},
+        "halfway_to_teacher": halfway,
+        "oracle": {k: v for k, v in oracle.items() if k != "heatmap"},
         "prepare": {
-            r: {"accuracy": prepare_report[r]["accuracy"], "params": prepare_report[r]["params"]}
-            for r in ("teacher", "student")
+            r: {k: prepare_report[r][k] for k in ("accuracy", "greedy_accuracy", "params")}
+            for r in ("teacher", "student", "ceiling")
+            if r in prepare_report
         },
-        "runs": runs,
+        "runs": {f"{a}-seed{s}": r for (a, s), r in runs.items()},
     }
 
 
+def _ci(x: dict[str, float] | None, spec: str = ".3f") -> str:
+    if not x or x.get("mean") is None or math.isnan(x["mean"]):
+        return "-"
+    if x.get("low") is None or math.isnan(x["low"]):
+        return format(x["mean"], spec)
+    return f"{x['mean']:{spec}} [{x['low']:{spec}}, {x['high']:{spec}}]"
+
+
+def _signed(x: dict[str, float]) -> str:
+    return _ci(x, "+.3f")
+
+
 def print_table(results: dict[str, Any]) -> None:
+    """The paired comparison as a table, then the references, OPD's gain, the oracle and the detectors."""
     from rich.console import Console
     from rich.table import Table
 
-    k = results["config"]["eval_k"]
-    key = f"avg@{k}"
-    oracle = results["oracle"]
-    table = Table(
-        title=f"TOPD on the tiny task: {key} on held-out problems (T={results['config']['eval_temperature']})"
+    c = results["config"]
+    k, seeds = c["eval_k"], c["seeds"]
+    table = Table(title=f"OPD vs TOPD on the tiny task, {seeds} seeds: mean [95% CI over seeds]")
+    cols = (
+        "arm",
+        f"avg@{k} T=1",
+        "vs OPD (paired)",
+        "greedy",
+        "vs OPD (paired)",
+        "non-div.",
+        "AUROC",
+        "s/step",
+        "x OPD",
     )
-    for col in ("arm", key, "non-divergent", "detector P / R", "AUROC", "step time (s)", "x OPD"):
+    for col in cols:
         table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=True)
-
-    def f(x: Any, spec: str) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
+    f = lambda x, spec=".2f": "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)  # noqa: E731
     for row in results["table"]:
-        pr = f"{f(row['precision'], '.2f')} / {f(row['recall'], '.2f')}" if row["detector"] else "-"
+        vs = row.get("vs_opd")
+        det = row["detector_scores"]
         table.add_row(
             row["arm"],
-            f"{row[key]:.3f} ± {f(row['stderr'], '.3f')}",
-            f(row["non_divergent_share"], ".2f"),
-            pr,
-            f(row["auroc"], ".2f"),
-            f(row["step_time_s"], ".2f"),
-            f(row["overhead_vs_opd"], ".2f"),
+            _ci(row["avg"]),
+            f"{_signed(vs['avg']['interval'])} {_short(vs['avg']['verdict'])}" if vs else "(baseline)",
+            _ci(row["greedy"]),
+            f"{_signed(vs['greedy']['interval'])} {_short(vs['greedy']['verdict'])}" if vs else "(baseline)",
+            f(row["non_divergent_share"]),
+            _ci(det["auroc"], ".2f") if det else "-",
+            f(row["step_time_s"]),
+            f(row["overhead_vs_opd"]),
         )
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 150))
     console.print(table)
-    q_d = results["config"]["non_divergent_quantile"]
-    console.print(
-        f"non-divergent: share of candidates judged surface form by the detector; with tau the {q_d} quantile of D"
-        f" (detection.q_d) it is {q_d} by construction. P / R: the detector's precision and recall for real forks"
-        " against the oracle; AUROC: P(D of a real fork > D of a surface mismatch), 0.5 = chance."
-    )
-    start = results["student_start"]
-    if start:
-        console.print(
-            f"student before distillation: {key} {start[key]:.3f} ± {start['stderr']:.3f}; teacher"
-            f" {results['prepare']['teacher']['accuracy']:.3f} (preparation check)"
+    refs, half, gain = results["references"], results["halfway_to_teacher"], results["opd_gain_over_start"]
+    for m, label in (("avg", f"avg@{k} T=1"), ("greedy", "greedy")):
+        line = (
+            f"{label}: student before distillation {refs['student_start'][m]:.3f}, teacher {refs['teacher'][m]:.3f}"
+            + (f", capacity ceiling {refs['ceiling'][m]:.3f}" if "ceiling" in refs else "")
+            + f"; halfway {half[m]:.3f}; OPD's gain over the start {_signed(gain[m]['interval'])}"
         )
+        console.print(line)
     console.print(
-        f"oracle on {oracle['candidates']} high-loss tokens of the initial student: {oracle['forks']} real forks,"
-        f" {oracle['surface']} surface mismatches, {oracle['unlabelled']} unlabelled -> surface share"
-        f" {f(oracle['surface_share'], '.2f')} (paper: ~0.30)"
+        "vs OPD: the arm minus OPD, seed by seed (same student, same prompts order, same eval samples); 'higher' /"
+        " 'lower' only where the 95% CI excludes 0. non-div.: share of candidates the detector judged surface form at"
+        " its frozen tau (a measurement). AUROC: fork vs surface on the oracle's evaluation set."
     )
-    console.print(f"plots: {results['plots']['accuracy']}, {results['plots']['heatmap']}")
+    _print_oracle(console, results["oracle"])
+
+
+def _short(v: str) -> str:
+    return {"higher": "higher", "lower": "lower"}.get(v, "n.d.")
+
+
+def _print_oracle(console: Any, oracle: dict[str, Any]) -> None:
+    ev = oracle["evaluation"]
+    console.print(
+        f"oracle (evaluation set): {ev['candidates']} candidates: {ev['fork']} forks, {ev['surface']} surface"
+        f" mismatches, {ev['agreement']} agreements, {ev['unlabelled']} unlabelled (surface share"
+        f" {ev['surface_share']:.2f}; the paper reports ~0.30 on math reasoning)"
+    )
+    for name, d in oracle["detectors"].items():
+        rnd = d["random_flagger"]
+        console.print(
+            f"  {name}: tau {d['tau']:.3g} (frozen on the calibration set), flags {d['flag_rate']:.2f};"
+            f" AUROC {_ci(d['auroc'], '.2f')}, precision {_ci(d['precision'], '.2f')}, recall"
+            f" {_ci(d['recall'], '.2f')}; a random flagger at that rate: precision {_ci(rnd['precision'], '.2f')},"
+            f" recall {rnd['recall']['mean']:.2f}"
+        )

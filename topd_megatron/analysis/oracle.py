@@ -1,49 +1,84 @@
-"""An oracle for divergence labels (a diagnostic, never used for training).
+"""An oracle for divergence labels: it calibrates the detectors' thresholds and scores them (never used for training).
 
-For a candidate position t of a student rollout (a high-loss token y_t), the teacher continues greedily twice:
-from (x, y_<t, y_t) — the student's token — and from (x, y_<t, a*) with a* the teacher's preferred token. If both
-continuations reach a correct answer, t is a *surface mismatch*; if only the teacher's does, t is a *real fork*.
-Other outcomes (neither correct, e.g. an earlier fork already broke the prefix; or only the student's) leave t
-unlabelled. Against these labels we report each detector's precision and recall for "divergent = real fork", and
-the share of labelled high-loss tokens that are surface mismatches (the paper reports about 30%).
+For a candidate position t of a student rollout (a high-loss position), with y_t the student's sampled token and a*
+the teacher's argmax token at t:
+    agreement   y_t = a*: both continuations are the same; the position is neither a fork nor a surface mismatch
+    surface     the teacher continues greedily from (x, y_<t, y_t) and from (x, y_<t, a*), and both reach a correct
+                answer: the student's token changed only the wording
+    fork        only the continuation from a* is correct: the student's token broke the reasoning
+    unlabelled  anything else (neither correct, e.g. an earlier fork already broke the prefix; or only the student's)
+Detectors are scored on forks against surface mismatches (agreements and unlabelled candidates left out): AUROC of
+their score D, precision and recall of their decisions at a frozen threshold, each with a bootstrap 95% CI over
+candidates, next to a random flagger that flags the same share of candidates (its precision is the forks' base rate,
+its recall the flag rate).
+
+`run_oracle` labels two disjoint sets of initial-student rollouts: on the calibration set each detector's threshold
+tau is chosen (Youden's J: the largest recall-minus-false-alarm gap) and frozen; on the evaluation set the frozen
+detectors are scored. Training runs use the frozen tau, so the share of candidates they judge non-divergent is a
+measurement, not an input.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import StepBatch, build_step_batch, prefixes
+from topd_megatron.analysis.statistics import Interval, auroc, bootstrap, precision_recall, youden_threshold
 from topd_megatron.config import RunConfig
 from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.rollout.sampling import vocab_parallel_argmax
-from topd_megatron.tasks import Problem, Task, load_task
+from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
 from topd_megatron.training.forward import broadcast_from_last_stage
-from topd_megatron.training.scoring import Scores, ScoringContext, detect, scoring_context, step_divergence
-from topd_megatron.training.session import EngineSpec, rank_session
+from topd_megatron.training.scoring import (
+    ChoiceLabeller,
+    Scores,
+    ScoringContext,
+    detect,
+    scoring_context,
+    step_divergence,
+)
+from topd_megatron.training.session import EngineSpec, RankSession, rank_session
 from topd_megatron.training.teacher import teacher_logits
 
-FORK, SURFACE, UNLABELLED = 1, 0, -1
+FORK, SURFACE, AGREEMENT, UNLABELLED = 1, 0, 2, -1
+NAMES = {FORK: "fork", SURFACE: "surface", AGREEMENT: "agreement", UNLABELLED: "unlabelled"}
 
 
 @dataclass(kw_only=True, slots=True)
 class OracleConfig:
-    """Which rollouts to label and which detectors to score."""
+    """Which rollouts to label and which detectors to calibrate and score."""
 
-    prompts: int = 32
-    """Student rollouts to draw (one per prompt, from the task's training split)."""
-    detectors: tuple[str, ...] = ("window_ot", "lookahead")
-    max_new_tokens: int = 48
+    prompts: int = 64
+    """Student rollouts per set (one per prompt, from the task's training split): calibration and evaluation each."""
+    detectors: tuple[str, ...] = ("window_ot", "lookahead", "oracle")
+    """'oracle' (the task's own choice labels) only where the task labels its choices."""
+    max_new_tokens: int = 64
     seed: int = 4242
     objective: objective.Config = field(default_factory=objective.Config)
-    """Candidate selection and detector settings (the detector field is overridden per entry of `detectors`)."""
+    """Candidate selection and detector settings (the detector field is set per entry of `detectors`)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LabelledSet:
+    """One set of initial-student rollouts with its candidates, oracle labels and every detector's scores."""
+
+    labels: np.ndarray
+    """[C] FORK / SURFACE / AGREEMENT / UNLABELLED per candidate."""
+    scores: dict[str, np.ndarray]
+    """detector -> [C] D_t (NaN: no window, always flagged)."""
+    kinds: list[str | None] | None
+    """[C] the task's own choice kind per candidate, where the task labels its choices."""
+    heatmap: dict[str, Any]
 
 
 def _teacher_choice(ctx: ScoringContext, positions: torch.Tensor, t_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -58,6 +93,17 @@ def _teacher_choice(ctx: ScoringContext, positions: torch.Tensor, t_logits: list
     return broadcast_from_last_stage(best, (positions.numel(),), torch.float32).long()
 
 
+def classify(student_ok: bool, teacher_ok: bool, agree: bool) -> int:
+    """The oracle's label of one candidate from its two continuations (module docstring)."""
+    if agree:
+        return AGREEMENT
+    if student_ok and teacher_ok:
+        return SURFACE
+    if teacher_ok:
+        return FORK
+    return UNLABELLED
+
+
 def label_candidates(
     ctx: ScoringContext,
     step: StepBatch,
@@ -68,145 +114,162 @@ def label_candidates(
     prompt_lens: list[int],
     tokenizer: Any,
     max_new_tokens: int,
-) -> torch.Tensor:
-    """FORK / SURFACE / UNLABELLED for each flat target position (collective)."""
+) -> np.ndarray:
+    """[C] the oracle's label of each flat target position (collective: the teacher continues greedily)."""
     if positions.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return np.zeros(0, dtype=np.int64)
     s1 = step.targets_per_row
-    chosen = _teacher_choice(ctx, positions, t_logits)
+    chosen = _teacher_choice(ctx, positions, t_logits).tolist()
     pres = prefixes(step, positions)
     student_tok = [int(step.tokens[int(p) // s1, int(p) % s1 + 1]) for p in positions]
+    todo = [i for i in range(len(chosen)) if student_tok[i] != chosen[i]]  # agreements need no continuation
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
-    branches = [pre + [tok] for pre, tok in zip(pres, student_tok, strict=True)]
-    branches += [pre + [int(a)] for pre, a in zip(pres, chosen, strict=True)]
-    gens = ctx.engine.generate(branches, greedy, model="teacher")
-    labels = torch.full((positions.numel(),), UNLABELLED, dtype=torch.long)
-    for i, p in enumerate(positions):
-        row = int(p) // s1
+    branches = [pres[i] + [student_tok[i]] for i in todo] + [pres[i] + [chosen[i]] for i in todo]
+    gens = ctx.engine.generate(branches, greedy, model="teacher") if todo else []
+    labels = np.full(len(chosen), AGREEMENT, dtype=np.int64)
+    for n, i in enumerate(todo):
+        row = int(positions[i]) // s1
         ok = []
-        for g in (gens[i], gens[i + positions.numel()]):
+        for g in (gens[n], gens[n + len(todo)]):
             response = g.prompt_ids[prompt_lens[row] :] + g.output_ids
             ok.append(task.is_correct(tokenizer.decode(response, skip_special_tokens=True), problems[row]))
-        if ok[0] and ok[1]:
-            labels[i] = SURFACE
-        elif ok[1] and not ok[0]:
-            labels[i] = FORK
+        labels[i] = classify(ok[0], ok[1], agree=False)
     return labels
 
 
-def precision_recall(divergent: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Precision/recall of `divergent` for the FORK class over labelled candidates."""
-    lab = labels != UNLABELLED
-    pred, truth = divergent[lab], labels[lab] == FORK
-    tp = int((pred & truth).sum())
-    fp = int((pred & ~truth).sum())
-    fn = int((~pred & truth).sum())
+def label_counts(labels: np.ndarray) -> dict[str, Any]:
+    """How many candidates of each class, and the surface share among forks + surface mismatches."""
+    counts = {NAMES[c]: int((labels == c).sum()) for c in NAMES}
+    decided = counts["fork"] + counts["surface"]
     return {
-        "precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "labelled": float(int(lab.sum())),
+        "candidates": int(labels.size),
+        **counts,
+        "surface_share": counts["surface"] / decided if decided else math.nan,
     }
 
 
-def fork_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Threshold-free quality of a detector's score D: the probability that a random real fork scores above a random
-    surface mismatch (ties count one half; a NaN score — no window, always divergent — ranks above every number).
-    0.5 is chance. `scores` [C] float, `labels` [C] FORK/SURFACE/UNLABELLED; NaN when either class is empty."""
-    s = torch.nan_to_num(scores.double(), nan=float("inf"))
-    fork, surface = s[labels == FORK], s[labels == SURFACE]
-    if fork.numel() == 0 or surface.numel() == 0:
-        return float("nan")
-    above = (fork[:, None] > surface[None, :]).double().sum() + 0.5 * (fork[:, None] == surface[None, :]).double().sum()
-    return float(above / (fork.numel() * surface.numel()))
+def score_detector(scores: np.ndarray, labels: np.ndarray, tau: float, *, seed: int = 0) -> dict[str, Any]:
+    """AUROC, and precision/recall at the frozen `tau`, with bootstrap 95% CIs over the fork + surface candidates,
+    and a random flagger that flags the same share: its precision is the forks' base rate, its recall the share."""
+    keep = (labels == FORK) | (labels == SURFACE)
+    s, fork = scores[keep], labels[keep] == FORK
+    flagged = np.isnan(s) | (s >= tau) if not math.isnan(tau) else np.ones_like(fork)
+    share = float(flagged.mean()) if flagged.size else math.nan
+
+    def pr(idx: np.ndarray) -> tuple[float, float]:
+        return precision_recall(flagged[idx], fork[idx])
+
+    out: dict[str, Any] = {"tau": tau, "labelled": int(keep.sum()), "forks": int(fork.sum()), "flag_rate": share}
+    out["auroc"] = bootstrap(lambda i: auroc(s[i], fork[i]), s.size, seed=seed).as_dict()
+    out["precision"] = bootstrap(lambda i: pr(i)[0], s.size, seed=seed + 1).as_dict()
+    out["recall"] = bootstrap(lambda i: pr(i)[1], s.size, seed=seed + 2).as_dict()
+    base = bootstrap(lambda i: float(fork[i].mean()) if i.size else math.nan, s.size, seed=seed + 3)
+    out["random_flagger"] = {"precision": base.as_dict(), "recall": Interval(share, share, share, s.size).as_dict()}
+    return out
+
+
+def _label_set(
+    session: RankSession, run: RunConfig, cfg: OracleConfig, task: Task, problems: list[Problem], seed: int
+) -> LabelledSet:
+    """Roll out the initial student on `problems`, label its candidates and score them with every detector."""
+    tokenizer = session.tokenizer
+    labeller = ChoiceLabeller(task=task, tokenizer=tokenizer) if isinstance(task, LabelsChoices) else None
+    ctx = scoring_context(
+        cfg.objective,
+        session.student,
+        session.teacher,
+        session.engine,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        choices=labeller,
+    )
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    params = SamplingParams(
+        temperature=run.train.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_token_ids=(tokenizer.eos_token_id,),
+        seed=seed,
+    )
+    rollouts = ctx.engine.generate(prompts, params)
+    step = build_step_batch(rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=run.train.micro_batch_size)
+    tb = step.token_batch()
+    t_logits = teacher_logits(ctx.teacher, step.microbatches())
+    d = step_divergence(ctx, step, tb, t_logits)
+    cands = detection.select_candidates(cfg.objective.detection, tb, d)
+    lens = [len(p) for p in prompts]
+    labels = label_candidates(ctx, step, cands.positions, t_logits, task, problems, lens, tokenizer, cfg.max_new_tokens)
+    scores, decisions = {}, {}
+    for name in cfg.detectors:
+        if name == "oracle" and labeller is None:
+            continue
+        dcfg = dataclasses.replace(cfg.objective.detection, detector=name, tau=None)
+        one = dataclasses.replace(cfg.objective, detection=dcfg, guidance="none")
+        found = detect(
+            dataclasses.replace(ctx, objective=one),
+            step,
+            Scores(tokens=tb, teacher=t_logits, divergence=d),
+            window_seed=seed + 1,
+        )
+        scores[name] = found.detection.scores.cpu().numpy()
+        decisions[name] = found.detection.divergent.cpu()
+    kinds = labeller.kinds(step, cands.positions) if labeller is not None else None
+    heatmap = heatmap_record(step, d, cands.positions, decisions, labels, tokenizer)
+    return LabelledSet(labels=labels, scores=scores, kinds=kinds, heatmap=heatmap)
+
+
+def _kind_agreement(labelled: LabelledSet) -> dict[str, dict[str, int]] | None:
+    """How the task's choice kinds line up with the continuation labels (a check of both)."""
+    if labelled.kinds is None:
+        return None
+    table: dict[str, dict[str, int]] = {}
+    for kind, label in zip(labelled.kinds, labelled.labels.tolist(), strict=True):
+        row = table.setdefault(str(kind), {n: 0 for n in NAMES.values()})
+        row[NAMES[label]] += 1
+    return table
 
 
 def run_oracle(rank: int, world: int, run: RunConfig, cfg: OracleConfig) -> dict[str, Any] | None:
-    """Rank body: label the student's candidates with the oracle and score each detector. Report on rank 0."""
+    """Rank body: label a calibration and an evaluation set, freeze each detector's tau on the first and score the
+    detectors on the second. The report on rank 0."""
     task = load_task(run.task)
     engine = EngineSpec(kind=run.rollout, micro_batch_size=256, sglang=run.sglang, run_dir=Path(run.run_dir) / "oracle")
+    problems = task.train_problems(2 * cfg.prompts, seed=cfg.seed)
     with rank_session(run.parallel, run.student, teacher=run.teacher, engine=engine) as session:
-        tokenizer = session.tokenizer
-        ctx = scoring_context(
-            cfg.objective,
-            session.student,
-            session.teacher,
-            session.engine,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-        )
-        problems = task.train_problems(cfg.prompts, seed=cfg.seed)
-        prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
-        params = SamplingParams(
-            temperature=run.train.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            stop_token_ids=(tokenizer.eos_token_id,),
-            seed=cfg.seed,
-        )
-        rollouts = ctx.engine.generate(prompts, params)
-        step = build_step_batch(rollouts, pad_id=tokenizer.pad_token_id, micro_batch_size=run.train.micro_batch_size)
-        tb = step.token_batch()
-        t_logits = teacher_logits(ctx.teacher, step.microbatches())
-        d = step_divergence(ctx, step, tb, t_logits)
-        cands = detection.select_candidates(cfg.objective.detection, tb, d)
-        labels = label_candidates(
-            ctx,
-            step,
-            cands.positions,
-            t_logits,
-            task,
-            problems,
-            [len(p) for p in prompts],
-            tokenizer,
-            cfg.max_new_tokens,
-        )
-        report = _label_counts(cands.positions.numel(), labels)
-        decisions = {}
-        scores = Scores(tokens=tb, teacher=t_logits, divergence=d)
-        for name in cfg.detectors:
-            dcfg = dataclasses.replace(cfg.objective.detection, detector=name)
-            found = detect(
-                dataclasses.replace(ctx, objective=dataclasses.replace(cfg.objective, detection=dcfg)),
-                step,
-                scores,
-                window_seed=cfg.seed + 1,
-            )
-            det = found.detection
-            decisions[name] = det.divergent.cpu()
-            report[name] = precision_recall(det.divergent.cpu(), labels) | {
-                "auroc": fork_auroc(det.scores.cpu(), labels),
-                "non_divergent_share": float(det.metrics.get("detect/non_divergent_share", float("nan"))),
-            }
-        report["heatmap"] = _heatmap_record(step, tb, d, cands.positions, decisions, labels, tokenizer)
+        calibration = _label_set(session, run, cfg, task, problems[: cfg.prompts], cfg.seed)
+        evaluation = _label_set(session, run, cfg, task, problems[cfg.prompts :], cfg.seed + 2)
+    report: dict[str, Any] = {
+        "calibration": label_counts(calibration.labels),
+        "evaluation": label_counts(evaluation.labels),
+        "choice_kinds_vs_labels": _kind_agreement(evaluation),
+        "tau": {},
+        "detectors": {},
+        "heatmap": evaluation.heatmap,
+    }
+    for name, cal_scores in calibration.scores.items():
+        keep = (calibration.labels == FORK) | (calibration.labels == SURFACE)
+        tau = youden_threshold(cal_scores[keep], calibration.labels[keep] == FORK)
+        if name == "oracle":
+            tau = detection.ORACLE_TAU
+        report["tau"][name] = tau
+        report["detectors"][name] = score_detector(evaluation.scores[name], evaluation.labels, tau, seed=cfg.seed)
     return report if dist.get_rank() == 0 else None
 
 
-def _label_counts(candidates: int, labels: torch.Tensor) -> dict[str, Any]:
-    n_fork, n_surface = int((labels == FORK).sum()), int((labels == SURFACE).sum())
-    return {
-        "candidates": int(candidates),
-        "forks": n_fork,
-        "surface": n_surface,
-        "unlabelled": int((labels == UNLABELLED).sum()),
-        "surface_share": n_surface / (n_fork + n_surface) if n_fork + n_surface else float("nan"),
-    }
-
-
-def _heatmap_record(
+def heatmap_record(
     step: StepBatch,
-    tb: Any,
     d: torch.Tensor,
     positions: torch.Tensor,
     decisions: dict[str, torch.Tensor],
-    labels: torch.Tensor,
+    labels: np.ndarray,
     tokenizer: Any,
 ) -> dict[str, Any]:
-    """Per-position d_t of the rollout with the most labelled candidates, with candidates, detector decisions and
-    oracle labels marked (for the plot)."""
+    """Per-position d_t of the rollout with the most forks and surface mismatches among its candidates, with the
+    candidates, each detector's decisions and the oracle labels marked (for the plot)."""
     s1 = step.targets_per_row
+    tb = step.token_batch()
     rows = (positions // s1).tolist()
-    best = max(
-        set(rows), key=lambda r: sum(1 for i, x in enumerate(rows) if x == r and labels[i] != UNLABELLED), default=0
-    )
+    decided = [i for i, lab in enumerate(labels.tolist()) if lab in (FORK, SURFACE)]
+    best = max(set(rows), key=lambda r: sum(1 for i in decided if rows[i] == r), default=0)
     mask = tb.response_mask[best * s1 : (best + 1) * s1]
     idx = torch.nonzero(mask).flatten()
     rec: dict[str, Any] = {

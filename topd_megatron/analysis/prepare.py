@@ -1,18 +1,21 @@
 """`topd prepare`: make the tiny teacher and student for a task (cached by content hash).
 
-    topd prepare                                  # synthetic task, the tiny main job's pair
+    topd prepare                                  # the drift task, the tiny main job's pair
     topd prepare --task my_pkg.tasks:make_task --force
 
 1. a word-level tokenizer over the task's vocabulary (`Task.tokenizer_corpus`);
 2. SFT of a teacher (Qwen3 architecture, ~0.4M parameters) on the task's "teacher"-style traces until it is strong
-   (>= `min_teacher_accuracy` greedy accuracy on held-out problems);
-3. SFT of a smaller student on "student"-style traces, stopped early so that it is clearly weaker
-   (<= `max_student_accuracy`) and prefers other surface forms than the teacher;
-4. both saved as Hugging Face checkpoints (config + safetensors + tokenizer) with a report.json.
+   (>= `min_teacher_accuracy` on held-out problems);
+3. SFT of a smaller student on "student"-style traces, so that it is clearly weaker (<= `max_student_accuracy`) and
+   prefers other surface forms than the teacher;
+4. the capacity-ceiling control: the same student architecture, SFT'd on the teacher's traces (how far the student's
+   size lets it go when it is shown the teacher's solutions directly);
+5. all saved as Hugging Face checkpoints (config + safetensors + tokenizer) with a report.json (accuracy at the
+   evaluation temperature and greedy, on held-out problems).
 
-The SFT is plain PyTorch on the Hugging Face model (a single process is fastest for models this small); TOPD itself
-then loads the checkpoints into Megatron-Core. The result lives in `<cache>/prepared/<hash>/`, where the hash covers
-this Config, the task (its class and fields) and PREPARE_VERSION; a finished preparation is reused as is.
+The SFT is plain PyTorch on the Hugging Face model, one model per worker process (`workers`, one core each); TOPD
+itself then loads the checkpoints into Megatron-Core. The result lives in `<cache>/prepared/<hash>/`, where the hash
+covers this Config, the task (its class and fields) and PREPARE_VERSION; a finished preparation is reused as is.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from topd_megatron.models.tiny import TinyModelSpec, cache_root, hf_config_for, 
 from topd_megatron.models.tokenizer import encode_example, encode_prompt
 from topd_megatron.tasks import Problem, Task, load_task
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 """Bump when the preparation procedure changes: it invalidates every cached preparation."""
 
 
@@ -54,7 +57,7 @@ class SFTConfig:
 class PrepareConfig:
     """What to prepare; every field enters the cache key."""
 
-    task: str = "topd_megatron.tasks.synthetic:default"
+    task: str = "topd_megatron.tasks.drift:default"
     """The task, as `module:attr`."""
     teacher: SFTConfig = field(
         default_factory=lambda: SFTConfig(
@@ -68,25 +71,38 @@ class PrepareConfig:
         default_factory=lambda: SFTConfig(
             spec=TinyModelSpec(family="qwen3", hidden_size=64, num_layers=2, intermediate_size=128, seed=2),
             style="student",
-            steps=500,
+            steps=800,
             lr=3e-3,
         )
     )
+    ceiling: SFTConfig | None = field(
+        default_factory=lambda: SFTConfig(
+            spec=TinyModelSpec(family="qwen3", hidden_size=64, num_layers=2, intermediate_size=128, seed=2),
+            style="teacher",
+            steps=800,
+            lr=3e-3,
+        )
+    )
+    """The capacity-ceiling control (the student's architecture on the teacher's traces); None: not made."""
     train_problems: int = 20_000
     """SFT problems (traces are drawn from the task's training split)."""
     eval_problems: int = 200
     """Held-out problems for the accuracy checks."""
-    eval_temperature: float = 0.6
-    """Sampling temperature of the accuracy checks (0: greedy); the tiny main job evaluates at the same one."""
+    eval_temperature: float = 1.0
+    """Sampling temperature of the accuracy checks (greedy accuracy is reported too)."""
     eval_k: int = 2
     """Samples per held-out problem in the accuracy checks (avg@k)."""
-    max_new_tokens: int = 48
-    min_teacher_accuracy: float = 0.95
+    max_new_tokens: int = 64
+    min_teacher_accuracy: float = 0.9
+    """The teacher's avg@k at eval_temperature must reach this."""
     max_student_accuracy: float = 0.60
+    """The student's avg@k at eval_temperature must stay at or below this (room for distillation to show)."""
     vocab_multiple: int = 64
     """The HF vocab_size is the tokenizer length rounded up to this (divisible by the TP sizes used)."""
     threads: int = 0
-    """torch threads for the SFT (0: all cores)."""
+    """torch threads per SFT worker (0: the machine's cores divided by `workers`)."""
+    workers: int = 2
+    """SFT processes running side by side (the three models train in parallel)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,6 +113,12 @@ class Prepared:
     teacher_dir: Path
     student_dir: Path
     report: dict[str, Any]
+
+    @property
+    def ceiling_dir(self) -> Path | None:
+        """The capacity-ceiling control's checkpoint, when the preparation made one."""
+        path = self.root / "ceiling"
+        return path if path.is_dir() else None
 
 
 def cache_key(cfg: PrepareConfig, task: Task) -> str:
@@ -114,7 +136,15 @@ def cache_key(cfg: PrepareConfig, task: Task) -> str:
 
 
 def sft(
-    cfg: SFTConfig, tokenizer: Any, task: Task, problems: list[Problem], out_dir: Path, vocab_size: int, label: str
+    cfg: SFTConfig,
+    tokenizer: Any,
+    task: Task,
+    problems: list[Problem],
+    out_dir: Path,
+    vocab_size: int,
+    label: str,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Train a fresh model of `cfg.spec` on `problems` with the task's `cfg.style` traces; save it to `out_dir`."""
     from rich.progress import Progress
@@ -130,8 +160,8 @@ def sft(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
         rng = random.Random(cfg.seed)
         model.train()
-        with Progress(transient=True) as progress:
-            bar = progress.add_task(f"SFT {label}", total=cfg.steps)
+        with Progress(transient=True, disable=not progress) as bars:
+            bar = bars.add_task(f"SFT {label}", total=cfg.steps)
             for _ in range(cfg.steps):
                 batch = rng.sample(data, cfg.batch_size)
                 width = max(len(ids) for ids, _ in batch)
@@ -146,7 +176,7 @@ def sft(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
-                progress.update(bar, advance=1, description=f"SFT {label} loss {loss.item():.3f}")
+                bars.update(bar, advance=1, description=f"SFT {label} loss {loss.item():.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
@@ -222,7 +252,11 @@ def prepare(cfg: PrepareConfig | None = None, *, force: bool = False, root: Path
             report=json.loads(report_path.read_text()),
         )
     base.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[topd] preparing the tiny pair for {cfg.task} (SFT of teacher and student; cached in {base})", flush=True)
+    print(
+        f"[topd] preparing the tiny pair for {cfg.task} (SFT of the teacher, the student and the capacity-ceiling"
+        f" control; cached in {base})",
+        flush=True,
+    )
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -240,53 +274,98 @@ def prepare(cfg: PrepareConfig | None = None, *, force: bool = False, root: Path
     return Prepared(root=base, teacher_dir=base / "teacher", student_dir=base / "student", report=report)
 
 
+@dataclass(kw_only=True, slots=True)
+class _Job:
+    """One model of a preparation, trained and checked in a worker process."""
+
+    role: str
+    sft: SFTConfig
+    cfg: PrepareConfig
+    tokenizer_dir: Path
+    vocab_size: int
+    out: Path
+    threads: int
+
+
+def _train_and_check(job: _Job) -> dict[str, Any]:
+    """Worker: SFT one model, then its held-out accuracy at the evaluation temperature and greedy."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(job.threads)
+    start = time.perf_counter()
+    cfg, task = job.cfg, load_task(job.cfg.task)
+    tokenizer = AutoTokenizer.from_pretrained(str(job.tokenizer_dir), local_files_only=True)
+    train = task.train_problems(cfg.train_problems, seed=0)
+    held_out = task.eval_problems(cfg.eval_problems, seed=0)
+    model_dir = sft(job.sft, tokenizer, task, train, job.out / job.role, job.vocab_size, job.role, progress=False)
+    check = {"max_new_tokens": cfg.max_new_tokens}
+    acc, texts = hf_accuracy(
+        model_dir, tokenizer, task, held_out, temperature=cfg.eval_temperature, k=cfg.eval_k, **check
+    )
+    greedy, _ = hf_accuracy(model_dir, tokenizer, task, held_out, temperature=0.0, k=1, **check)
+    return {
+        "accuracy": acc,
+        "greedy_accuracy": greedy,
+        "eval_temperature": cfg.eval_temperature,
+        "eval_k": cfg.eval_k,
+        "eval_problems": len(held_out),
+        "params": _count_params(model_dir),
+        "style": job.sft.style,
+        "sft_steps": job.sft.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "samples": texts[:3],
+    }
+
+
 def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    from rich.progress import Progress
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     tok_dir = make_word_tokenizer(out / "tokenizer", task.tokenizer_corpus())
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     vocab_size = -(-len(tokenizer) // cfg.vocab_multiple) * cfg.vocab_multiple
-    train = task.train_problems(cfg.train_problems, seed=0)
-    held_out = task.eval_problems(cfg.eval_problems, seed=0)
     report: dict[str, Any] = {
         "task": cfg.task,
         "task_repr": repr(task),
         "vocab_size": vocab_size,
         "tokenizer_length": len(tokenizer),
     }
-    for role, scfg in (("teacher", cfg.teacher), ("student", cfg.student)):
-        start = time.perf_counter()
-        model_dir = sft(scfg, tokenizer, task, train, out / role, vocab_size, role)
-        acc, texts = hf_accuracy(
-            model_dir,
-            tokenizer,
-            task,
-            held_out,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.eval_temperature,
-            k=cfg.eval_k,
-        )
-        greedy, _ = hf_accuracy(
-            model_dir, tokenizer, task, held_out, max_new_tokens=cfg.max_new_tokens, temperature=0.0, k=1
-        )
-        report[role] = {
-            "accuracy": acc,
-            "greedy_accuracy": greedy,
-            "eval_temperature": cfg.eval_temperature,
-            "eval_k": cfg.eval_k,
-            "eval_problems": len(held_out),
-            "params": _count_params(model_dir),
-            "sft_steps": scfg.steps,
-            "seconds": round(time.perf_counter() - start, 1),
-            "samples": texts[:3],
-        }
-        print(
-            f"[topd] {role}: {report[role]['params']} parameters, {scfg.steps} SFT steps, held-out accuracy {acc:.3f}"
-            f" (avg@{cfg.eval_k}, T={cfg.eval_temperature}) in {report[role]['seconds']:.0f} s",
-            flush=True,
-        )
+    roles = [("teacher", cfg.teacher), ("student", cfg.student)] + ([("ceiling", cfg.ceiling)] if cfg.ceiling else [])
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+    jobs = [
+        _Job(role=r, sft=c, cfg=cfg, tokenizer_dir=tok_dir, vocab_size=vocab_size, out=out, threads=threads)
+        for r, c in roles
+    ]
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=spawn) as pool,
+        Progress(transient=True) as bars,
+    ):
+        bar = bars.add_task(f"SFT of {', '.join(r for r, _ in roles)}", total=len(jobs))
+        futures = {pool.submit(_train_and_check, job): job.role for job in jobs}
+        for done in concurrent.futures.as_completed(futures):
+            role = futures[done]
+            report[role] = done.result()
+            r = report[role]
+            bars.update(bar, advance=1)
+            print(
+                f"[topd] {role}: {r['params']} parameters, {r['sft_steps']} SFT steps on {r['style']} traces,"
+                f" held-out accuracy {r['accuracy']:.3f} (avg@{cfg.eval_k}, T={cfg.eval_temperature}), greedy"
+                f" {r['greedy_accuracy']:.3f}, in {r['seconds']:.0f} s",
+                flush=True,
+            )
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    _check_pair(cfg, report)
+    return report
+
+
+def _check_pair(cfg: PrepareConfig, report: dict[str, Any]) -> None:
+    """Refuse a pair that cannot show distillation: a weak teacher, or a student already as good as allowed."""
     problems = []
     if report["teacher"]["accuracy"] < cfg.min_teacher_accuracy:
         problems.append(
@@ -300,7 +379,6 @@ def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
         )
     if problems:
         raise RuntimeError("preparation did not produce the intended pair: " + "; ".join(problems))
-    return report
 
 
 def _count_params(model_dir: Path) -> int:

@@ -39,6 +39,8 @@ class ParallelConfig:
     """Megatron sequence parallelism (requires tp > 1)."""
     seed: int = 1234
     """Base seed; Megatron offsets it per TP/PP rank for its model-parallel RNG tracker."""
+    cpu_threads: int | None = None
+    """torch intra-op threads per rank (None: torch's default); 1 when several runs share a small CPU machine."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):
@@ -46,6 +48,8 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
             raise ValueError(f"parallel.vpp={self.vpp} needs pp >= 2 and vpp >= 1 (set vpp=None for no interleaving)")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"parallel.cpu_threads must be >= 1 or None, got {self.cpu_threads}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=True needs tp > 1; set sequence_parallel=False for tp=1")
 
@@ -85,4 +89,6 @@ def init_model_parallel(cfg: ParallelConfig) -> None:
         context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
     )
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)

@@ -18,7 +18,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _mean_stderr(values: list[float]) -> tuple[float, float]:
+def mean_stderr(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -31,8 +31,8 @@ def summarize(records: list[dict[str, Any]], k: int) -> dict[str, float]:
     """avg@k, pass@k and standard errors from per-problem records ({'correct': [bool] * n})."""
     avg = [sum(r["correct"]) / len(r["correct"]) for r in records]
     pk = [pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records]
-    avg_m, avg_se = _mean_stderr(avg)
-    pk_m, pk_se = _mean_stderr(pk)
+    avg_m, avg_se = mean_stderr(avg)
+    pk_m, pk_se = mean_stderr(pk)
     return {
         f"avg@{k}": avg_m,
         f"avg@{k}_stderr": avg_se,

@@ -1,7 +1,8 @@
 """The embedded rollout engine: sample continuations in-process from the Megatron student or teacher.
 
 Prompts are decoded in chunks of `micro_batch_size` with Megatron-Core's static KV cache (StaticInferenceContext):
-a prefill of the shortest prompt, then one position of every row per forward through Megatron's pipeline schedule;
+one prefill of the left-padded prompts, then one position of every row per forward through Megatron's pipeline
+schedule;
 the next token is sampled on the last pipeline stage from the vocab-sharded logits (`topd_megatron.rollout.sampling`)
 and broadcast to the other stages. Meant for tiny models and tests; use SGLang at scale.
 
@@ -71,12 +72,12 @@ class EmbeddedEngine:
 
 @dataclass(slots=True)
 class _Decoder:
-    """KV-cached decoding of one chunk of prompts, all rows advancing one position per forward.
+    """KV-cached decoding of one chunk of prompts.
 
-    The first forward is the prefill of the shortest prompt's length; each later forward feeds one position of every
-    row: the row's own prompt token while it is still inside its prompt, else its sampled token (a finished row feeds
-    padding, never read). Rows never contain padding before their last real token, so no mask beyond the causal one
-    is needed, and the cached keys/values are exactly those of a full forward.
+    The prompts are left-padded to a common length P and prefilled in one forward; then every row advances one
+    position per forward. Padding is masked as a key (a padding position attends only to itself, so it stays
+    finite), and rotary attention depends only on relative positions, so each row's logits are those of its own
+    unpadded sequence.
     """
 
     lm: MegatronLM
@@ -96,27 +97,30 @@ class _Decoder:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        lens = [len(p) for p in self.prompts]
-        total = max(lens) + self.params.max_new_tokens
-        tokens = torch.zeros(len(self.prompts), total, dtype=torch.long)
+        b, width = len(self.prompts), max(len(p) for p in self.prompts)
+        total = width + self.params.max_new_tokens
+        tokens = torch.zeros(b, total, dtype=torch.long)
+        pad = torch.zeros(b, total, dtype=torch.bool)
         for i, p in enumerate(self.prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
-        tokens = tokens.to(device)
+            tokens[i, width - len(p) : width] = torch.tensor(p)
+            pad[i, : width - len(p)] = True
+        tokens, pad = tokens.to(device), pad.to(device)
         positions = torch.arange(total, device=device).unsqueeze(0).expand_as(tokens)
-        mask = causal_mask(total, device)
-        cache = StaticInferenceContext(max_batch_size=len(self.prompts), max_sequence_length=total)
-        start, end = 0, min(lens)
+        eye = torch.eye(total, dtype=torch.bool, device=device)
+        mask = (causal_mask(total, device) | (pad[:, None, None, :] & ~eye)).contiguous()  # [b, 1, total, total]
+        cache = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
+        start, end = 0, width
         while True:
             chunk = MicroBatch(
                 tokens=tokens[:, start:end],
                 position_ids=positions[:, start:end],
-                loss_mask=torch.ones(len(self.prompts), end - start, device=device),
+                loss_mask=torch.ones(b, end - start, device=device),
                 attention_mask=mask[..., start:end, :end],
                 inference_context=cache,
             )
             ids, logps = self._sample(chunk)
             cache.increment_sequence_len_offset(end - start)
-            self._advance(tokens, end, ids, logps, lens)
+            self._advance(tokens, end, ids, logps)
             if all(self.done):
                 break
             start, end = end, end + 1
@@ -149,11 +153,9 @@ class _Decoder:
             ids, logps = payload[0].long().cpu(), payload[1].float().cpu()
         return ids, logps
 
-    def _advance(self, tokens: torch.Tensor, pos: int, ids: torch.Tensor, logps: torch.Tensor, lens: list[int]) -> None:
-        """Write position `pos` of every row: its prompt token, its new sampled token, or padding once done."""
-        for r, n in enumerate(lens):
-            if pos < n:
-                continue  # still inside its prompt: the prompt token is already there
+    def _advance(self, tokens: torch.Tensor, pos: int, ids: torch.Tensor, logps: torch.Tensor) -> None:
+        """Write position `pos` of every row: its new sampled token, or padding once it is done."""
+        for r in range(len(self.prompts)):
             if self.done[r]:
                 tokens[r, pos] = 0
                 continue

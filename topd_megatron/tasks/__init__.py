@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+ChoiceKind = Literal["reasoning", "surface"]
+"""What the next token of a response decides: the reasoning (a wrong token is a real fork) or only its surface
+form (every option is correct)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,17 @@ class Task(Protocol):
 
     def tokenizer_corpus(self) -> list[str]:
         """Text covering everything the task can produce, to build a tokenizer for tiny models."""
+        ...
+
+
+@runtime_checkable
+class LabelsChoices(Protocol):
+    """A task that can label its own choices (optional; the oracle-detector arm and the oracle's position classes use
+    it). Toy tasks can; real reasoning tasks cannot."""
+
+    def choice_kind(self, prompt: str, response_prefix: str) -> ChoiceKind | None:
+        """The kind of choice the next token after `response_prefix` (the response so far, decoded) makes for the
+        problem asked in `prompt` (the decoded user turn, possibly wrapped in chat-template words); None: unknown."""
         ...
 
 

@@ -10,8 +10,10 @@ from it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -25,10 +27,10 @@ from topd_megatron.models.checkpoint import latest_checkpoint, load_training_sta
 from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
-from topd_megatron.tasks import Problem, Task, load_task
-from topd_megatron.training.metrics import MetricsLogger
+from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
+from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
-from topd_megatron.training.scoring import scoring_context
+from topd_megatron.training.scoring import ChoiceLabeller, scoring_context
 from topd_megatron.training.session import EngineSpec, RankSession, rank_session
 from topd_megatron.training.step import StepContext, train_step
 
@@ -74,7 +76,10 @@ class Evaluation:
     def __call__(self, step: int) -> dict[str, float]:
         cfg, s = self.cfg, self.session
         assert s.engine is not None
-        summary, _ = evaluate_task(cfg.eval, s.engine, s.tokenizer, self.task, encode_prompt, step_seed=step)
+        summary, records = evaluate_task(cfg.eval, s.engine, s.tokenizer, self.task, step_seed=step)
+        if cfg.eval.records_file and self.logger.enabled:
+            with (Path(cfg.run_dir) / cfg.eval.records_file).open("a") as f:
+                f.writelines(json.dumps({"step": step} | r) + "\n" for r in records)
         if cfg.eval.benchmarks:  # the recipe's math benchmarks, graded like `topd eval`
             summary |= evaluate_benchmarks_in_training(
                 cfg.eval.benchmarks,
@@ -157,6 +162,8 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
             start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
             session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
         logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
+        if cfg.eval.records_file and rank == 0:
+            keep_before(Path(cfg.run_dir) / cfg.eval.records_file, start + (1 if start else 0))
         scoring = scoring_context(
             cfg.objective,
             session.student,
@@ -165,6 +172,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
             eos_id=session.tokenizer.eos_token_id,
             pad_id=session.tokenizer.pad_token_id,
             offload_teacher_logits=cfg.train.offload_teacher_logits,
+            choices=ChoiceLabeller(task=task, tokenizer=session.tokenizer) if isinstance(task, LabelsChoices) else None,
         )
         ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
         evaluate = Evaluation(cfg=cfg, session=session, task=task, logger=logger)
@@ -183,7 +191,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
                     )
                 if should_run(cfg.train.eval_every, step + 1, cfg.train.steps):
                     last_eval = evaluate(step + 1)
-                if should_run(cfg.train.save_every, step + 1, cfg.train.steps):
+                if cfg.train.save_checkpoints and should_run(cfg.train.save_every, step + 1, cfg.train.steps):
                     extra = {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step}
                     save_training_state(cfg.run_dir, step + 1, session.student, optimizer, scheduler, extra)
                 progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")

@@ -20,13 +20,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < resume_step
-            ]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+        keep_before(self.path, resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
@@ -45,6 +39,17 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def keep_before(path: Path, step: int) -> None:
+    """Drop the records of `step` and later from a JSONL file of {"step": n, ...} records (atomically): a resumed run
+    rewrites them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _plain(v: Any) -> Any:

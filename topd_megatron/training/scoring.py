@@ -15,7 +15,7 @@ after (x, y_<t) at each candidate through the rollout engine (and K student toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer
+from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
 from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
 
@@ -56,6 +57,8 @@ class ScoringContext:
     """The data-parallel group (step-wide normalisation)."""
     offload_teacher_logits: bool = False
     """Keep the step's teacher logits in host memory until each micro-batch's loss needs them (GPU only)."""
+    choices: ChoiceLabeller | None = None
+    """The task's labels of its choices (the oracle detector); None when the task cannot label them."""
 
     @property
     def vocab_size(self) -> int:
@@ -68,6 +71,28 @@ class ScoringContext:
         return self.objective.teacher_top_k if self.objective.teacher_signal == "top_k" else 0
 
 
+@dataclass(kw_only=True, slots=True)
+class ChoiceLabeller:
+    """The task's own labels of a step's positions (`tasks.LabelsChoices`), through the tokenizer."""
+
+    task: LabelsChoices
+    tokenizer: Any
+
+    def kinds(self, step: StepBatch, positions: Tensor) -> list[ChoiceKind | None]:
+        """For each flat target position: the kind of choice its token makes, given the row's prompt and the
+        response tokens before it."""
+        s1 = step.targets_per_row
+        out: list[ChoiceKind | None] = []
+        for p in positions.tolist():
+            row, j = p // s1, p % s1 + 1  # the target token is tokens[row, j]
+            response = step.response_mask[row].nonzero().flatten()
+            first = int(response[0]) if response.numel() else j
+            prompt = self.tokenizer.decode(step.tokens[row, :first].tolist(), skip_special_tokens=True)
+            prefix = self.tokenizer.decode(step.tokens[row, first:j].tolist(), skip_special_tokens=True)
+            out.append(self.task.choice_kind(prompt, prefix))
+        return out
+
+
 def scoring_context(
     cfg: objective.Config,
     student: MegatronLM,
@@ -77,9 +102,17 @@ def scoring_context(
     eos_id: int,
     pad_id: int,
     offload_teacher_logits: bool = False,
+    choices: ChoiceLabeller | None = None,
 ) -> ScoringContext:
-    """A ScoringContext on this rank's parallel groups. A served teacher (teacher=None) needs an engine that scores."""
+    """A ScoringContext on this rank's parallel groups. A served teacher (teacher=None) needs an engine that scores;
+    the oracle detector needs `choices`."""
     from megatron.core import parallel_state as ps
+
+    if cfg.detection.detector == "oracle" and choices is None:
+        raise ValueError(
+            "objective.detection.detector='oracle' needs a task that labels its choices (tasks.LabelsChoices,"
+            " e.g. topd_megatron.tasks.drift:default); this task does not"
+        )
 
     scorer = None
     if teacher is None:
@@ -100,6 +133,7 @@ def scoring_context(
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         offload_teacher_logits=offload_teacher_logits,
+        choices=choices,
     )
 
 
@@ -221,20 +255,37 @@ def student_embedding_shard(student: MegatronLM) -> Tensor:
     return buf
 
 
+def random_anchors(tokens: TokenBatch, counts: Tensor, seed: int) -> Tensor:
+    """[G] ascending positions: `counts[b]` response positions of rollout b drawn uniformly without replacement
+    (the random-placement control; the same draw on every rank for the same seed)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    chosen = []
+    for b, n in enumerate(counts.tolist()):
+        resp = ((tokens.seq_ids == b) & tokens.response_mask).nonzero().flatten().cpu()
+        if n and resp.numel():
+            chosen.append(resp[torch.randperm(resp.numel(), generator=gen)[: min(n, resp.numel())]])
+    return torch.sort(torch.cat(chosen)).values if chosen else torch.zeros(0, dtype=torch.long)
+
+
 def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int) -> Detected:
     """Phase 2 (collective: window_ot samples windows through the engine): candidates over the whole step and the
-    detector's decisions, with the teacher windows it sampled."""
+    detector's decisions, with the teacher windows it sampled. With guidance_at='random', guidance then acts at as
+    many random response positions of each rollout as it has divergent candidates."""
     cfg = ctx.objective.detection
     if cfg.detector == "none":
         return Detected(detection=None, teacher_windows=None)
     assert scores.divergence is not None, "score() computes d_t whenever a detector is configured"
     cands = detection.select_candidates(cfg, scores.tokens, scores.divergence)
-    u = student_windows = embedding = None
+    u = student_windows = embedding = kinds = None
     if cfg.detector == "window_ot":
         u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         if cfg.student_window == "fresh":
             student_windows = sample_windows(ctx, step, cands.positions, "student", window_seed)
         embedding = student_embedding_shard(ctx.student)
+    if cfg.detector == "oracle":
+        assert ctx.choices is not None, "scoring_context() refuses the oracle detector without choice labels"
+        kinds = ctx.choices.kinds(step, cands.positions)
     det = detection.detect(
         cfg,
         scores.tokens,
@@ -243,7 +294,13 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
         teacher_windows=u,
         student_windows=student_windows,
         embedding=embedding,
+        choice_kinds=kinds,
         vocab_size=ctx.vocab_size,
         group=ctx.tp_group,
     )
+    if ctx.objective.guidance != "none" and ctx.objective.guidance_at == "random":
+        seq = scores.tokens.seq_ids[cands.positions[det.divergent]]
+        counts = torch.bincount(seq, minlength=int(scores.tokens.seq_ids.max()) + 1)
+        det = det.with_guided(random_anchors(scores.tokens, counts, window_seed))
+        u = None  # the detection's windows belong to other positions
     return Detected(detection=det, teacher_windows=u)

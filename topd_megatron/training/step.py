@@ -111,7 +111,7 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
         return None
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
     positions = found.detection.guidance_positions()
-    if found.teacher_windows is not None:  # window_ot sampled them already: reuse, generate nothing new
+    if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
         windows = found.detection.guidance_windows(found.teacher_windows)
     else:
         windows = sample_windows(ctx, step, positions, "teacher", seed)
