@@ -54,6 +54,19 @@ DEFAULT_ARMS = objective.PRESETS
 PRIMARY = "avg"
 """The pre-registered primary metric: avg@k at T=1 on the held-out problems after the last step (docs/tiny.md)."""
 RECORDS = "eval_records.jsonl"
+TUNED_LR: dict[str, float] = {
+    "opd": 1e-4,
+    "opd_pg": 2e-4,
+    "opd_suppress": 2e-4,
+    "topd": 2e-4,
+    "topd_lookahead": 4e-4,
+    "topd_upweight": 2e-4,
+    "topd_random_windows": 2e-4,
+    "topd_oracle": 2e-4,
+    "opd_kl_discount": 2e-4,
+}
+"""Each arm's learning rate as selected by `python tools/tune_tiny.py` (the same grid 1e-4, 2e-4, 4e-4, 8e-4 for every
+arm, 2 seeds, 60 steps, validation draw 1; docs/tiny.md "Tuning" records every figure)."""
 
 
 def arm_detector(arm: str) -> str | None:
@@ -69,7 +82,7 @@ class TinyConfig:
     arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: int = 3
     """Training seeds per arm (the unit of the paired comparison)."""
-    steps: int = 40
+    steps: int = 60
     tp: int = 1
     pp: int = 1
     workers: int = 2
@@ -77,8 +90,8 @@ class TinyConfig:
     prompts_per_step: int = 16
     samples_per_prompt: int = 2
     micro_batch_size: int = 32
-    lr: float = 3e-3
-    """Adam learning rate of every arm (tuned for OPD, docs/tiny.md "Tuning")."""
+    lr: float | None = None
+    """Adam learning rate of every arm; None: each arm's rate from the tuning study (TUNED_LR, docs/tiny.md)."""
     clip_grad: float = 1.0
     window: int = 8
     """K, the detector/guidance window. The drift traces are ~27 tokens: the paper's K=50 would span them."""
@@ -106,6 +119,13 @@ class TinyConfig:
             raise ValueError("--arms must include opd: every arm is compared with it")
         if self.seeds < 1 or self.steps < 1 or self.workers < 1:
             raise ValueError(f"--seeds, --steps and --workers must be >= 1, got {self.seeds}, {self.steps}")
+
+
+def arm_lr(cfg: TinyConfig, arm: str) -> float:
+    """The learning rate `arm` trains with: the job's --lr if given, else the arm's tuned rate (OPD's by default)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return TUNED_LR.get(arm, TUNED_LR["opd"])
 
 
 def arm_objective(arm: str, window: int, taus: dict[str, float]) -> objective.Config:
@@ -141,7 +161,7 @@ def run_config(cfg: TinyConfig, student: Path, teacher: Path, arm: str, seed: in
         sglang=SGLangConfig(sync_mode=cfg.sync_mode),
         parallel=ParallelConfig(tp=cfg.tp, pp=cfg.pp, seed=arm_parallel_seed(seed), cpu_threads=1),
         objective=arm_objective(arm, cfg.window, taus),
-        optim=OptimConfig(lr=cfg.lr, clip_grad=cfg.clip_grad),
+        optim=OptimConfig(lr=arm_lr(cfg, arm), clip_grad=cfg.clip_grad),
         train=TrainConfig(
             steps=cfg.steps,
             prompts_per_step=cfg.prompts_per_step,
@@ -230,7 +250,12 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     t_start = time.perf_counter()
     task = load_task(cfg.task)
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
+    budget = prepared.report.get("max_new_tokens", cfg.prepare.max_new_tokens)  # the task's longest trace + slack
+    cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, max_new_tokens=budget))
     arms = [a for a in cfg.arms if arm_detector(a) != "oracle" or isinstance(task, LabelsChoices)]
+    left_out = sorted(set(cfg.arms) - set(arms))
+    if left_out:
+        print(f"[topd] {', '.join(left_out)}: left out, the task does not label its choices", flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sched = Scheduler(cfg.workers, cfg.tp * cfg.pp, world_timeout)
@@ -255,6 +280,7 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     runs = {key: f.result() for key, f in futures.items()}
     references = {name: accuracy(f.result()) for name, f in refs.items()}
     results = compile_results(cfg, arms, runs, references, oracle.result(), prepared.report)
+    results["arms_left_out"] = {a: "the task does not label its choices (tasks.LabelsChoices)" for a in left_out}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["plots"] = {
         "accuracy": str(plot_final_accuracy(results, out / "accuracy.png")),
@@ -327,6 +353,7 @@ def compile_results(
         step_time = statistics.fmean(r["seconds"]["step"] for r in rs)
         row: dict[str, Any] = {
             "arm": arm,
+            "lr": arm_lr(cfg, arm),
             "detector": detector,
             "avg": t_interval([r["avg"] for r in rs]).as_dict(),
             "greedy": t_interval([r["greedy"] for r in rs]).as_dict(),

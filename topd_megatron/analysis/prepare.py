@@ -20,6 +20,7 @@ covers this Config, the task (its class and fields) and PREPARE_VERSION; a finis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -335,6 +336,8 @@ def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
         "vocab_size": vocab_size,
         "tokenizer_length": len(tokenizer),
     }
+    report["max_new_tokens"] = _generation_budget(cfg, task, tokenizer)
+    cfg = dataclasses.replace(cfg, max_new_tokens=report["max_new_tokens"])
     roles = [("teacher", cfg.teacher), ("student", cfg.student)] + ([("ceiling", cfg.ceiling)] if cfg.ceiling else [])
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     jobs = [
@@ -364,21 +367,33 @@ def _prepare_into(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     return report
 
 
+def _generation_budget(cfg: PrepareConfig, task: Task, tokenizer: Any) -> int:
+    """New tokens a completion may need: `max_new_tokens`, raised to the task's longest trace (teacher and student
+    styles, 500 training problems) plus 16 tokens of slack, so that no task's answers are cut off."""
+    problems = task.train_problems(500, seed=0)
+    longest = 0
+    for style in ("teacher", "student"):
+        for p, trace in zip(problems, task.sft_traces(problems, style, seed=0), strict=True):
+            ids, n_prompt = encode_example(tokenizer, p.prompt, trace)
+            longest = max(longest, len(ids) - n_prompt)
+    return max(cfg.max_new_tokens, longest + 16)
+
+
 def _check_pair(cfg: PrepareConfig, report: dict[str, Any]) -> None:
-    """Refuse a pair that cannot show distillation: a weak teacher, or a student already as good as allowed."""
-    problems = []
-    if report["teacher"]["accuracy"] < cfg.min_teacher_accuracy:
-        problems.append(
-            f"teacher accuracy {report['teacher']['accuracy']:.3f} < {cfg.min_teacher_accuracy} (raise"
-            " teacher.steps or the teacher's size)"
+    """Refuse a pair that cannot show distillation (a teacher no better than its student); warn where the pair
+    misses the intended margins (a teacher below `min_teacher_accuracy`, a student above `max_student_accuracy`) but
+    still leaves room to distil: a task of another family then runs, and the references in its results say how far
+    apart the two models are."""
+    teacher, student = report["teacher"]["accuracy"], report["student"]["accuracy"]
+    if teacher <= student:
+        raise RuntimeError(
+            f"preparation did not produce a pair to distil: the teacher's held-out accuracy {teacher:.3f} is not"
+            f" above the student's {student:.3f}; raise teacher.steps or the teacher's size, or lower student.steps"
         )
-    if report["student"]["accuracy"] > cfg.max_student_accuracy:
-        problems.append(
-            f"student accuracy {report['student']['accuracy']:.3f} > {cfg.max_student_accuracy} (lower"
-            " student.steps or the student's size)"
-        )
-    if problems:
-        raise RuntimeError("preparation did not produce the intended pair: " + "; ".join(problems))
+    if teacher < cfg.min_teacher_accuracy:
+        print(f"[topd] warning: teacher accuracy {teacher:.3f} < {cfg.min_teacher_accuracy} (intended)", flush=True)
+    if student > cfg.max_student_accuracy:
+        print(f"[topd] warning: student accuracy {student:.3f} > {cfg.max_student_accuracy} (intended)", flush=True)
 
 
 def _count_params(model_dir: Path) -> int:

@@ -1,0 +1,50 @@
+"""The main job's comparison logic on given run summaries: paired differences against OPD seed by seed, their t
+intervals and verdicts, OPD's gain over the start, the halfway mark, and the printed table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from topd_megatron.analysis.experiment import TinyConfig, compile_results, print_table
+
+
+def _run(avg: float, greedy: float, step: float = 0.5, share: float = math.nan) -> dict:
+    return {"avg": avg, "greedy": greedy, "non_divergent_share": share, "seconds": {"step": step}}
+
+
+def test_paired_comparison_claims_only_what_the_intervals_support(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TinyConfig(arms=("opd", "topd", "opd_pg"), seeds=3)
+    runs = {
+        ("opd", 0): _run(0.70, 0.90),
+        ("opd", 1): _run(0.74, 0.92),
+        ("opd", 2): _run(0.68, 0.88),
+        ("topd", 0): _run(0.75, 0.91, 1.0, 0.4),  # consistently +0.05: higher
+        ("topd", 1): _run(0.80, 0.90, 1.0, 0.5),
+        ("topd", 2): _run(0.72, 0.90, 1.0, 0.6),
+        ("opd_pg", 0): _run(0.72, 0.80, 0.25),  # mixed sign: no difference detected
+        ("opd_pg", 1): _run(0.70, 0.95, 0.25),
+        ("opd_pg", 2): _run(0.70, 0.84, 0.25),
+    }
+    refs = {f"start-seed{s}": {"avg": 0.40, "greedy": 0.44} for s in range(3)}
+    refs |= {"teacher": {"avg": 0.96, "greedy": 1.0}, "ceiling": {"avg": 0.9, "greedy": 0.99}}
+    oracle = {"tau": {"window_ot": 0.5}, "detectors": {}, "evaluation": {}, "calibration": {}}
+    results = compile_results(cfg, ["opd", "topd", "opd_pg"], runs, refs, oracle, {})
+    rows = {r["arm"]: r for r in results["table"]}
+    topd = rows["topd"]["vs_opd"]["avg"]
+    assert topd["per_seed"] == pytest.approx([0.05, 0.06, 0.04])
+    assert topd["interval"]["low"] > 0 and topd["verdict"] == "higher"
+    assert rows["opd_pg"]["vs_opd"]["avg"]["verdict"] == "no difference detected"
+    assert rows["topd"]["overhead_vs_opd"] == pytest.approx(2.0) and rows["topd"]["tau"] == 0.5
+    assert rows["topd"]["non_divergent_share"] == pytest.approx(0.5)
+    gain = results["opd_gain_over_start"]["avg"]
+    assert gain["per_seed"] == pytest.approx([0.30, 0.34, 0.28]) and gain["interval"]["low"] > 0
+    assert results["halfway_to_teacher"]["avg"] == pytest.approx(0.68)
+    results["oracle"] = {
+        "evaluation": {"candidates": 0, "fork": 0, "surface": 0, "agreement": 0, "unlabelled": 0, "surface_share": 0},
+        "detectors": {},
+    }
+    print_table(results)
+    out = capsys.readouterr().out
+    assert "higher" in out and "n.d." in out and "halfway 0.680" in out
