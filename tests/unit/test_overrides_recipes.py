@@ -24,7 +24,7 @@ def test_overrides_parse_by_field_type_and_revalidate():
         "tiny",
         [
             "train.steps=3",
-            "optim.lr=2e-4",
+            "optim.lr=5e-5",
             "train.eval_at_start=false",
             "train.inject_nan_at=1,3",
             "objective.guidance=on_path",
@@ -34,7 +34,7 @@ def test_overrides_parse_by_field_type_and_revalidate():
             "rollout=sglang",
         ],
     )
-    assert (cfg.train.steps, cfg.optim.lr, cfg.train.eval_at_start) == (3, 2e-4, False)
+    assert (cfg.train.steps, cfg.optim.lr, cfg.train.eval_at_start) == (3, 5e-5, False)
     assert cfg.train.inject_nan_at == (1, 3)
     assert cfg.objective.guidance == "on_path"
     assert (cfg.sglang.teacher.role, cfg.sglang.teacher.model_path, cfg.sglang.teacher.port) == (
