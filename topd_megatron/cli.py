@@ -27,16 +27,18 @@ from topd_megatron.algorithm.objective import PRESETS
 from topd_megatron.analysis import agreement, experiment
 from topd_megatron.analysis.prepare import PrepareConfig, prepare
 from topd_megatron.config import config_from_dict
+from topd_megatron.distributed.env import dist_env
 from topd_megatron.distributed.launch import launched_externally, run_ranks
 from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation import cli as eval_cli
 from topd_megatron.logs import quiet_third_party
 from topd_megatron.models.build import ModelConfig, check_layout
+from topd_megatron.models.checkpoint import check_checkpoint_files, check_resumable, latest_checkpoint
 from topd_megatron.models.format import checkpoint_kind, hf_dir
 from topd_megatron.models.tokenizer import check_same_tokenizer
 from topd_megatron.overrides import apply_overrides
 from topd_megatron.plan import cli as plan_cli
-from topd_megatron.training.loop import train
+from topd_megatron.training.loop import train, training_layout
 
 DEFAULT_TASK = "topd_megatron.tasks.drift:default"
 
@@ -135,6 +137,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
         checkpoint_kind(getattr(cfg, role).path)  # a missing or partial checkpoint fails before any rank starts
+    world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+    if launched_externally():
+        world = int(dist_env()["WORLD_SIZE"])
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is not None:  # a run to resume: its checkpoint must load at this layout and run no code when read
+        check_resumable(ckpt, training_layout(cfg, world))
+        check_checkpoint_files(ckpt)
     report = run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
     if report is not None:
         print(json.dumps(report, indent=2, default=str))

@@ -1,6 +1,7 @@
-"""topd checkpoints: Megatron distributed weights plus what is needed to rebuild and export the model.
+"""topd checkpoints: Megatron distributed weights plus what is needed to rebuild and export the model, and training
+checkpoints (weights, optimizer, scheduler, RNG, data position) that resume at any layout.
 
-Layout of a checkpoint directory:
+Layout of a model checkpoint directory:
 
     CKPT/
       topd_checkpoint.json   format version, role, vocab sizes, the layout it was saved at, free-form `extra`
@@ -10,13 +11,16 @@ Layout of a checkpoint directory:
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only after every rank
 has finished writing, so an interrupted save never leaves a half-written CKPT (the previous one stays intact).
-All functions here are collective over the default process group.
+All functions here are collective over the default process group. Nothing is unpickled on load: JSON,
+safetensors, and Megatron's dist_checkpointing after `models.safe_load` has checked it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,10 @@ from topd_megatron.models.format import (
     move_into_place,
     unwrap,
 )
+from topd_megatron.models.rng_state import check_rng_file, load_rng_state, save_rng_state
+from topd_megatron.models.safe_load import CheckpointError, check_dist_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _barrier() -> None:
@@ -83,40 +91,79 @@ def save_model(lm: MegatronLM, out_dir: str | Path, *, extra: dict[str, Any] | N
 
 # --- training state -------------------------------------------------------------------------------------------------
 
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-"""Distributed-optimizer state as its flat per-bucket shards: fully parallel, reshardable across data-parallel sizes
-(resume at the TP/PP layout it was saved with). Megatron-Core 0.19.2's "fully_reshardable" format loses the step
-counters of torch Adam on load, so it is not used."""
+TRAIN_FORMAT = "topd-megatron-train/2"
+"""Format of a training checkpoint's train_state.json (2: any layout, RNG states as safetensors)."""
+OPTIMIZER_FORMAT = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+"""Distributed-optimizer state in model space: one fp32 main parameter, Adam exp_avg and exp_avg_sq per model
+parameter, at the parameter's global shape, so a checkpoint loads at any TP/PP/DP. Saving gathers each DP group's
+flat shards on its DP rank 0 over gloo (host memory: the optimizer state of one TP x PP shard, 12 bytes per
+parameter); loading reads a superset and slices it, with no communication. Megatron-Core 0.19.2 restores torch Adam's
+per-parameter step counters wrongly with every format (see `_restore_adam_steps`): the step counts are saved in
+train_state.json and set back after the load."""
 LATEST = "latest"
 """File in the run's checkpoint directory naming the newest complete training checkpoint."""
 
 
-def _rng_state() -> dict[str, Any]:
-    import random
+@dataclass(frozen=True, slots=True)
+class TrainingLayout:
+    """What a training checkpoint was written with, or what a run resumes with. TP/PP/VPP/world may change between
+    the two; the optimizer kind and the parameter dtype may not."""
 
-    import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
+    tp: int
+    pp: int
+    vpp: int | None
+    world: int
+    """Training ranks (DP = world / (TP x PP))."""
+    distributed_optimizer: bool
+    dtype: str
+    """The student's parameter dtype ('float32', 'bfloat16', ...)."""
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "megatron": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    def describe(self) -> str:
+        vpp = f" VPP={self.vpp}" if self.vpp else ""
+        return f"TP={self.tp} PP={self.pp}{vpp} DP={self.dp}"
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import random
+def _current_layout(lm: MegatronLM, optimizer: Any) -> TrainingLayout:
+    from megatron.core import parallel_state as ps
 
-    import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
+    first = getattr(optimizer, "chained_optimizers", [optimizer])[0]
+    return TrainingLayout(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+        world=dist.get_world_size() if dist.is_initialized() else 1,
+        distributed_optimizer=bool(first.config.use_distributed_optimizer),
+        dtype=str(lm.provider.params_dtype).removeprefix("torch."),
+    )
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+
+def _chained(optimizer: Any) -> list[Any]:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _adam_steps(optimizer: Any) -> list[int | None]:
+    """Adam's step count of each chained optimizer, agreed over all ranks (collective; None: no state yet)."""
+    local = []
+    for opt in _chained(optimizer):
+        local.append(sorted({int(float(s["step"])) for s in opt.optimizer.state.values() if "step" in s}))
+    everyone: list[Any] = [local]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+    steps: list[int | None] = []
+    for i in range(len(local)):
+        values = sorted({v for rank in everyone for v in rank[i]})
+        if len(values) > 1:
+            raise RuntimeError(f"optimizer {i}: parameters disagree on Adam's step count {values}; not saving")
+        steps.append(values[0] if values else None)
+    return steps
 
 
 def save_training_state(
@@ -124,11 +171,11 @@ def save_training_state(
 ) -> Path:
     """Atomically save everything needed to continue after `step` steps (collective).
 
-    RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing: any layout, sharded optimizer
-    state), the scheduler, per-rank RNG states and `extra` (data position, counters); RUN/checkpoints/latest names
-    it once it is complete, so a crash at any point leaves the previous checkpoint as the one resumed from.
+    RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing, `OPTIMIZER_FORMAT`: loadable at
+    any layout), train_state.json (scheduler, Adam step counts, the layout, `extra`: data position, counters) and
+    per-rank RNG states (safetensors); RUN/checkpoints/latest names it once it is complete, so a crash at any point
+    (a full disk included) leaves the previous checkpoint as the one resumed from.
     """
-    import torch
     from megatron.core import dist_checkpointing
 
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -144,14 +191,22 @@ def save_training_state(
     model_sd = chunks_sharded_state_dict(lm.modules)
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)}
     dist_checkpointing.save(state, str(tmp / "state"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
+    steps = _adam_steps(optimizer)
+    layout = _current_layout(lm, optimizer)
     _barrier()
     if _rank() == 0:
-        meta = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "extra": extra}
+        meta = {
+            "format": TRAIN_FORMAT,
+            "step": step,
+            "layout": asdict(layout),
+            "padded_vocab_size": lm.padded_vocab_size,
+            "optimizer_steps": steps,
+            "scheduler": scheduler.state_dict(),
+            "extra": extra,
+        }
         (tmp / "train_state.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        move_into_place(tmp, out)
         pointer = ckpt_root / f".{LATEST}.tmp"
         pointer.write_text(name + "\n")
         pointer.replace(ckpt_root / LATEST)  # atomic: readers see the old or the new name, never a partial one
@@ -166,8 +221,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     if not (path / "train_state.json").is_file():
-        raise ValueError(f"{pointer} names {path}, which is incomplete; remove the pointer to start over")
+        raise CheckpointError(f"{pointer} names {path}, which is incomplete; remove the pointer to start over")
     return path
+
+
+def read_training_meta(ckpt: Path) -> dict[str, Any]:
+    """train_state.json of a training checkpoint, checked to be of the current format (CheckpointError)."""
+    try:
+        meta = json.loads((ckpt / "train_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {ckpt}/train_state.json ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"{ckpt} is a training checkpoint of format {found!r}, not {TRAIN_FORMAT!r} (older versions stored RNG"
+            " states as pickles and resumed only at their own layout); start the run in a new run_dir, or"
+            " export its weights (tools/convert_megatron_to_hf.py) and start from them"
+        )
+    return meta
+
+
+def check_resumable(ckpt: Path, layout: TrainingLayout) -> dict[str, Any]:
+    """Before any model is built: refuse (CheckpointError, naming the fix) a checkpoint that cannot be resumed with
+    `layout`; return its metadata. TP, PP, VPP and the world size may differ from the saved ones."""
+    meta = read_training_meta(ckpt)
+    saved = TrainingLayout(**meta["layout"])
+    problems = []
+    if saved.distributed_optimizer != layout.distributed_optimizer:
+        problems.append(
+            f"optim.use_distributed_optimizer={saved.distributed_optimizer} when saved,"
+            f" {layout.distributed_optimizer} now"
+        )
+    if saved.dtype != layout.dtype:
+        problems.append(f"student.dtype={saved.dtype} when saved, {layout.dtype} now")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt} (saved at {saved.describe()}) cannot be resumed by this run: {'; '.join(problems)}. Set them"
+            " back to the saved values (TP, PP and the number of ranks may change), or start a new run_dir."
+        )
+    return meta
 
 
 def _materialize_optimizer_state(optimizer: Any) -> None:
@@ -176,7 +268,7 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
     by the load."""
     import torch
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _chained(optimizer):
         inner = opt.optimizer
         if len(inner.state) > 0:
             continue
@@ -188,48 +280,108 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
             p.grad = None
 
 
-def _restore_adam_steps(optimizer: Any, loaded: Any) -> None:
-    """Set every parameter's Adam step counter to the saved step count, each in its own tensor.
+def _load_optimizer(optimizer: Any, loaded: dict[str, Any], steps: list[int | None]) -> None:
+    """Load a `fully_reshardable` optimizer state into `optimizer`, then give every parameter's Adam state the saved
+    step count, each in its own tensor.
 
-    Megatron-Core 0.19.2's DistributedOptimizer (torch Adam, no Apex/TE) keeps the step count in its param_groups
-    when saving, but on load (a) the per-parameter `step` entries end up at the value of the state it loaded into,
-    not the saved one, and (b) it gives every parameter the *same* tensor, which torch Adam then increments once per
-    parameter per step. Both corrupt the bias correction from the first update after a resume.
+    Megatron-Core 0.19.2's DistributedOptimizer (torch Adam, no Apex/TE) cannot do the last part itself: its
+    load_state_dict gives every parameter the *same* step tensor (which torch Adam then increments once per parameter
+    per step), and its fully_reshardable loader expects a saved tensor for every tensor in the live state, `step`
+    included, which it never saves (KeyError). So the parameter state is loaded here with the step counters set
+    aside as plain numbers, and the counters are set back from train_state.json afterwards.
     """
     import torch
 
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    chained = _chained(optimizer)
     parts = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
-    for opt, part in zip(chained, parts, strict=True):
-        groups = part.get("optimizer", {}).get("param_groups", []) if isinstance(part, dict) else []
-        steps = {g["step"] for g in groups if "step" in g}
-        if len(steps) != 1:
-            continue  # an optimizer that stores its step elsewhere (Apex/TE): nothing to repair
-        step = float(steps.pop())
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+    for opt, part, step in zip(chained, parts, steps, strict=True):
+        part = dict(part)
+        param_state = part.pop("param_state", None)
+        kind = part.pop("param_state_sharding_type", None)
+        with torch.no_grad():  # the state is copied in place into (views of) parameters
+            opt.load_state_dict(part)  # param groups (and the grad scaler)
+            dtypes = {}
+            for key, state in opt.optimizer.state.items():
+                if isinstance(state.get("step"), torch.Tensor):
+                    dtypes[key] = state["step"].dtype
+                    state["step"] = 0.0  # not a tensor while Megatron copies the saved tensors in
+            if param_state is not None:
+                if kind != OPTIMIZER_FORMAT["distrib_optim_sharding_type"]:
+                    raise CheckpointError(f"optimizer state of format {kind!r}; expected {OPTIMIZER_FORMAT}")
+                opt.load_parameter_state_from_fully_reshardable(param_state)
+        for key, state in opt.optimizer.state.items():
+            if step is not None and key in dtypes:
+                state["step"] = torch.tensor(float(step), dtype=dtypes[key])
 
 
-def load_training_state(ckpt: Path, lm: MegatronLM, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG from `ckpt` (collective); returns its metadata."""
-    import torch
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Refuse (CheckpointError) a training checkpoint holding anything that would run code when read: a pickle in
+    rng/, or dist_checkpointing metadata/items beyond plain data (`models.safe_load`). Reads only metadata."""
+    if not (ckpt / "rng").is_dir() or not (ckpt / "state").is_dir():
+        raise CheckpointError(f"{ckpt} is incomplete (no rng/ or state/); resume from another checkpoint")
+    stray = sorted(p.name for p in (ckpt / "rng").iterdir() if p.suffix != ".safetensors")
+    if stray:
+        raise CheckpointError(
+            f"{ckpt}/rng holds {stray}: topd stores RNG states only as safetensors and never unpickles checkpoint"
+            " files (a pickle can run code when loaded). Remove them, or do not load this checkpoint if you do not"
+            " know where they come from."
+        )
+    for rng_file in sorted((ckpt / "rng").iterdir()):
+        check_rng_file(rng_file)
+    check_dist_checkpoint(ckpt / "state")
+
+
+def _check_files(ckpt: Path) -> None:
+    """`check_checkpoint_files` on rank 0; every rank gets the verdict (collective)."""
+    verdict: list[Any] = [None]
+    if _rank() == 0:
+        try:
+            check_checkpoint_files(ckpt)
+        except CheckpointError as e:
+            verdict = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
+def load_training_state(
+    ckpt: Path, lm: MegatronLM, optimizer: Any, scheduler: Any, layout: TrainingLayout
+) -> dict[str, Any]:
+    """Restore model, optimizer (Adam moments and step counts), scheduler and RNG from `ckpt` at `layout`, which may
+    differ from the saved one in TP/PP/VPP/DP (collective); returns the checkpoint's metadata.
+
+    Per-rank RNG states are restored when the layout is the saved one; at another layout each rank keeps the state
+    `parallel.seed` gave it (rollouts, windows and evaluations are seeded per step, see seeds.py: this only changes
+    dropout, which no recipe uses)."""
     from megatron.core import dist_checkpointing
 
-    meta = json.loads((ckpt / "train_state.json").read_text())
+    meta = check_resumable(ckpt, layout)
+    if meta["padded_vocab_size"] != lm.padded_vocab_size:
+        raise CheckpointError(
+            f"{ckpt} was saved with {meta['padded_vocab_size']} vocabulary rows, this run has {lm.padded_vocab_size};"
+            " use the student.pad_vocab_to_multiple_of it was saved with"
+        )
+    _check_files(ckpt)
     _materialize_optimizer_state(optimizer)
     model_sd = chunks_sharded_state_dict(lm.modules)
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
-    state = {"model": model_sd, "optimizer": opt_sd}
-    loaded = dist_checkpointing.load(state, str(ckpt / "state"))
+    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, str(ckpt / "state"))
     for i, module in enumerate(lm.modules):
         unwrap(module).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
-    with torch.no_grad():  # the state is copied in place into (views of) parameters
-        optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer, loaded["optimizer"])
+    _load_optimizer(optimizer, loaded["optimizer"], meta["optimizer_steps"])
     scheduler.load_state_dict(meta["scheduler"])
-    rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
-    if not rng_file.is_file():
-        raise ValueError(f"{ckpt} has no RNG state for rank {_rank()}: resume with the world size it was saved with")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    saved = TrainingLayout(**meta["layout"])
+    if saved == layout:
+        rng_file = ckpt / "rng" / f"rank_{_rank():05d}.safetensors"
+        if not rng_file.is_file():
+            raise CheckpointError(f"{ckpt} has no RNG state for rank {_rank()} ({rng_file.name}): it is incomplete")
+        load_rng_state(rng_file)
+    elif _rank() == 0:
+        log.warning(
+            "resuming %s (saved at %s) at %s: RNG states start from parallel.seed",
+            ckpt,
+            saved.describe(),
+            layout.describe(),
+        )
     return meta

@@ -44,6 +44,7 @@ from topd_megatron.models.build import (
 from topd_megatron.models.checkpoint import LATEST, latest_checkpoint, save_model
 from topd_megatron.models.format import chunks_sharded_state_dict, move_into_place
 from topd_megatron.models.format import hf_dir as model_hf_dir
+from topd_megatron.models.safe_load import CheckpointError, load_dist, read_dist_metadata
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -221,14 +222,10 @@ class ExportPlan:
 
 def _stored_embedding(weights_dir: Path) -> tuple[int, Dtype]:
     """Rows and dtype of the input embedding stored in a dist_checkpointing (torch_dist) directory."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        meta = FileSystemReader(str(weights_dir)).read_metadata().state_dict_metadata
-    except Exception as e:  # a truncated or foreign file: report it as bad input, not as a crash
-        raise ConvertError(
-            f"cannot read the checkpoint metadata {weights_dir}/.metadata ({type(e).__name__}: {e})"
-        ) from e
+        meta = read_dist_metadata(weights_dir).state_dict_metadata
+    except CheckpointError as e:  # a truncated, foreign or unsafe file: report it as bad input, not as a crash
+        raise ConvertError(str(e)) from e
     entry = meta.get(EMBEDDING_KEY)
     if entry is None or not hasattr(entry, "size"):
         raise ConvertError(f"{weights_dir} holds no {EMBEDDING_KEY}; it is not a GPT model checkpoint")
@@ -316,10 +313,9 @@ def plan_export(cfg: ExportConfig) -> ExportPlan:
 def _load_training_weights(modules: list[Any], weights_dir: str) -> None:
     """Replace the chunks' weights by the model part of a training checkpoint (any layout; collective). The
     optimizer state stored next to them is not read."""
-    from megatron.core import dist_checkpointing
     from megatron.core.utils import unwrap_model
 
-    loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), weights_dir)
+    loaded = load_dist(chunks_sharded_state_dict(modules), weights_dir)
     for i, module in enumerate(modules):
         unwrap_model(module).load_state_dict(loaded[f"chunk{i}"], strict=True)
 

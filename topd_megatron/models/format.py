@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from topd_megatron.models.safe_load import CheckpointError, load_dist
+
 CHECKPOINT_META = "topd_checkpoint.json"
 FORMAT = "topd-megatron/1"
 HF_SIDE_FILES = (
@@ -44,10 +46,6 @@ def chunks_sharded_state_dict(modules: list[Any]) -> dict[str, Any]:
     """The sharded state dict of every virtual stage on this rank. Keys of the tensors inside are global (layer
     offsets applied by Megatron), so the dict structure may differ between layouts while the stored tensors match."""
     return {f"chunk{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(modules)}
-
-
-class CheckpointError(ValueError):
-    """A model directory that is missing, partial or not a checkpoint at all."""
 
 
 def checkpoint_kind(path: str | Path) -> Literal["hf", "megatron"]:
@@ -103,11 +101,10 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def load_chunk_weights(modules: list[Any], ckpt_dir: str | Path) -> None:
-    """Load the weights of a topd checkpoint into freshly built chunks (any layout) in place (collective)."""
-    from megatron.core import dist_checkpointing
-
+    """Load the weights of a topd checkpoint into freshly built chunks (any layout) in place (collective). Nothing
+    in the checkpoint is unpickled beyond plain data (`models.safe_load`)."""
     meta = read_meta(ckpt_dir)
-    loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), str(Path(ckpt_dir) / meta["model_dir"]))
+    loaded = load_dist(chunks_sharded_state_dict(modules), Path(ckpt_dir) / meta["model_dir"])
     for i, module in enumerate(modules):
         unwrap(module).load_state_dict(loaded[f"chunk{i}"], strict=True)
 

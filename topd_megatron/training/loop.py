@@ -23,7 +23,13 @@ from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.distributed.launch import run_ranks
 from topd_megatron.evaluation.runner import evaluate_benchmarks_in_training
 from topd_megatron.evaluation.task_eval import evaluate_task
-from topd_megatron.models.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from topd_megatron.models.checkpoint import (
+    TrainingLayout,
+    check_resumable,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
@@ -62,6 +68,18 @@ def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:
     parts = [m for m in everyone if m is not None]
     keys = parts[0].keys()
     return {k: sum(p[k] for p in parts) / (1 if k.startswith("loss") else len(parts)) for k in keys}
+
+
+def training_layout(cfg: RunConfig, world: int) -> TrainingLayout:
+    """The layout `cfg` trains with on `world` ranks, as a training checkpoint records it."""
+    return TrainingLayout(
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        vpp=cfg.parallel.vpp,
+        world=world,
+        distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        dtype=cfg.student.dtype,
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,6 +160,10 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     from rich.progress import Progress
 
     task = load_task(cfg.task)
+    layout = training_layout(cfg, world)
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is not None:
+        check_resumable(ckpt, layout)  # a checkpoint this layout cannot resume fails before any model is built
     engine = EngineSpec(
         kind=cfg.rollout, micro_batch_size=cfg.train.micro_batch_size * 4, sglang=cfg.sglang, run_dir=cfg.run_dir
     )
@@ -156,9 +178,8 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
         optimizer = build_optimizer(cfg.optim, session.student)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         start, bad_steps = 0, 0
-        ckpt = latest_checkpoint(cfg.run_dir)
         if ckpt is not None:
-            meta = load_training_state(ckpt, session.student, optimizer, scheduler)
+            meta = load_training_state(ckpt, session.student, optimizer, scheduler, layout)
             start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
             session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
         logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
