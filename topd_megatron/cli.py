@@ -39,6 +39,7 @@ from topd_megatron.models.tokenizer import check_same_tokenizer
 from topd_megatron.overrides import apply_overrides
 from topd_megatron.plan import cli as plan_cli
 from topd_megatron.training.loop import train, training_layout
+from topd_megatron.training.preemption import REQUEUE_EXIT_CODE, read_marker
 
 DEFAULT_TASK = "topd_megatron.tasks.drift:default"
 
@@ -144,9 +145,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ckpt is not None:  # a run to resume: its checkpoint must load at this layout and run no code when read
         check_resumable(ckpt, training_layout(cfg, world))
         check_checkpoint_files(ckpt)
-    report = run_ranks(train, cfg.parallel.tp * cfg.parallel.pp * args.dp, cfg, timeout=args.timeout)
+    report = run_ranks(
+        train,
+        cfg.parallel.tp * cfg.parallel.pp * args.dp,
+        cfg,
+        timeout=args.timeout,
+        forward_signals=cfg.train.stop_signals,  # `kill -TERM <topd pid>` reaches the ranks it started
+    )
     if report is not None:
         print(json.dumps(report, indent=2, default=str))
+    stopped = read_marker(cfg.run_dir)
+    if stopped is not None:
+        print(
+            f"topd: stopped on {stopped['signal']} after step {stopped['step']} with a checkpoint; run the same"
+            f" command again to resume (exit code {REQUEUE_EXIT_CODE}: requeue)",
+            file=sys.stderr,
+        )
+        return REQUEUE_EXIT_CODE
     return 0
 
 

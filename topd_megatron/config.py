@@ -13,6 +13,7 @@ from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
+from topd_megatron.training.preemption import check_signal_names
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,11 +47,17 @@ class TrainConfig:
     """Abort after this many steps with a non-finite loss (each is skipped and logged)."""
     inject_nan_at: tuple[int, ...] = ()
     """Fault injection: make the loss NaN at these (1-based) steps, to exercise the skip/abort path."""
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """Signals that stop the run cleanly (training/preemption.py): every rank finishes the step in flight, a
+    checkpoint is written, RUN_DIR/requeue.json records the stop and `topd train` exits with code 75 ("requeue me");
+    rerunning resumes. SIGUSR1 is the early warning the sbatch scripts ask Slurm for. () disables the handling. With
+    save_checkpoints false there is nothing to resume from: the stop fails the run (StoppedWithoutCheckpoint)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.micro_batch_size < 1:
             raise ValueError("train.steps, prompts_per_step, samples_per_prompt and micro_batch_size must be >= 1")
+        check_signal_names(self.stop_signals, "train.stop_signals")
 
 
 @dataclass(kw_only=True, slots=True)

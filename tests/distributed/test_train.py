@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,7 @@ def make_config(
             samples_per_prompt=2,
             micro_batch_size=4,
             max_new_tokens=12,
-            eval_every=0,
-            **train_kw,
+            **({"eval_every": 0} | train_kw),
         ),
         eval=EvalConfig(problems=4, k=1, max_new_tokens=12),
     )
@@ -126,26 +126,43 @@ def _train_cmd(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "topd_megatron.cli", "train", "--config", str(config_path)]
 
 
-def test_sigkill_and_resume_gives_the_metrics_of_an_uninterrupted_run(synthetic_pair, tmp_path: Path) -> None:
-    steps = 6
-    straight = make_config(synthetic_pair, tmp_path / "straight", "topd", steps=steps, save_every=2)
-    spawn(train, 2, (straight,), timeout=900)
+def _resume_config(pair: tuple[Path, Path], run_dir: Path) -> RunConfig:
+    """6 TOPD steps, a checkpoint every 2 and an evaluation after every step."""
+    return make_config(pair, run_dir, "topd", steps=6, save_every=2, eval_every=1)
 
-    killed = make_config(synthetic_pair, tmp_path / "killed", "topd", steps=steps, save_every=2)
-    config_path = tmp_path / "killed.json"
-    config_path.write_text(json.dumps(dataclasses.asdict(killed)))
-    assert config_from_dict(json.loads(config_path.read_text())) == killed
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_pair, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The metrics of `_resume_config` run without interruption (timings excluded)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    spawn(train, 2, (_resume_config(synthetic_pair, run),), timeout=900)
+    return _stable(read_metrics(run))
+
+
+def _start_train(config: RunConfig, tmp_path: Path) -> tuple[subprocess.Popen, Path, dict[str, str]]:
+    """`topd train --config` of `config` in its own process group (the ranks are its children)."""
+    config_path = tmp_path / f"{Path(config.run_dir).name}.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(config)))
+    assert config_from_dict(json.loads(config_path.read_text())) == config
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
     proc = subprocess.Popen(
-        _train_cmd(config_path), start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _train_cmd(config_path), start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == "step_000004":
-            break
+    return proc, config_path, env
+
+
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    assert proc.poll() is None, "the run ended before it could be interrupted mid-way"
+
+
+def test_sigkill_and_resume_gives_the_metrics_of_an_uninterrupted_run(synthetic_pair, straight_run, tmp_path) -> None:
+    steps = 6
+    proc, config_path, env = _start_train(_resume_config(synthetic_pair, tmp_path / "killed"), tmp_path)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    _wait_for(proc, lambda: latest.is_file() and latest.read_text().strip() == "step_000004")
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, without any chance to clean up
     proc.wait()
     done = read_metrics(tmp_path / "killed", "train")
@@ -153,7 +170,34 @@ def test_sigkill_and_resume_gives_the_metrics_of_an_uninterrupted_run(synthetic_
 
     resumed = subprocess.run(_train_cmd(config_path), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _stable(read_metrics(tmp_path / "killed")) == _stable(read_metrics(tmp_path / "straight"))
+    assert _stable(read_metrics(tmp_path / "killed")) == straight_run
+
+
+def test_a_stop_signal_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run(
+    synthetic_pair, straight_run, tmp_path
+) -> None:
+    """SIGTERM to the whole process group (what `scancel` does to a job): the ranks finish the step in flight, write
+    a checkpoint and RUN_DIR/requeue.json, and `topd train` exits with 75; the evaluation due after that step is
+    postponed to the restart, so the rerun's metrics (timings excluded) equal an uninterrupted run's."""
+    from topd_megatron.models.checkpoint import latest_checkpoint
+    from topd_megatron.training.preemption import REQUEUE_EXIT_CODE, read_marker
+
+    run = tmp_path / "stopped"
+    proc, config_path, env = _start_train(_resume_config(synthetic_pair, run), tmp_path)
+    _wait_for(proc, lambda: len(read_metrics(run, "train")) >= 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err.decode()[-3000:]
+    marker = read_marker(run)
+    assert marker is not None and marker["signal"] == "SIGTERM" and 2 <= marker["step"] < 6, marker
+    assert "stopped on SIGTERM after step" in err.decode()
+    assert latest_checkpoint(run).name == f"step_{marker['step']:06d}"
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, marker["step"] + 1))
+
+    resumed = subprocess.run(_train_cmd(config_path), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_marker(run) is None
+    assert _stable(read_metrics(run)) == straight_run
 
 
 def test_non_finite_losses_skip_steps_then_abort(synthetic_pair, tmp_path: Path) -> None:

@@ -65,3 +65,43 @@ def test_a_hung_run_times_out_with_stacks() -> None:
     msg = str(info.value)
     assert "timed out after 5s" in msg and "sleep_forever" in msg
     assert time.monotonic() - start < 60
+
+
+def wait_for_stop(rank: int, world: int, ready_dir: str) -> str | None:
+    """Install the stop handling, announce readiness, wait (at most 60 s) until every rank agrees on a stop."""
+    import pathlib
+
+    from topd_megatron.training.preemption import StopSignals
+
+    with StopSignals(("SIGUSR1",)) as stop:
+        pathlib.Path(ready_dir, f"ready.{rank}").touch()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            agreed = stop.requested()  # collective, as at a step boundary
+            if agreed is not None:
+                return agreed
+            time.sleep(0.05)
+    return None
+
+
+def test_a_stop_signal_sent_to_the_launcher_reaches_every_rank(tmp_path) -> None:
+    """`kill -USR1 <topd pid>`: the process that started the ranks passes the signal on; each rank's StopSignals
+    records it and the ranks agree on it at the next boundary."""
+    import os
+    import signal
+    import threading
+
+    def send_when_ready() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready.*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)  # to this (launching) process only
+
+    sender = threading.Thread(target=send_when_ready)
+    sender.start()
+    try:
+        results = spawn(wait_for_stop, 2, (str(tmp_path),), timeout=180, forward_signals=("SIGUSR1",))
+    finally:
+        sender.join()
+    assert results == ["SIGUSR1", "SIGUSR1"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the launcher's own handling is restored

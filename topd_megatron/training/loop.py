@@ -36,6 +36,7 @@ from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
 from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
 from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
+from topd_megatron.training.preemption import StopSignals, clear_marker, write_marker
 from topd_megatron.training.scoring import ChoiceLabeller, scoring_context
 from topd_megatron.training.session import EngineSpec, RankSession, rank_session
 from topd_megatron.training.step import StepContext, train_step
@@ -43,6 +44,10 @@ from topd_megatron.training.step import StepContext, train_step
 
 class TooManyBadSteps(RuntimeError):
     """The loss was not finite in more steps than train.max_bad_steps allows."""
+
+
+class StoppedWithoutCheckpoint(RuntimeError):
+    """A stop signal reached a run that writes no checkpoints (train.save_checkpoints false): its work is lost."""
 
 
 def prompts_for_step(pool: list[Problem], step: int, cfg: TrainConfig, dp_rank: int, dp_size: int) -> list[Problem]:
@@ -155,69 +160,153 @@ def run_step(
     return gather_metrics(metrics | sync)
 
 
-def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
-    """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
+@dataclass(kw_only=True, slots=True)
+class Run:
+    """One rank's run once set up (`open_run`): what the loop needs, and where it starts."""
+
+    cfg: RunConfig
+    session: RankSession
+    task: Task
+    ctx: StepContext
+    logger: MetricsLogger
+    evaluate: Evaluation
+    pool: list[Problem]
+    start: int = 0
+    """Steps done before this start (those of the resumed checkpoint)."""
+    bad_steps: int = 0
+    eval_pending: bool = False
+    """The checkpoint was written by a stop that postponed the evaluation due after step `start`."""
+
+    def save(self, step: int, *, eval_pending: bool = False) -> Path:
+        """A training checkpoint after `step` steps (collective)."""
+        extra = {
+            "bad_steps": self.bad_steps,
+            "data_position": step * self.cfg.train.prompts_per_step,
+            "eval_pending": eval_pending,
+        }
+        s, ctx = self.session, self.ctx
+        return save_training_state(self.cfg.run_dir, step, s.student, ctx.optimizer, ctx.scheduler, extra)
+
+    def stop_after(self, step: int, signal_name: str, *, eval_pending: bool) -> None:
+        """The stop `signal_name` asked for, after `step` steps: a checkpoint, then RUN_DIR/requeue.json (collective;
+        every rank returns once the marker is written)."""
+        if not self.cfg.train.save_checkpoints:
+            raise StoppedWithoutCheckpoint(
+                f"stopped on {signal_name} after step {step}: train.save_checkpoints is false, so there is no"
+                " checkpoint to resume from; run it again from the start"
+            )
+        ckpt = self.save(step, eval_pending=eval_pending)
+        if dist.get_rank() == 0:
+            write_marker(self.cfg.run_dir, signal_name=signal_name, step=step, checkpoint=ckpt)
+        dist.barrier()  # every rank's `topd train` sees the marker before it exits
+
+    def count_bad(self, metrics: dict[str, float], step: int) -> None:
+        self.bad_steps += int(metrics["skipped"])
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            raise TooManyBadSteps(
+                f"step {step}: the loss was not finite in {self.bad_steps} steps (> train.max_bad_steps ="
+                f" {self.cfg.train.max_bad_steps}); lower optim.lr or check the data and the teacher"
+            )
+
+
+def open_run(cfg: RunConfig, session: RankSession, task: Task, ckpt: Path | None, layout: TrainingLayout) -> Run:
+    """The optimizer, scheduler, metrics and step context of this rank; resumed from `ckpt` when there is one."""
+    optimizer = build_optimizer(cfg.optim, session.student)
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+    start, bad_steps, eval_pending = 0, 0, False
+    if ckpt is not None:
+        meta = load_training_state(ckpt, session.student, optimizer, scheduler, layout)
+        start, bad_steps, eval_pending = (
+            meta["step"],
+            meta["extra"]["bad_steps"],
+            meta["extra"].get("eval_pending", False),
+        )
+        session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
+    rank = dist.get_rank()
+    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
+    if cfg.eval.records_file and rank == 0:
+        keep_before(Path(cfg.run_dir) / cfg.eval.records_file, start + (1 if start else 0))
+    scoring = scoring_context(
+        cfg.objective,
+        session.student,
+        session.teacher,
+        session.engine,
+        eos_id=session.tokenizer.eos_token_id,
+        pad_id=session.tokenizer.pad_token_id,
+        offload_teacher_logits=cfg.train.offload_teacher_logits,
+        choices=ChoiceLabeller(task=task, tokenizer=session.tokenizer) if isinstance(task, LabelsChoices) else None,
+    )
+    ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
+    return Run(
+        cfg=cfg,
+        session=session,
+        task=task,
+        ctx=ctx,
+        logger=logger,
+        evaluate=Evaluation(cfg=cfg, session=session, task=task, logger=logger),
+        pool=task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed),
+        start=start,
+        bad_steps=bad_steps,
+        eval_pending=eval_pending,
+    )
+
+
+def run_loop(run: Run, stop: StopSignals) -> dict[str, Any]:
+    """Steps `run.start` .. train.steps - 1 with their periodic evaluations and checkpoints. After a step in which any
+    rank received a stop signal: a checkpoint, RUN_DIR/requeue.json, and a summary with `stopped` set."""
     from rich.progress import Progress
 
+    cfg, rank = run.cfg, dist.get_rank()
+    last_eval = run.evaluate(0) if run.start == 0 and cfg.train.eval_at_start else {}
+    if run.eval_pending:  # the evaluation a stop postponed, so that the metrics equal an uninterrupted run's
+        last_eval = run.evaluate(run.start)
+    with Progress(disable=rank != 0, transient=True) as progress:
+        bar = progress.add_task("train", total=cfg.train.steps, completed=run.start)
+        for step in range(run.start, cfg.train.steps):
+            metrics = run_step(run.ctx, run.session, cfg, run.task, run.pool, step)
+            done = step + 1
+            run.logger.log(done, "train", metrics)
+            run.count_bad(metrics, done)
+            stopping = stop.requested() if done < cfg.train.steps else None  # collective; the last step just ends
+            eval_due = should_run(cfg.train.eval_every, done, cfg.train.steps)
+            if eval_due and stopping is None:
+                last_eval = run.evaluate(done)
+            if stopping is not None:
+                run.stop_after(done, stopping, eval_pending=eval_due)
+                return {"final_eval": last_eval, "steps": done, "stopped": {"signal": stopping, "step": done}}
+            if cfg.train.save_checkpoints and should_run(cfg.train.save_every, done, cfg.train.steps):
+                run.save(done)
+            progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")
+    return {"final_eval": last_eval, "steps": cfg.train.steps}
+
+
+def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
+    """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
     task = load_task(cfg.task)
     layout = training_layout(cfg, world)
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
         check_resumable(ckpt, layout)  # a checkpoint this layout cannot resume fails before any model is built
+    if rank == 0:
+        clear_marker(cfg.run_dir)
     engine = EngineSpec(
         kind=cfg.rollout, micro_batch_size=cfg.train.micro_batch_size * 4, sglang=cfg.sglang, run_dir=cfg.run_dir
     )
-    with rank_session(
-        cfg.parallel,
-        cfg.student,
-        teacher=cfg.teacher,
-        teacher_source=cfg.teacher_source,
-        engine=engine,
-        ddp=ddp_config(cfg.optim),
-    ) as session:
-        optimizer = build_optimizer(cfg.optim, session.student)
-        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-        start, bad_steps = 0, 0
-        if ckpt is not None:
-            meta = load_training_state(ckpt, session.student, optimizer, scheduler, layout)
-            start, bad_steps = meta["step"], meta["extra"]["bad_steps"]
-            session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
-        logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
-        if cfg.eval.records_file and rank == 0:
-            keep_before(Path(cfg.run_dir) / cfg.eval.records_file, start + (1 if start else 0))
-        scoring = scoring_context(
-            cfg.objective,
-            session.student,
-            session.teacher,
-            session.engine,
-            eos_id=session.tokenizer.eos_token_id,
-            pad_id=session.tokenizer.pad_token_id,
-            offload_teacher_logits=cfg.train.offload_teacher_logits,
-            choices=ChoiceLabeller(task=task, tokenizer=session.tokenizer) if isinstance(task, LabelsChoices) else None,
-        )
-        ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
-        evaluate = Evaluation(cfg=cfg, session=session, task=task, logger=logger)
-        pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
-        last_eval = evaluate(0) if start == 0 and cfg.train.eval_at_start else {}
-        with Progress(disable=rank != 0, transient=True) as progress:
-            bar = progress.add_task("train", total=cfg.train.steps, completed=start)
-            for step in range(start, cfg.train.steps):
-                metrics = run_step(ctx, session, cfg, task, pool, step)
-                logger.log(step + 1, "train", metrics)
-                bad_steps += int(metrics["skipped"])
-                if bad_steps > cfg.train.max_bad_steps:
-                    raise TooManyBadSteps(
-                        f"step {step + 1}: the loss was not finite in {bad_steps} steps (> train.max_bad_steps ="
-                        f" {cfg.train.max_bad_steps}); lower optim.lr or check the data and the teacher"
-                    )
-                if should_run(cfg.train.eval_every, step + 1, cfg.train.steps):
-                    last_eval = evaluate(step + 1)
-                if cfg.train.save_checkpoints and should_run(cfg.train.save_every, step + 1, cfg.train.steps):
-                    extra = {"bad_steps": bad_steps, "data_position": (step + 1) * cfg.train.prompts_per_step}
-                    save_training_state(cfg.run_dir, step + 1, session.student, optimizer, scheduler, extra)
-                progress.update(bar, advance=1, description=f"train loss {metrics['loss']:.4f}")
-        logger.close()
-    return {"final_eval": last_eval, "steps": cfg.train.steps} if rank == 0 else None
+    with (
+        StopSignals(cfg.train.stop_signals) as stop,
+        rank_session(
+            cfg.parallel,
+            cfg.student,
+            teacher=cfg.teacher,
+            teacher_source=cfg.teacher_source,
+            engine=engine,
+            ddp=ddp_config(cfg.optim),
+        ) as session,
+    ):
+        run = open_run(cfg, session, task, ckpt, layout)
+        summary = run_loop(run, stop)
+        run.logger.close()
+    return summary if rank == 0 else None
 
 
 def train_run(cfg: RunConfig) -> None:
