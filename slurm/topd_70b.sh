@@ -8,6 +8,9 @@
 #SBATCH --job-name=topd-70b
 #SBATCH --time=48:00:00
 #SBATCH --output=topd-70b-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@900
 #
 # The `topd_70b` recipe as a Slurm job: student Llama-3.3-70B-Instruct distilled from Llama-3.1-405B-Instruct. The
 # allocation is split into training nodes (Megatron student + colocated teacher, torchrun on each), student SGLang
@@ -26,11 +29,17 @@
 #                   TOPD_SHARED_DATA, where the task reads them)
 #   TOPD_OUT        [$TOPD_REPO/runs] the run goes to $TOPD_OUT/topd_70b (resubmitting resumes it); server logs to
 #                   $TOPD_OUT/slurm-$SLURM_JOB_ID
+#   TOPD_RUN_DIR    [$TOPD_OUT/topd_70b] the run directory (checkpoints, metrics, requeue.json)
 #   TOPD_STUDENT_MODEL / TOPD_TEACHER_MODEL  [$TOPD_CKPT_DIR/Llama-3.3-70B-Instruct / .../Llama-3.1-405B-Instruct]
 #   TOPD_CONTAINER  [unset] a container image: every srun gets --container-image (pyxis/enroot), plus
 #                   --container-mounts=$TOPD_CONTAINER_MOUNTS when that is set
 #   TOPD_OVERRIDES  [empty] more `--set` overrides for training, space-separated KEY=VALUE
-#   TOPD_SGLANG_API_KEY  [generated per job] the servers listen beyond loopback, so every request carries this key
+#   TOPD_SGLANG_API_KEY  [generated per job] the servers listen beyond loopback, so every request carries this key;
+#                   it stays in the environment (srun passes it to the tasks; the trainer is told the variable's name,
+#                   the servers get it on stdin), never on a command line
+#   TOPD_STOP_GRACE [600] seconds the ranks get to finish their step and write a checkpoint after a stop signal
+#                   (torchrun's --shutdown-timeout); keep it below the early warning (--signal=B:USR1@900)
+#   TOPD_MAX_REQUEUES [20] requeue at most this many times (SLURM_RESTART_COUNT); then exit 75
 #   TOPD_SGLANG_TIMEOUT  [1800] seconds for every server to become healthy
 #   TOPD_DRY_RUN    [0] 1: print the commands (srun lines included) and exit 0 without running them
 #   Ports: TOPD_MASTER_PORT [29500] (torchrun c10d rendezvous), TOPD_STUDENT_PORT [30000], TOPD_TEACHER_PORT [30001],
@@ -44,6 +53,14 @@
 # node) + torchrun (c10d rendezvous on the first training node) of `topd train --recipe topd_70b`, attached to the
 # servers; (c) on exit, stops what it started by PID (srun forwards the SIGTERM to its tasks; serve.py stops its
 # server); (d) exits with training's exit code.
+#
+# Time limits and preemption: Slurm sends this script SIGUSR1 900 s before the time limit (--signal=B:USR1@900; the
+# servers are not signalled); the script passes it on to training (srun forwards it to every task; torchrun, told to
+# handle it, to its ranks), whose ranks finish the step in flight, write a checkpoint and RUN_DIR/requeue.json, and
+# exit. The script then stops the servers and requeues the job (`scontrol requeue`, --requeue); the next start resumes
+# from the checkpoint, on the nodes it gets (checkpoints load at any TP/PP/DP). SIGTERM (scancel, the time limit
+# itself, a preemption) is passed on the same way, with only Slurm's KillWait (or the partition's GraceTime) before
+# SIGKILL. `scancel --signal=USR1 --batch JOBID` asks a running job to checkpoint and requeue now.
 set -euo pipefail
 
 # ==== LAYOUT (continued): the node split and the servers' parallelism, set from `topd plan topd_70b` ================
@@ -74,6 +91,9 @@ STUDENT_PORT="${TOPD_STUDENT_PORT:-30000}"
 TEACHER_PORT="${TOPD_TEACHER_PORT:-30001}"
 STUDENT_DIST_PORT="${TOPD_STUDENT_DIST_PORT:-5000}"
 TEACHER_DIST_PORT="${TOPD_TEACHER_DIST_PORT:-5001}"
+RUN_DIR="${TOPD_RUN_DIR:-$TOPD_OUT/topd_70b}"
+TOPD_STOP_GRACE="${TOPD_STOP_GRACE:-600}"
+TOPD_MAX_REQUEUES="${TOPD_MAX_REQUEUES:-20}"
 PY="$TOPD_VENV/bin/python"
 job="${SLURM_JOB_ID:-dry-run}"
 work="$TOPD_OUT/slurm-$job"
@@ -171,12 +191,35 @@ stop_pids() {  # stop_pids NAME PID...: SIGTERM (srun forwards it to its tasks),
         wait "$pid" 2>/dev/null || true
     done
 }
+stop_signal=""
+requeue_if_stopped() {  # after a clean stop (RUN_DIR/requeue.json), or a warning before training began: requeue
+    local restarts="${SLURM_RESTART_COUNT:-0}"
+    if [[ -f "$RUN_DIR/requeue.json" ]] || [[ "$stop_signal" == USR1 && ${#train_pids[@]} -eq 0 ]]; then
+        if ((restarts >= TOPD_MAX_REQUEUES)); then
+            log "stopped on SIG$stop_signal; not requeued: $restarts requeues already (TOPD_MAX_REQUEUES)"
+            exit 75
+        fi
+        log "stopped on SIG$stop_signal: requeueing job $job (restart $((restarts + 1))); it resumes from the checkpoint"
+        scontrol requeue "$job" || { log "scontrol requeue failed: resubmit this script to resume"; exit 75; }
+    fi
+}
 cleanup() {
     stop_pids training "${train_pids[@]}"
     stop_pids "SGLang servers" "${server_pids[@]}"
+    [[ "$DRY_RUN" == 1 ]] || requeue_if_stopped
+}
+on_stop() {  # on_stop SIG: training finishes its step, writes a checkpoint and stops; before training, stop here
+    stop_signal="$1"
+    if [[ ${#train_pids[@]} -eq 0 ]]; then
+        log "got SIG$1 before training started"
+        exit $((128 + $(kill -l "$1")))
+    fi
+    log "got SIG$1: passing it on to training (finish the step, checkpoint, stop)"
+    kill -"$1" "${train_pids[0]}" 2>/dev/null || true  # srun forwards it to every task
 }
 trap cleanup EXIT
-trap 'exit 143' TERM  # scancel / time limit: run the EXIT trap, exit like a SIGTERM-ed process
+trap 'on_stop USR1' USR1  # the early warning before the time limit (#SBATCH --signal=B:USR1@900)
+trap 'on_stop TERM' TERM  # scancel / time limit / preemption
 trap 'exit 130' INT
 
 # ---- (a) SGLang servers on their nodes: one srun per server, one task per node ------------------------------------
@@ -217,34 +260,42 @@ run mkdir -p "$work"
 student_url="http://${student_nodes[0]}:$STUDENT_PORT"
 start_server student "$STUDENT_MODEL" "$STUDENT_PORT" "$STUDENT_DIST_PORT" "$STUDENT_SERVER_TP" "$STUDENT_SERVER_DP" \
     "${student_nodes[@]}"
-sets=(--set rollout=sglang --set "sglang.student.url=$student_url" --set "sglang.student.api_key=$TOPD_SGLANG_API_KEY")
+sets=(--set rollout=sglang --set "sglang.student.url=$student_url" --set sglang.student.api_key_env=TOPD_SGLANG_API_KEY)
 sets+=(--set "sglang.student.tp=$STUDENT_SERVER_TP" --set "sglang.student.dp=$STUDENT_SERVER_DP")
 sets+=(--set "sglang.sync_address=$MASTER_ADDR" --set "student.path=$STUDENT_MODEL" --set "teacher.path=$TEACHER_MODEL")
+sets+=(--set "run_dir=$RUN_DIR")
 if ((TEACHER_SERVER_NODES > 0)); then
     teacher_url="http://${teacher_nodes[0]}:$TEACHER_PORT"
     start_server teacher "$TEACHER_MODEL" "$TEACHER_PORT" "$TEACHER_DIST_PORT" "$TEACHER_SERVER_TP" \
         "$TEACHER_SERVER_DP" "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
     sets+=(--set sglang.teacher=default --set "sglang.teacher.url=$teacher_url")
-    sets+=(--set "sglang.teacher.api_key=$TOPD_SGLANG_API_KEY")
+    sets+=(--set sglang.teacher.api_key_env=TOPD_SGLANG_API_KEY)
 fi
 wait_healthy student "$student_url" "${server_pids[0]}"
 ((TEACHER_SERVER_NODES == 0)) || wait_healthy teacher "$teacher_url" "${server_pids[1]}"
 
 # ---- (b) training: one srun task per training node, each running torchrun; c10d rendezvous on the first ----------
+# torchrun passes SIGUSR1 (and SIGTERM) on to its ranks and waits TOPD_STOP_GRACE s for them to checkpoint and exit.
+run rm -f "$RUN_DIR/requeue.json"  # written by training only when it stops on a signal with a checkpoint
+log "training: run dir $RUN_DIR (restart ${SLURM_RESTART_COUNT:-0})"
 start_bg train_pids srun --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --nodelist="$(join "${train_nodes[@]}")" \
     "${srun_common[@]}" \
     "$PY" -m torch.distributed.run --nnodes="$TRAIN_NODES" --nproc-per-node="$GPUS_PER_NODE" \
     --rdzv-id="topd-$job" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$TOPD_STOP_GRACE" \
     -m topd_megatron.cli train --recipe topd_70b "${sets[@]}" "${user_overrides[@]/#/--set=}"
 if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ on SIGUSR1/SIGTERM: pass it on to training (srun pid); after training: requeue if $RUN_DIR/requeue.json"
     echo "+ on exit: SIGTERM to the training and server srun processes (by PID), SIGKILL after 120 s"
     echo "dry run: nothing was started"
     exit 0
 fi
 rc=0
-wait "${train_pids[0]}" || rc=$?
-train_pids=()
+while :; do  # a trapped signal interrupts `wait`: wait again until training has really exited
+    wait "${train_pids[0]}" && rc=0 || rc=$?
+    kill -0 "${train_pids[0]}" 2>/dev/null || break
+done
 
-# ---- (c) + (d): the EXIT trap stops the servers; the job's exit code is training's --------------------------------
+# ---- (c) + (d): the EXIT trap stops the servers (and requeues a stopped run); the job's exit code is training's ----
 log "training exited with code $rc"
 exit "$rc"

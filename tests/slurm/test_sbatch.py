@@ -2,8 +2,10 @@
 
 - `sbatch --wait` returns a failing job's exit code, and the job's completion record says the same;
 - the GPU directives of slurm/topd_70b.sh are accepted (fake GPUs) and an impossible request fails at submission;
-- slurm/topd_tiny.sh trains the tiny recipe for 2 steps with rollouts from the SGLang server it starts, exits 0, and
+- slurm/topd_tiny.sh trains the tiny recipe for 4 steps with rollouts from the SGLang server it starts, exits 0, and
   leaves no process behind;
+- the same job sent the early-warning signal mid-run checkpoints, requeues itself, resumes and finishes with the
+  metrics of the uninterrupted job;
 - both scripts parse; `TOPD_DRY_RUN=1 bash slurm/topd_70b.sh` prints the server and training srun lines, runs nothing,
   and never prints the API key;
 - `python -m topd_megatron.rollout.sglang.serve` serves /health_generate and stops its server on SIGTERM (slow: a second
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,13 @@ BIG = REPO / "slurm" / "topd_70b.sh"
 TINY_OVERRIDES = (
     "train.steps=2 train.eval_at_start=false train.prompts_per_step=4 train.micro_batch_size=4 eval.problems=4 eval.k=1"
 )
+PREEMPT_OVERRIDES = (
+    "train.steps=3 train.save_every=1 train.eval_every=2 train.eval_at_start=false train.prompts_per_step=4"
+    " train.micro_batch_size=4 eval.problems=4 eval.k=1 train.temperature=0 eval.temperature=0"
+)
+"""Greedy rollouts and evaluations: SGLang 0.5.23 honours per-request sampling seeds only with
+--enable-deterministic-inference, which needs a GPU attention backend; on CPU a restarted server samples other
+tokens than the one that kept running, so only greedy decoding makes the two jobs comparable token for token."""
 
 
 def _job_id(sbatch_stdout: str) -> str:
@@ -80,32 +90,118 @@ def test_gpu_directives_are_accepted_and_impossible_requests_rejected(slurm_clus
     assert too_big.returncode != 0, too_big.stderr
 
 
-def test_topd_tiny_sbatch_trains_with_its_sglang_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    env = dict(slurm_cluster.env, TOPD_OUT=str(tmp_path / "out"), TOPD_OVERRIDES=TINY_OVERRIDES)
-    out = subprocess.run(
+@dataclass(frozen=True, slots=True)
+class TinyJob:
+    """A finished `sbatch --wait slurm/topd_tiny.sh` job: its id, sbatch's exit code, output and directories."""
+
+    job: str
+    returncode: int
+    log: str
+    out: Path
+    """TOPD_OUT: the run is out/tiny, the script's files out/slurm-JOBID."""
+    stderr: str
+
+
+def _submit_tiny(cluster: SlurmCluster, tmp_path: Path, overrides: str) -> subprocess.Popen[str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = dict(cluster.env, TOPD_OUT=str(tmp_path / "out"), TOPD_OVERRIDES=overrides)
+    return subprocess.Popen(
         ["sbatch", "--wait", f"--output={tmp_path}/job-%j.out", str(TINY)],
         env=env,
         cwd=REPO,  # the job's TOPD_REPO defaults to the submit directory
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=840,
     )
-    job = _job_id(out.stdout)
-    log = (tmp_path / f"job-{job}.out").read_text()
-    assert out.returncode == 0, f"sbatch exit {out.returncode}; job output:\n{log[-4000:]}\n{out.stderr}"
-    assert "training exited with code 0" in log
 
-    rows = [json.loads(line) for line in (tmp_path / "out" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+
+def _finish(proc: subprocess.Popen[str], tmp_path: Path, job: str, timeout: float = 840) -> TinyJob:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert _job_id(stdout) == job
+    log = (tmp_path / f"job-{job}.out").read_text()
+    return TinyJob(job=job, returncode=proc.returncode, log=log, out=tmp_path / "out", stderr=stderr)
+
+
+def _wait_job_id(proc: subprocess.Popen[str], cluster: SlurmCluster, tmp_path: Path) -> str:
+    """The id of the job `proc` (sbatch --wait) submitted, from the queue (its stdout comes only at the end)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ids = cluster.run("squeue", "-h", "-o", "%i", timeout=30).stdout.split()
+        if ids:
+            return ids[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job in the queue; sbatch: {proc.poll()}")
+
+
+def _stable_rows(run: Path) -> list[dict]:
+    """metrics.jsonl without what differs between processes: timings, weight-sync figures, per-process counters
+    (sglang/*), and the served-model self-test rows (one per start)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    drop = ("time/", "sync/", "sglang/", "detect/time_s")
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows if r["split"] != "selftest"]
+
+
+def _run_tiny(cluster: SlurmCluster, tmp_path: Path, overrides: str) -> TinyJob:
+    proc = _submit_tiny(cluster, tmp_path, overrides)
+    return _finish(proc, tmp_path, _wait_job_id(proc, cluster, tmp_path))
+
+
+def test_topd_tiny_sbatch_trains_with_its_sglang_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    done = _run_tiny(slurm_cluster, tmp_path, TINY_OVERRIDES)
+    log, job = done.log, done.job
+    assert done.returncode == 0, f"sbatch exit {done.returncode}; job output:\n{log[-4000:]}\n{done.stderr}"
+    assert "training exited with code 0" in log and "requeueing" not in log
+
+    rows = [json.loads(line) for line in (done.out / "tiny" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["sync/bytes"] > 0 for r in train)  # the student's weights were pushed to the SGLang server
 
-    served = (tmp_path / "out" / f"slurm-{job}" / "serve-student.out").read_text()
+    served = (done.out / f"slurm-{job}" / "serve-student.out").read_text()
     assert "ready: SGLang student server" in served and "stopping the SGLang student server" in served
     assert "the SGLang student server stopped (exit code 0)" in log  # serve.py exits 0 on SIGTERM
     server_pid = int(re.search(r"\(pid (\d+),", served).group(1))
     assert _group_gone(server_pid), "the SGLang server's process group outlived the job"
-    assert not (tmp_path / "out" / f"slurm-{job}" / "student.pid").exists()
+    assert not (done.out / f"slurm-{job}" / "student.pid").exists()
+
+
+@pytest.mark.slow  # two tiny jobs and a restart: 6-8 minutes on 2 CPU cores
+def test_a_preempted_tiny_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The early warning (`--signal=B:USR1@...` sends it to the batch shell; here `scancel --signal=USR1 --batch`
+    sends it now) reaches a running job mid-run: training finishes its step, writes a checkpoint and requeue.json,
+    the script stops its server and requeues the job; the restarted job resumes from the checkpoint and finishes.
+    Its metrics equal those of the same job run without interruption (timings and per-process counters excluded;
+    greedy decoding, see PREEMPT_OVERRIDES); no server is left."""
+    reference = _run_tiny(slurm_cluster, tmp_path / "reference", PREEMPT_OVERRIDES)
+    assert reference.returncode == 0, reference.log[-4000:]
+    tmp_path = tmp_path / "preempted"
+    proc = _submit_tiny(slurm_cluster, tmp_path, PREEMPT_OVERRIDES)
+    job = _wait_job_id(proc, slurm_cluster, tmp_path)
+    run = tmp_path / "out" / "tiny"
+    deadline = time.monotonic() + 600
+    while not (run / "metrics.jsonl").exists() or '"split": "train"' not in (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before its first step"
+        time.sleep(0.5)
+    signalled = slurm_cluster.run("scancel", "--signal=USR1", "--batch", job, timeout=30)
+    assert signalled.returncode == 0, signalled.stderr
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it as soon as it is pending again.
+    while "JobState=PENDING" not in slurm_cluster.run("scontrol", "show", "job", job, timeout=30).stdout:
+        assert proc.poll() is None and time.monotonic() < deadline, "the job was not requeued"
+        time.sleep(0.5)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)
+    done = _finish(proc, tmp_path, job)
+
+    assert done.returncode == 0, f"sbatch exit {done.returncode}; job output:\n{done.log[-6000:]}\n{done.stderr}"
+    assert "got SIGUSR1: passing it on to training" in done.log
+    assert "stopped on SIGUSR1: requeueing job" in done.log and "training exited with code 0" in done.log
+    assert "(restart 1)" in done.log
+    assert not (run / "requeue.json").exists()
+    assert _stable_rows(run) == _stable_rows(reference.out / "tiny")
+    served = (tmp_path / "out" / f"slurm-{job}" / "serve-student.out").read_text()
+    for pid in re.findall(r"\(pid (\d+),", served):  # one server per start of the job
+        assert _group_gone(int(pid)), f"an SGLang server (pid {pid}) outlived the job"
 
 
 def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path) -> None:
@@ -130,6 +226,8 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     assert "torch.distributed.run --nnodes=16" in train and "--rdzv-endpoint=node001:29500" in train
     assert "--recipe topd_70b" in train and "sglang.student.url=http://node017:30000" in train
     assert "sglang.teacher.url=http://node018:30001" in train and "--set=train.steps=3" in train
+    assert "sglang.student.api_key_env=TOPD_SGLANG_API_KEY" in train  # the variable's name, never the key
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in train and "--shutdown-timeout=600" in train
     assert "not-to-be-printed" not in dry.stdout + dry.stderr
     assert not (tmp_path / "runs").exists()  # nothing ran
 
