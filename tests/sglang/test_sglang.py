@@ -25,17 +25,6 @@ from topd_megatron.rollout.sglang.server import ServerConfig, ServerStartError, 
 PARITY_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def student_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
-    server = launch_server(
-        ServerConfig(model_path=str(synthetic_pair[0]), startup_timeout_s=600),
-        log_dir=tmp_path_factory.mktemp("sglang-logs"),
-    )
-    yield server
-    server.stop()
-    assert not server.alive()
-
-
 def _megatron_logprobs(lm, seqs: list[list[int]], start: list[int]) -> list[torch.Tensor]:
     """log p(seq[i] | seq[:i]) for i >= start, from the Megatron model's vocab-sharded logits."""
     from megatron.core import parallel_state as ps
@@ -173,37 +162,65 @@ def test_an_unreachable_server_exhausts_a_bounded_retry_budget() -> None:
     assert time.monotonic() - t0 < 10
 
 
-def test_a_server_beyond_loopback_gets_an_api_key() -> None:
+def test_a_server_command_never_holds_the_api_key() -> None:
+    """The key goes to the server's stdin (rollout/sglang/launch.py); the command line only says it will."""
+    from topd_megatron.rollout.sglang.launch import KEY_FLAG
     from topd_megatron.rollout.sglang.server import server_command
 
-    cmd = server_command(ServerConfig(model_path="m", host="0.0.0.0"), 30000, "k3y", cuda=False)
-    assert cmd[cmd.index("--api-key") + 1] == "k3y" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    local = server_command(ServerConfig(model_path="m"), 30000, None, cuda=False)
-    assert "--api-key" not in local and local[local.index("--host") + 1] == "127.0.0.1"
+    cmd = server_command(ServerConfig(model_path="m", host="0.0.0.0"), 30000, with_key=True, cuda=False)
+    assert KEY_FLAG in cmd and "--api-key" not in cmd and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    local = server_command(ServerConfig(model_path="m"), 30000, with_key=False, cuda=False)
+    assert KEY_FLAG not in local and local[local.index("--host") + 1] == "127.0.0.1"
 
 
 def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> None:
     """rollout='sglang' with a student server (distributed weight sync) and a teacher server (TOPD's near-future
     windows): the student server is SIGKILLed as the second step's rollout goes out; the run restarts it, pushes the
-    weights again, retries the same rollout and finishes every step."""
+    weights again, retries the same rollout and finishes every step. Both servers require an API key, read from an
+    environment variable of the ranks: no process ever has it on its command line or in its initial environment
+    (checked every 0.2 s while the run lasts; the server gets it on stdin), and
+    no file of the run holds it (metrics, logs, the saved run config, checkpoints)."""
+    import secrets
+    import threading
+
     from tests.distributed.test_train import make_config
+    from tests.sglang.test_secrets import files_holding, processes_holding
     from topd_megatron.rollout.sglang.engine import SGLangConfig
     from topd_megatron.training.loop import train
     from topd_megatron.training.metrics import read_metrics
 
+    key = secrets.token_urlsafe(24)
+    keyed = {"startup_timeout_s": 600, "api_key_env": "TOPD_TEST_SGLANG_KEY"}
     cfg = make_config(synthetic_pair, tmp_path / "run", "topd", steps=3)
     cfg = dataclasses.replace(
         cfg,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=ServerConfig(model_path="<student>", startup_timeout_s=600),
-            teacher=ServerConfig(role="teacher", model_path="<teacher>", startup_timeout_s=600),
+            student=ServerConfig(model_path="<student>", **keyed),
+            teacher=ServerConfig(role="teacher", model_path="<teacher>", **keyed),
             sync_mode="distributed",
             # call 1: step-0 evaluation; 2, 3: step 1's rollouts and its fresh student windows; 4: step 2's rollouts
             kill_student_at_call=4,
         ),
     )
-    summary = spawn(train, 2, (cfg,), timeout=1500)[0]
+    leaks: list[str] = []
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            leaks.extend(processes_holding(key))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        summary = spawn(train, 2, (cfg,), timeout=1500, env={"TOPD_TEST_SGLANG_KEY": key})[0]
+    finally:
+        running.clear()
+        watcher.join()
+    assert leaks == [], f"the API key was on a command line or in an environment: {sorted(set(leaks))}"
+    assert files_holding(tmp_path, key) == []
     assert summary["steps"] == 3
     rows = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -220,27 +237,6 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
 
 
 # -- a teacher served only by SGLang -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def teacher_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
-    server = launch_server(
-        ServerConfig(role="teacher", model_path=str(synthetic_pair[1]), startup_timeout_s=600),
-        log_dir=tmp_path_factory.mktemp("sglang-teacher-logs"),
-    )
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def dummy_student_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
-    """A student server holding random (dummy) weights: whoever attaches to it must push the student's first."""
-    server = launch_server(
-        ServerConfig(model_path=str(synthetic_pair[0]), startup_timeout_s=600, extra_args=("--load-format", "dummy")),
-        log_dir=tmp_path_factory.mktemp("sglang-dummy-logs"),
-    )
-    yield server
-    server.stop()
 
 
 def _served_parity_body(rank: int, world: int, pair: tuple[str, str], urls: tuple[str, str], work: str) -> dict | None:

@@ -10,6 +10,7 @@ from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -73,6 +74,17 @@ def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:
     parts = [m for m in everyone if m is not None]
     keys = parts[0].keys()
     return {k: sum(p[k] for p in parts) / (1 if k.startswith("loss") else len(parts)) for k in keys}
+
+
+def save_run_config(cfg: RunConfig) -> Path:
+    """RUN_DIR/run_config.json: the run's config (`dataclasses.asdict`; `topd train --config` reads it back). It
+    holds no secret: API keys are named by variable or file (`sglang.*.api_key_env` / `api_key_file`)."""
+    path = Path(cfg.run_dir) / "run_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def training_layout(cfg: RunConfig, world: int) -> TrainingLayout:
@@ -289,6 +301,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
         check_resumable(ckpt, layout)  # a checkpoint this layout cannot resume fails before any model is built
     if rank == 0:
         clear_marker(cfg.run_dir)
+        save_run_config(cfg)
     engine = EngineSpec(
         kind=cfg.rollout, micro_batch_size=cfg.train.micro_batch_size * 4, sglang=cfg.sglang, run_dir=cfg.run_dir
     )

@@ -136,10 +136,17 @@ class SGLangClient:
         return gens
 
     def score(
-        self, sequences: list[list[int]], start: list[int], *, top_k: int = 0, vocab_size: int | None = None
+        self,
+        sequences: list[list[int]],
+        start: list[int],
+        *,
+        top_k: int = 0,
+        vocab_size: int | None = None,
+        dp_rank: int | None = None,
     ) -> list[TokenScores]:
         """Teacher forcing: log p(tokens[i] | tokens[:i]) for i >= start[j] of each sequence j (and the top-k tokens
-        and log-probs at those positions when top_k > 0). One prefill per sequence, no sampling.
+        and log-probs at those positions when top_k > 0). One prefill per sequence, no sampling. `dp_rank` sends the
+        request to that data-parallel replica of the server (default: SGLang's load balancing).
 
         Each reported token id is checked against the sequence. SGLang 0.5.23 reports the model's last vocabulary id
         (vocab_size - 1) as 0 in input log-probs (a clip meant for multimodal placeholder ids; the log-prob itself is
@@ -157,6 +164,8 @@ class SGLangClient:
             "logprob_start_len": [s - 1 for s in start],
             "top_logprobs_num": top_k,
         }
+        if dp_rank is not None:
+            payload["routed_dp_rank"] = dp_rank
         clipped = vocab_size - 1 if vocab_size else None
 
         def same(reported: int, expected: int) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,7 @@ from topd_megatron.rollout.sglang.server import (
     ServerStartError,
     SGLangServer,
     launch_server,
-    server_command,
-    server_env,
+    start_process,
 )
 
 API_KEY_ENV = "TOPD_SGLANG_API_KEY"
@@ -98,8 +96,8 @@ def model_dir(path: str) -> Path:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of the command line, resolved like the training engine resolves its own servers (a student
     without safetensors gets `--load-format dummy`)."""
-    api_key = os.environ.get(API_KEY_ENV) or None
-    if api_key is None and args.host not in LOOPBACK:
+    key_env = API_KEY_ENV if os.environ.get(API_KEY_ENV) else None
+    if key_env is None and args.host not in LOOPBACK:
         raise ValueError(f"--host {args.host} listens beyond loopback: set ${API_KEY_ENV} (the trainer needs it too)")
     extra = list(args.extra)
     if args.nnodes > 1:
@@ -116,7 +114,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         mem_fraction=args.mem_fraction,
         max_total_tokens=max_tokens,
-        api_key=api_key,
+        api_key_env=key_env,
         extra_args=tuple(extra),
         startup_timeout_s=args.timeout,
     )
@@ -128,21 +126,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def start_follower(cfg: ServerConfig, log_dir: Path) -> SGLangServer:
     """Node rank > 0 of a multi-node server: no HTTP endpoint to wait for; node rank 0's health covers this node."""
-    import torch
-
-    cuda = torch.cuda.is_available()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"sglang-{cfg.role}-node{cfg.extra_args[cfg.extra_args.index('--node-rank') + 1]}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            server_command(cfg, cfg.port, cfg.api_key, cuda=cuda),
-            env=server_env(cuda=cuda),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stopped as a whole
-        )
-    return SGLangServer(cfg, f"http://{cfg.host}:{cfg.port}", cfg.api_key, proc, log)
+    api_key = cfg.read_api_key()
+    proc = start_process(cfg, cfg.port, api_key, log)
+    return SGLangServer(cfg, f"http://{cfg.host}:{cfg.port}", api_key, proc, log)
 
 
 def write_pid_file(path: Path, pid: int) -> None:

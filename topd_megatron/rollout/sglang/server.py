@@ -5,8 +5,10 @@
     server.stop()                       # only the process group this object started
 
 Servers bind to 127.0.0.1 unless `host` says otherwise; a server listening beyond loopback always gets an API key
-(generated when none is configured) and every request carries it. On a machine without CUDA the server runs SGLang's
-generic torch path (see `cpu_server_args`), with `topd_megatron.rollout.sglang.cpu_shim` on its PYTHONPATH.
+(generated when none is configured) and every request carries it. Keys come from an environment variable or a 0600
+file (`api_keys`) and reach a launched server on its stdin (`launch`), never on a command line. On a machine without
+CUDA the server runs SGLang's generic torch path (see `cpu_server_args`), with `topd_megatron.rollout.sglang.cpu_shim`
+on its PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Literal
 
 from topd_megatron.choices import check_choices
 from topd_megatron.distributed.env import free_port
+from topd_megatron.rollout.sglang.api_keys import check_key_source, read_api_key
 from topd_megatron.rollout.sglang.cpu_shim import SHIM_DIR
+from topd_megatron.rollout.sglang.launch import KEY_FLAG
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -53,8 +57,12 @@ class ServerConfig:
     """KV-cache capacity in tokens (None: SGLang sizes it from mem_fraction). Bounded by default on CPU."""
     dtype: str = "float32"
     context_length: int | None = None
-    api_key: str | None = None
-    """Required by the server for every request when set; generated if the server listens beyond loopback."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the server's API key (the key itself is never part of a config).
+    With a key, the server refuses requests without it; a launched server listening beyond loopback gets a generated
+    key when none is configured."""
+    api_key_file: str | None = None
+    """Or: a file holding the key, readable by its owner only (mode 0600 or 0400)."""
     random_seed: int = 0
     extra_args: tuple[str, ...] = ()
     """More `sglang.launch_server` arguments, passed as is."""
@@ -71,6 +79,11 @@ class ServerConfig:
             raise ValueError(f"sglang tp and dp must be >= 1, got tp={self.tp}, dp={self.dp}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"sglang mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        check_key_source(self.api_key_env, self.api_key_file, f"sglang.{self.role}")
+
+    def read_api_key(self) -> str | None:
+        """The configured key (None: none configured); ValueError when its variable or file is unusable."""
+        return read_api_key(self.api_key_env, self.api_key_file, f"sglang.{self.role}")
 
 
 def cpu_server_args() -> list[str]:
@@ -90,9 +103,11 @@ def cpu_server_args() -> list[str]:
     ]
 
 
-def server_command(cfg: ServerConfig, port: int, api_key: str | None, *, cuda: bool) -> list[str]:
-    """The argv of `python -m sglang.launch_server` for `cfg` (the trainer owns tokenisation: token ids in and out)."""
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", cfg.model_path, "--host", cfg.host]
+def server_command(cfg: ServerConfig, port: int, *, with_key: bool, cuda: bool) -> list[str]:
+    """The argv of an SGLang server for `cfg` (the trainer owns tokenisation: token ids in and out): SGLang's own
+    arguments, run by `topd_megatron.rollout.sglang.launch`, which reads the API key from stdin when `with_key`."""
+    cmd = [sys.executable, "-m", "topd_megatron.rollout.sglang.launch", *([KEY_FLAG] if with_key else [])]
+    cmd += ["--model-path", cfg.model_path, "--host", cfg.host]
     cmd += ["--port", str(port), "--tp-size", str(cfg.tp), "--dp-size", str(cfg.dp), "--dtype", cfg.dtype]
     cmd += ["--mem-fraction-static", str(cfg.mem_fraction), "--random-seed", str(cfg.random_seed)]
     cmd += ["--skip-tokenizer-init", "--log-level", "warning"]
@@ -100,8 +115,6 @@ def server_command(cfg: ServerConfig, port: int, api_key: str | None, *, cuda: b
         cmd += ["--max-total-tokens", str(cfg.max_total_tokens)]
     if cfg.context_length is not None:
         cmd += ["--context-length", str(cfg.context_length)]
-    if api_key:
-        cmd += ["--api-key", api_key]
     if not cuda:
         cmd += cpu_server_args()
     return cmd + list(cfg.extra_args)
@@ -183,12 +196,12 @@ def _reap_group(pgid: int) -> None:
 def launch_server(cfg: ServerConfig, *, log_dir: str | Path) -> SGLangServer:
     """Launch `cfg` (or attach when `cfg.url` is set) and return once it serves /health_generate."""
     if cfg.url:
-        server = SGLangServer(cfg, cfg.url.rstrip("/"), cfg.api_key, None, None)
+        server = SGLangServer(cfg, cfg.url.rstrip("/"), cfg.read_api_key(), None, None)
         wait_healthy(server, cfg.startup_timeout_s)
         return server
+    api_key = cfg.read_api_key()
     if not (Path(cfg.model_path) / "config.json").is_file():
         raise ValueError(f"sglang {cfg.role}: {cfg.model_path} is not an HF checkpoint directory (no config.json)")
-    api_key = cfg.api_key
     if api_key is None and cfg.host not in LOOPBACK:
         api_key = secrets.token_urlsafe(24)  # never serve beyond loopback without a key
     port = cfg.port or free_port(cfg.host if cfg.host in LOOPBACK else "0.0.0.0")
@@ -197,20 +210,36 @@ def launch_server(cfg: ServerConfig, *, log_dir: str | Path) -> SGLangServer:
     return _launch(cfg, port, api_key, log_dir / f"sglang-{cfg.role}-{port}.log")
 
 
-def _launch(cfg: ServerConfig, port: int, api_key: str | None, log: Path | None) -> SGLangServer:
+def start_process(cfg: ServerConfig, port: int, api_key: str | None, log: Path) -> subprocess.Popen:
+    """Start the server process of `cfg` on `port` in its own process group (stopped as a whole), its output
+    appended to `log`; the key goes to its stdin, which is then closed."""
     import torch
 
     cuda = torch.cuda.is_available()
-    assert log is not None
+    env = server_env(cuda=cuda)
+    if cfg.api_key_env is not None:
+        env.pop(cfg.api_key_env, None)  # the server gets its key on stdin, not in its environment
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            server_command(cfg, port, api_key, cuda=cuda),
-            env=server_env(cuda=cuda),
+            server_command(cfg, port, with_key=api_key is not None, cuda=cuda),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if api_key is not None else subprocess.DEVNULL,
             start_new_session=True,
         )
+    if api_key is not None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(api_key.encode() + b"\n")
+        finally:
+            proc.stdin.close()
+    return proc
+
+
+def _launch(cfg: ServerConfig, port: int, api_key: str | None, log: Path | None) -> SGLangServer:
+    assert log is not None
+    proc = start_process(cfg, port, api_key, log)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     server = SGLangServer(cfg, f"http://{host}:{port}", api_key, proc, log)
     try:
