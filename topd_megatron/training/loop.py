@@ -33,14 +33,17 @@ from topd_megatron.models.checkpoint import (
 )
 from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.rollout.sglang.engine import SGLangEngine
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
 from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
 from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.training.preemption import StopSignals, clear_marker, write_marker
 from topd_megatron.training.scoring import ChoiceLabeller, scoring_context
+from topd_megatron.training.served_selftest import served_selftest
 from topd_megatron.training.session import EngineSpec, RankSession, rank_session
 from topd_megatron.training.step import StepContext, train_step
+from topd_megatron.training.teacher import teacher_hf_dir
 
 
 class TooManyBadSteps(RuntimeError):
@@ -263,12 +266,30 @@ def open_run(cfg: RunConfig, session: RankSession, task: Task, ckpt: Path | None
     )
 
 
+def check_served_models(run: Run) -> None:
+    """The served-model self-test (rollout/sglang/selftest.py) of a run with SGLang servers, before any rollout
+    (collective); its metrics go to the "selftest" split at the step the run starts from. SelfTestError aborts."""
+    cfg, s = run.cfg, run.session
+    if not isinstance(s.engine, SGLangEngine) or not cfg.sglang.selftest.enabled:
+        return
+    prompts = [encode_prompt(s.tokenizer, p.prompt) for p in run.pool[: cfg.sglang.selftest.probes]]
+    metrics = served_selftest(
+        cfg.sglang.selftest,
+        s.engine,
+        prompts,
+        expected={"student": Path(s.student.tokenizer_dir), "teacher": Path(teacher_hf_dir(cfg.teacher, s.student))},
+        colocated={"student": s.student, "teacher": s.teacher},
+    )
+    run.logger.log(run.start, "selftest", metrics)
+
+
 def run_loop(run: Run, stop: StopSignals) -> dict[str, Any]:
     """Steps `run.start` .. train.steps - 1 with their periodic evaluations and checkpoints. After a step in which any
     rank received a stop signal: a checkpoint, RUN_DIR/requeue.json, and a summary with `stopped` set."""
     from rich.progress import Progress
 
     cfg, rank = run.cfg, dist.get_rank()
+    check_served_models(run)
     last_eval = run.evaluate(0) if run.start == 0 and cfg.train.eval_at_start else {}
     if run.eval_pending:  # the evaluation a stop postponed, so that the metrics equal an uninterrupted run's
         last_eval = run.evaluate(run.start)

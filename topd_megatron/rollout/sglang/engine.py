@@ -25,6 +25,7 @@ import torch.distributed as dist
 from topd_megatron.choices import check_choices
 from topd_megatron.rollout.engine import Generation, SamplingParams, TokenScores
 from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable
+from topd_megatron.rollout.sglang.selftest import SelfTestConfig
 from topd_megatron.rollout.sglang.server import ServerConfig, SGLangServer, launch_server
 from topd_megatron.rollout.sglang.weight_sync import SyncMode, WeightSync
 from topd_megatron.seeds import server_request_seeds
@@ -48,6 +49,8 @@ class SGLangConfig:
     """Server restarts allowed per generate call before the run fails."""
     kill_student_at_call: int | None = None
     """Fault injection (tests): SIGKILL the student server as this (1-based) call for student samples goes out."""
+    selftest: SelfTestConfig = field(default_factory=SelfTestConfig)
+    """The served-model self-test before step 1 (rollout/sglang/selftest.py); on by default."""
 
     OVERRIDE_DEFAULTS: ClassVar[dict[str, Any]] = {
         "teacher": lambda: ServerConfig(role="teacher", model_path="<teacher>")
