@@ -12,6 +12,7 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.evaluation.task_eval import EvalConfig
 from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
+from topd_megatron.training.metrics import MetricsConfig
 from topd_megatron.training.optim import OptimConfig
 from topd_megatron.training.preemption import check_signal_names
 
@@ -81,6 +82,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Metrics sinks besides JSONL and TensorBoard (Weights & Biases)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """The machines the run is meant for (planner, launchers); training uses what torchrun/srun give it."""
 

@@ -238,7 +238,13 @@ def open_run(cfg: RunConfig, session: RankSession, task: Task, ckpt: Path | None
         )
         session.engine.sync_weights()  # a rollout server starts from the initial weights: give it the resumed ones
     rank = dist.get_rank()
-    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, resume_step=start + (1 if start else 0))
+    logger = MetricsLogger(
+        cfg.run_dir,
+        enabled=rank == 0,
+        resume_step=start + (1 if start else 0),
+        wandb=cfg.metrics.wandb,
+        config=dataclasses.asdict(cfg),
+    )
     if cfg.eval.records_file and rank == 0:
         keep_before(Path(cfg.run_dir) / cfg.eval.records_file, start + (1 if start else 0))
     scoring = scoring_context(
