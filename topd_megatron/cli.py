@@ -38,7 +38,8 @@ from topd_megatron.models.format import checkpoint_kind, hf_dir
 from topd_megatron.models.tokenizer import check_same_tokenizer
 from topd_megatron.overrides import apply_overrides
 from topd_megatron.plan import cli as plan_cli
-from topd_megatron.training.loop import train, training_layout
+from topd_megatron.tasks import load_task
+from topd_megatron.training.loop import check_prompt_lengths, train, training_layout
 from topd_megatron.training.preemption import REQUEUE_EXIT_CODE, read_marker
 
 DEFAULT_TASK = "topd_megatron.tasks.drift:default"
@@ -138,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             prepare()  # cached; under torchrun/srun the launcher runs `topd prepare` once before starting ranks
     for role in ("student", "teacher"):
         checkpoint_kind(getattr(cfg, role).path)  # a missing or partial checkpoint fails before any rank starts
+    task = load_task(cfg.task)
+    check_prompt_lengths(cfg, task, task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed))
     world = cfg.parallel.tp * cfg.parallel.pp * args.dp
     if launched_externally():
         world = int(dist_env()["WORLD_SIZE"])

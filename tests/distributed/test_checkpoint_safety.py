@@ -135,3 +135,48 @@ def test_a_corrupt_or_unreadable_checkpoint_is_one_clear_error(trained, tmp_path
     code, err = _topd_train(config, capsys)
     assert code == 2 and message in err, err
     assert err.startswith("topd: error:") and "Traceback" not in err
+
+
+def test_a_full_disk_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(
+    synthetic_pair, trained, tmp_path: Path
+) -> None:
+    """RUN/checkpoints on a size-limited filesystem (tmpfs) with room for one checkpoint and a half: the checkpoint of
+    step 1 is written, the one of step 2 fills the disk. The run fails with an error naming the full disk and the
+    checkpoint that is still the latest; the partial directory is gone; that checkpoint resumes the run to its end
+    (on a disk with room), with the metrics of a run that never hit the full disk."""
+    import os
+    import subprocess
+
+    from topd_megatron.models.checkpoint import latest_checkpoint
+    from topd_megatron.training.metrics import read_metrics
+
+    if os.geteuid() != 0:
+        pytest.fail("mounting a size-limited tmpfs for this test needs root")
+    _, run = trained
+    size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_000001").rglob("*") if f.is_file())
+    cfg = make_config(synthetic_pair, tmp_path / "run", "opd", steps=2, tp=1, eval_at_start=False, save_every=1)
+    straight = dataclasses.replace(cfg, run_dir=str(tmp_path / "straight"))
+    spawn(train, 1, (straight,), timeout=600)
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(ckpts)], check=True)
+    try:
+        with pytest.raises(DistributedFailure) as err:
+            spawn(train, 1, (cfg,), timeout=600)
+        message = str(err.value)
+        assert "CheckpointWriteError: could not write the checkpoint of step 2" in message, message[-3000:]
+        assert "MiB free there after cleaning up" in message  # torch's zip writer hides the ENOSPC it hit
+        assert "step_000001 is still the latest checkpoint and loads" in message
+        assert latest_checkpoint(tmp_path / "run").name == "step_000001"
+        assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001"]  # no partial directory left
+        kept = shutil.copytree(ckpts, tmp_path / "kept")
+    finally:
+        subprocess.run(["umount", str(ckpts)], check=True)
+    shutil.rmtree(ckpts)
+    shutil.copytree(kept, ckpts)
+    spawn(train, 1, (cfg,), timeout=600)  # resumes from step 1 on a disk with room
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+    drop = ("time/", "sync/", "detect/time_s")
+    rows = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(tmp_path / "run")]
+    assert rows == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(straight.run_dir)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -234,6 +235,44 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
         ps = os.popen("ps -eo args").read().splitlines()
         survivors = [a for a in ps if "sglang" in a and f"--port {port}" in a]
         assert not survivors, f"a {role} server outlived the run: {survivors}"
+
+
+def _teacher_killed_while_scoring_body(rank: int, world: int, pair: tuple[str, str], url: str, work: str) -> dict:
+    """An engine with a teacher server it launched: score, SIGKILL the server, score again."""
+    from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
+
+    init_model_parallel(ParallelConfig(tp=world))
+    student = build_model(ModelConfig(path=pair[0], dtype="float32"), ParallelConfig(tp=world), role="student")
+    cfg = SGLangConfig(
+        student=ServerConfig(url=url),
+        teacher=ServerConfig(role="teacher", model_path="<teacher>", startup_timeout_s=600, max_retries=1),
+        sync_mode="disk",
+    )
+    engine = SGLangEngine(cfg, student, None, run_dir=work, teacher_dir=pair[1])
+    try:
+        seqs = [[1, 5, 7, 9, 11, 13, 4], [3, 4, 6, 2, 9]]
+        before = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
+        pid = engine.servers["teacher"].pid if rank == 0 else None
+        if rank == 0:  # the teacher server dies between two scoring calls of a step, as in a crash
+            os.killpg(pid, signal.SIGKILL)
+            engine.servers["teacher"].process.wait()
+        after = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
+        new_pid = engine.servers["teacher"].pid if rank == 0 else None
+        return {"before": before, "after": after, "restarts": engine.restarts, "pids": (pid, new_pid)}
+    finally:
+        engine.close()
+
+
+def test_a_teacher_server_that_dies_during_scoring_is_restarted_and_the_call_retried(
+    synthetic_pair, student_server, tmp_path
+) -> None:
+    pair = (str(synthetic_pair[0]), str(synthetic_pair[1]))
+    (r,) = spawn(_teacher_killed_while_scoring_body, 1, (pair, student_server.url, str(tmp_path)), timeout=900)
+    assert r["restarts"] == 1 and r["pids"][0] != r["pids"][1]
+    assert r["after"] == r["before"]  # the same scores from the restarted server
+    assert not Path(f"/proc/{r['pids'][1]}").exists(), "the restarted teacher server outlived the engine"
 
 
 # -- a teacher served only by SGLang -----------------------------------------------------------------------------------

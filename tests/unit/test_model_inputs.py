@@ -102,3 +102,22 @@ def test_cli_refuses_a_mismatched_pair_before_starting_ranks(
     rc = topd_main(["agree", "--student", str(tiny_checkpoints["qwen3"]), "--teacher", str(foreign), "--tp", "3"])
     assert rc == 2
     assert "TP=3 does not divide" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_sequence_length_is_refused_before_any_rank_starts(
+    synthetic_pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+    import json
+
+    from tests.distributed.test_train import make_config
+
+    cfg = make_config(synthetic_pair, tmp_path / "run", "opd", steps=1)
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, seq_length=20))
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert topd_main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train problem" in err and "its prompt has" in err and "with train.max_new_tokens=12" in err, err
+    assert "> 20, the sequence length of the models" in err
+    assert not (tmp_path / "run").exists()  # refused before anything ran

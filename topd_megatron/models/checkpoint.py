@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.models.format import (
@@ -166,6 +167,36 @@ def _adam_steps(optimizer: Any) -> list[int | None]:
     return steps
 
 
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written (a full disk, a quota, an I/O error); the previous one is intact."""
+
+
+def _agree(error: BaseException | None, what: str, tmp: Path) -> None:
+    """Collective: when any rank failed (`error`), every rank raises CheckpointWriteError, after rank 0 removed the
+    partial directory `tmp` (freeing what it took)."""
+    message: Any = None if error is None else f"{type(error).__name__}: {error}"
+    everyone: list[Any] = [message]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, message)
+    failures = [m for m in everyone if m is not None]
+    if not failures:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = tmp.parent / LATEST
+    kept = latest.read_text().strip() if latest.is_file() else None
+    free = shutil.disk_usage(tmp.parent).free / 2**20
+    raise CheckpointWriteError(
+        f"could not write {what} ({failures[0].splitlines()[0]}; {free:.1f} MiB free there after cleaning up); "
+        + (
+            f"{kept} is still the latest checkpoint and loads: free space and rerun to resume from it"
+            if kept
+            else "there is no earlier checkpoint: free space and rerun"
+        )
+    )
+
+
 def save_training_state(
     run_dir: str | Path, step: int, lm: MegatronLM, optimizer: Any, scheduler: Any, extra: dict[str, Any]
 ) -> Path:
@@ -174,7 +205,8 @@ def save_training_state(
     RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing, `OPTIMIZER_FORMAT`: loadable at
     any layout), train_state.json (scheduler, Adam step counts, the layout, `extra`: data position, counters) and
     per-rank RNG states (safetensors); RUN/checkpoints/latest names it once it is complete, so a crash at any point
-    (a full disk included) leaves the previous checkpoint as the one resumed from.
+    leaves the previous checkpoint as the one resumed from. A write that fails on any rank (a full disk) raises
+    CheckpointWriteError on every rank, with the partial directory removed and the previous checkpoint untouched.
     """
     from megatron.core import dist_checkpointing
 
@@ -182,19 +214,27 @@ def save_training_state(
     name = f"step_{step:06d}"
     out = ckpt_root / name
     tmp = ckpt_root / f".{name}.partial"
+    what = f"the checkpoint of step {step} to {ckpt_root}"
+    error: BaseException | None = None
     if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "state").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    _barrier()
-    model_sd = chunks_sharded_state_dict(lm.modules)
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)}
-    dist_checkpointing.save(state, str(tmp / "state"))
-    save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "state").mkdir(parents=True)
+            (tmp / "rng").mkdir()
+        except OSError as e:
+            error = e
+    _agree(error, what, tmp)
     steps = _adam_steps(optimizer)
     layout = _current_layout(lm, optimizer)
-    _barrier()
+    model_sd = chunks_sharded_state_dict(lm.modules)
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)}
+    try:
+        dist_checkpointing.save(state, str(tmp / "state"))  # raises on every rank when a rank's write fails
+        save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch wraps write errors (a BaseException)
+        error = e
+    _agree(error, what, tmp)
     if _rank() == 0:
         meta = {
             "format": TRAIN_FORMAT,
@@ -205,12 +245,15 @@ def save_training_state(
             "scheduler": scheduler.state_dict(),
             "extra": extra,
         }
-        (tmp / "train_state.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-        move_into_place(tmp, out)
-        pointer = ckpt_root / f".{LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        pointer.replace(ckpt_root / LATEST)  # atomic: readers see the old or the new name, never a partial one
-    _barrier()
+        try:
+            (tmp / "train_state.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+            move_into_place(tmp, out)
+            pointer = ckpt_root / f".{LATEST}.tmp"
+            pointer.write_text(name + "\n")
+            pointer.replace(ckpt_root / LATEST)  # atomic: readers see the old or the new name, never a partial one
+        except OSError as e:
+            error = e
+    _agree(error, what, tmp)
     return out
 
 

@@ -31,7 +31,8 @@ from topd_megatron.models.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from topd_megatron.models.tokenizer import encode_prompt
+from topd_megatron.models.format import hf_dir
+from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sglang.engine import SGLangEngine
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
@@ -224,7 +225,31 @@ class Run:
             )
 
 
-def open_run(cfg: RunConfig, session: RankSession, task: Task, ckpt: Path | None, layout: TrainingLayout) -> Run:
+def check_prompt_lengths(cfg: RunConfig, task: Task, pool: list[Problem]) -> None:
+    """Before any model is built: every prompt the run will use, plus the tokens generated after it, must fit the
+    sequence length of both models (Megatron would not refuse a longer sequence: it would silently run the model
+    beyond its context). ValueError naming the problem and the fix."""
+    tokenizer = load_tokenizer(hf_dir(cfg.student.path))
+    limit = min(cfg.student.seq_length, cfg.teacher.seq_length)
+    used = pool[: cfg.train.steps * cfg.train.prompts_per_step]
+    for split, problems, new_tokens in (
+        ("train", used, cfg.train.max_new_tokens),
+        ("eval", task.eval_problems(cfg.eval.problems, seed=0), cfg.eval.max_new_tokens),
+    ):
+        for problem in problems:
+            n = len(encode_prompt(tokenizer, problem.prompt))
+            if n + new_tokens > limit:
+                raise ValueError(
+                    f"{split} problem {problem.id!r}: its prompt has {n} tokens, and with {split}.max_new_tokens="
+                    f"{new_tokens} the sequence would have {n + new_tokens} > {limit}, the sequence length of the"
+                    " models (student.seq_length / teacher.seq_length); raise seq_length (within what the models"
+                    f" support), lower {split}.max_new_tokens, or leave such problems out of the task"
+                )
+
+
+def open_run(
+    cfg: RunConfig, session: RankSession, task: Task, pool: list[Problem], ckpt: Path | None, layout: TrainingLayout
+) -> Run:
     """The optimizer, scheduler, metrics and step context of this rank; resumed from `ckpt` when there is one."""
     optimizer = build_optimizer(cfg.optim, session.student)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
@@ -265,7 +290,7 @@ def open_run(cfg: RunConfig, session: RankSession, task: Task, ckpt: Path | None
         ctx=ctx,
         logger=logger,
         evaluate=Evaluation(cfg=cfg, session=session, task=task, logger=logger),
-        pool=task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed),
+        pool=pool,
         start=start,
         bad_steps=bad_steps,
         eval_pending=eval_pending,
@@ -322,6 +347,8 @@ def run_loop(run: Run, stop: StopSignals) -> dict[str, Any]:
 def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
     task = load_task(cfg.task)
+    pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
+    check_prompt_lengths(cfg, task, pool)
     layout = training_layout(cfg, world)
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
@@ -343,7 +370,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
             ddp=ddp_config(cfg.optim),
         ) as session,
     ):
-        run = open_run(cfg, session, task, ckpt, layout)
+        run = open_run(cfg, session, task, pool, ckpt, layout)
         summary = run_loop(run, stop)
         run.logger.close()
     return summary if rank == 0 else None
