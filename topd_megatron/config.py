@@ -41,6 +41,10 @@ class TrainConfig:
     """Save a training checkpoint every this many steps (and after the last); 0: only after the last."""
     save_checkpoints: bool = True
     """False: a run that is never resumed (the experiment's arms), no checkpoint is written."""
+    checkpoint_optimizer: Literal["any_layout", "same_model_parallel"] = "any_layout"
+    """How checkpoints store the distributed optimizer (models/checkpoint.py OPTIMIZER_FORMATS): 'any_layout' resumes
+    at any TP/PP/DP (saving gathers each DP group's optimizer shards on its DP rank 0, in host memory);
+    'same_model_parallel' saves fully in parallel and resumes at the same TP/PP only (any DP)."""
     offload_teacher_logits: bool = False
     """Keep the step's teacher logits ([B, S, V/TP] per last-stage rank) in host memory between scoring and the
     backward pass, copied back one micro-batch at a time (GPU only; the planner counts one micro-batch then)."""
@@ -59,6 +63,7 @@ class TrainConfig:
         if self.steps < 1 or self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.micro_batch_size < 1:
             raise ValueError("train.steps, prompts_per_step, samples_per_prompt and micro_batch_size must be >= 1")
         check_signal_names(self.stop_signals, "train.stop_signals")
+        check_choices(self, "train")
 
 
 @dataclass(kw_only=True, slots=True)

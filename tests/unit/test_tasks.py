@@ -98,3 +98,14 @@ def test_math_jsonl_task_rejects_bad_files(tmp_path) -> None:
         task.train_problems(1, seed=0)
     with pytest.raises(ValueError, match="does not exist"):
         MathJsonlTask(train_path=str(tmp_path / "none.jsonl"), eval_path=str(bad)).train_problems(1, 0)
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"id": "1", "problem": "1+1?", "answer": "2"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"malformed.jsonl:2 is not valid JSON"):
+        MathJsonlTask(train_path=str(malformed), eval_path=str(malformed)).train_problems(1, 0)
+    malformed.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"malformed.jsonl:1 is not a JSON object"):
+        MathJsonlTask(train_path=str(malformed), eval_path=str(malformed)).train_problems(1, 0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="asked for 2 problems, the file has 0"):
+        MathJsonlTask(train_path=str(empty), eval_path=str(empty)).train_problems(2, 0)

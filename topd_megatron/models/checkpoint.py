@@ -94,16 +94,25 @@ def save_model(lm: MegatronLM, out_dir: str | Path, *, extra: dict[str, Any] | N
 
 TRAIN_FORMAT = "topd-megatron-train/2"
 """Format of a training checkpoint's train_state.json (2: any layout, RNG states as safetensors)."""
-OPTIMIZER_FORMAT = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
+OPTIMIZER_FORMATS: dict[str, dict[str, Any]] = {
+    "any_layout": {
+        "distrib_optim_sharding_type": "fully_reshardable",
+        "distrib_optim_fully_reshardable_mem_efficient": True,
+    },
+    "same_model_parallel": {"distrib_optim_sharding_type": "dp_reshardable"},
 }
-"""Distributed-optimizer state in model space: one fp32 main parameter, Adam exp_avg and exp_avg_sq per model
-parameter, at the parameter's global shape, so a checkpoint loads at any TP/PP/DP. Saving gathers each DP group's
-flat shards on its DP rank 0 over gloo (host memory: the optimizer state of one TP x PP shard, 12 bytes per
-parameter); loading reads a superset and slices it, with no communication. Megatron-Core 0.19.2 restores torch Adam's
-per-parameter step counters wrongly with every format (see `_restore_adam_steps`): the step counts are saved in
-train_state.json and set back after the load."""
+"""How the distributed optimizer's state is stored (`train.checkpoint_optimizer`):
+
+'any_layout': Megatron's fully_reshardable format, in model space: one fp32 main parameter, Adam exp_avg and
+exp_avg_sq per model parameter at its global shape, so a checkpoint loads at any TP/PP/DP. Saving gathers each DP
+group's flat shards on its DP rank 0 over gloo (host memory: the optimizer state of one TP x PP shard, 12 bytes per
+parameter); loading reads a superset and slices it, with no communication.
+
+'same_model_parallel': Megatron's dp_reshardable format, the flat per-bucket shards as they are: fully parallel, no
+gather, resumable at the same TP/PP/VPP (any DP).
+
+Megatron-Core 0.19.2 restores torch Adam's per-parameter step counters wrongly with either (see `_load_optimizer`):
+the step counts are saved in train_state.json and set back after the load."""
 LATEST = "latest"
 """File in the run's checkpoint directory naming the newest complete training checkpoint."""
 
@@ -198,15 +207,23 @@ def _agree(error: BaseException | None, what: str, tmp: Path) -> None:
 
 
 def save_training_state(
-    run_dir: str | Path, step: int, lm: MegatronLM, optimizer: Any, scheduler: Any, extra: dict[str, Any]
+    run_dir: str | Path,
+    step: int,
+    lm: MegatronLM,
+    optimizer: Any,
+    scheduler: Any,
+    extra: dict[str, Any],
+    *,
+    optimizer_format: str = "any_layout",
 ) -> Path:
     """Atomically save everything needed to continue after `step` steps (collective).
 
-    RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing, `OPTIMIZER_FORMAT`: loadable at
-    any layout), train_state.json (scheduler, Adam step counts, the layout, `extra`: data position, counters) and
-    per-rank RNG states (safetensors); RUN/checkpoints/latest names it once it is complete, so a crash at any point
-    leaves the previous checkpoint as the one resumed from. A write that fails on any rank (a full disk) raises
-    CheckpointWriteError on every rank, with the partial directory removed and the previous checkpoint untouched.
+    RUN/checkpoints/step_00000N/ holds the model and optimizer (dist_checkpointing; the optimizer in
+    `OPTIMIZER_FORMATS[optimizer_format]`), train_state.json (scheduler, Adam step counts, the layout, `extra`:
+    data position, counters) and per-rank RNG states (safetensors); RUN/checkpoints/latest names it once it is
+    complete, so a crash at any point leaves the previous checkpoint as the one resumed from. A write that fails on
+    any rank (a full disk) raises CheckpointWriteError on every rank, with the partial directory removed and the
+    previous checkpoint untouched.
     """
     from megatron.core import dist_checkpointing
 
@@ -228,7 +245,8 @@ def save_training_state(
     steps = _adam_steps(optimizer)
     layout = _current_layout(lm, optimizer)
     model_sd = chunks_sharded_state_dict(lm.modules)
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)}
+    opt_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMATS[optimizer_format])
+    state = {"model": model_sd, "optimizer": opt_sd}
     try:
         dist_checkpointing.save(state, str(tmp / "state"))  # raises on every rank when a rank's write fails
         save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.safetensors")
@@ -241,6 +259,7 @@ def save_training_state(
             "step": step,
             "layout": asdict(layout),
             "padded_vocab_size": lm.padded_vocab_size,
+            "optimizer_format": optimizer_format,
             "optimizer_steps": steps,
             "scheduler": scheduler.state_dict(),
             "extra": extra,
@@ -297,10 +316,19 @@ def check_resumable(ckpt: Path, layout: TrainingLayout) -> dict[str, Any]:
         )
     if saved.dtype != layout.dtype:
         problems.append(f"student.dtype={saved.dtype} when saved, {layout.dtype} now")
+    if meta["optimizer_format"] == "same_model_parallel" and (saved.tp, saved.pp, saved.vpp) != (
+        layout.tp,
+        layout.pp,
+        layout.vpp,
+    ):
+        problems.append(
+            f"its optimizer state was saved with train.checkpoint_optimizer=same_model_parallel, which loads only at"
+            f" the TP/PP/VPP it was saved at (now {layout.describe()})"
+        )
     if problems:
         raise CheckpointError(
             f"{ckpt} (saved at {saved.describe()}) cannot be resumed by this run: {'; '.join(problems)}. Set them"
-            " back to the saved values (TP, PP and the number of ranks may change), or start a new run_dir."
+            " back to the saved values, or start a new run_dir."
         )
     return meta
 
@@ -324,7 +352,7 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
 
 
 def _load_optimizer(optimizer: Any, loaded: dict[str, Any], steps: list[int | None]) -> None:
-    """Load a `fully_reshardable` optimizer state into `optimizer`, then give every parameter's Adam state the saved
+    """Load an optimizer state (`OPTIMIZER_FORMATS`) into `optimizer`, then give every parameter's Adam state the saved
     step count, each in its own tensor.
 
     Megatron-Core 0.19.2's DistributedOptimizer (torch Adam, no Apex/TE) cannot do the last part itself: its
@@ -348,10 +376,12 @@ def _load_optimizer(optimizer: Any, loaded: dict[str, Any], steps: list[int | No
                 if isinstance(state.get("step"), torch.Tensor):
                     dtypes[key] = state["step"].dtype
                     state["step"] = 0.0  # not a tensor while Megatron copies the saved tensors in
-            if param_state is not None:
-                if kind != OPTIMIZER_FORMAT["distrib_optim_sharding_type"]:
-                    raise CheckpointError(f"optimizer state of format {kind!r}; expected {OPTIMIZER_FORMAT}")
+            if kind == "fully_reshardable":
                 opt.load_parameter_state_from_fully_reshardable(param_state)
+            elif kind == "dp_reshardable":
+                opt.load_parameter_state_from_dp_reshardable(param_state)
+            elif param_state is not None:
+                raise CheckpointError(f"optimizer state of an unknown format {kind!r}")
         for key, state in opt.optimizer.state.items():
             if step is not None and key in dtypes:
                 state["step"] = torch.tensor(float(step), dtype=dtypes[key])
@@ -408,7 +438,9 @@ def load_training_state(
     _check_files(ckpt)
     _materialize_optimizer_state(optimizer)
     model_sd = chunks_sharded_state_dict(lm.modules)
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    opt_sd = optimizer.sharded_state_dict(
+        model_sd, is_loading=True, metadata=OPTIMIZER_FORMATS[meta["optimizer_format"]]
+    )
     loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, str(ckpt / "state"))
     for i, module in enumerate(lm.modules):
         unwrap(module).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)

@@ -31,7 +31,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     for n, line in enumerate(p.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"math task: {p}:{n} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"math task: {p}:{n} is not a JSON object (schema: id, problem, answer[, solution])")
         missing = [k for k in ("id", "problem", "answer") if k not in row]
         if missing:
             raise ValueError(f"math task: {p}:{n} lacks {missing} (schema: id, problem, answer[, solution])")

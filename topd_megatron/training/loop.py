@@ -201,7 +201,15 @@ class Run:
             "eval_pending": eval_pending,
         }
         s, ctx = self.session, self.ctx
-        return save_training_state(self.cfg.run_dir, step, s.student, ctx.optimizer, ctx.scheduler, extra)
+        return save_training_state(
+            self.cfg.run_dir,
+            step,
+            s.student,
+            ctx.optimizer,
+            ctx.scheduler,
+            extra,
+            optimizer_format=self.cfg.train.checkpoint_optimizer,
+        )
 
     def stop_after(self, step: int, signal_name: str, *, eval_pending: bool) -> None:
         """The stop `signal_name` asked for, after `step` steps: a checkpoint, then RUN_DIR/requeue.json (collective;
