@@ -8,12 +8,12 @@
 - a server of the student's architecture and tokenizer with other weights, whose process lacks
   SGLANG_RETURN_ORIGINAL_LOGPROB (an attached server started by someone else), passes the identity check but fails
   the temperature-1 check and the comparison with the colocated student;
-- a training run starts with the self-test and logs its `*/selftest_*` metrics.
+- a training run starts with the self-test and logs its `*/selftest_*` metrics (in
+  tests/sglang/test_sglang.py::test_training_with_a_teacher_served_only_by_sglang).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -160,30 +160,3 @@ def _megatron_logprobs_body(rank: int, world: int, path: str, sequences: list, s
     par = ParallelConfig(tp=world)
     init_model_parallel(par)
     return megatron_logprobs(build_model(ModelConfig(path=path, dtype="float32"), par), sequences, starts)
-
-
-def test_a_training_run_logs_its_selftest(synthetic_pair, dummy_student_server, teacher_server, tmp_path) -> None:
-    """teacher_source='sglang' (no colocated teacher): the self-test runs before step 1 and its metrics are in the
-    run's metrics (split "selftest", step 0)."""
-    from tests.distributed.test_train import make_config
-    from topd_megatron.rollout.sglang.engine import SGLangConfig
-    from topd_megatron.training.loop import train
-    from topd_megatron.training.metrics import read_metrics
-
-    cfg = make_config(synthetic_pair, tmp_path / "run", "opd", steps=1, eval_at_start=False)
-    cfg = dataclasses.replace(
-        cfg,
-        rollout="sglang",
-        teacher_source="sglang",
-        sglang=SGLangConfig(
-            student=ServerConfig(url=dummy_student_server.url),
-            teacher=ServerConfig(role="teacher", url=teacher_server.url),
-            sync_mode="disk",
-        ),
-        objective=dataclasses.replace(cfg.objective, teacher_signal="top_k", teacher_top_k=8),
-    )
-    spawn(train, 2, (cfg,), timeout=900)
-    (row,) = read_metrics(tmp_path / "run", "selftest")
-    assert row["step"] == 0
-    assert row["teacher/selftest_repeat_max"] <= 1e-5 and row["student/selftest_colocated_max"] <= 1e-4, row
-    assert "teacher/selftest_colocated_mean" not in row  # the teacher is only served: nothing to compare with

@@ -378,7 +378,8 @@ def test_training_with_a_teacher_served_only_by_sglang(
     synthetic_pair, dummy_student_server, teacher_server, tmp_path, signal, guidance
 ):
     """teacher_source='sglang': no Megatron teacher is built; TOPD (window-OT detection, teacher-window guidance)
-    takes every teacher quantity from the teacher server, in the top-k or the sampled-token form."""
+    takes every teacher quantity from the teacher server, in the top-k or the sampled-token form. The run starts with
+    the served-model self-test and logs it."""
     from tests.distributed.test_train import make_config
     from topd_megatron.rollout.sglang.engine import SGLangConfig
     from topd_megatron.training.loop import train
@@ -409,4 +410,8 @@ def test_training_with_a_teacher_served_only_by_sglang(
         assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
     # per step: teacher windows, the rollouts' scores and the branches' scores all went to the teacher server
     assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
+    (check,) = read_metrics(tmp_path / "run", "selftest")  # the served-model self-test ran before step 1
+    assert check["step"] == 0 and check["teacher/selftest_repeat_max"] <= 1e-5, check
+    assert check["student/selftest_colocated_max"] <= PARITY_TOL, check
+    assert "teacher/selftest_colocated_mean" not in check  # the teacher is only served: nothing to compare with
     assert teacher_server.alive() and dummy_student_server.alive(), "attached servers are left running"
