@@ -9,7 +9,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #
-# The `tiny` recipe (tiny prepared pair, synthetic task, TOPD, CPU gloo ranks) as a Slurm job, with its student
+# The `tiny` recipe (tiny prepared pair, the drift task, TOPD, CPU gloo ranks) as a Slurm job, with its student
 # rollouts from an SGLang server that this script starts: the layout of the multi-node scripts, on one CPU node.
 #
 #   sbatch slurm/topd_tiny.sh                                   # from the repository root

@@ -206,6 +206,23 @@ def test_a_stop_signal_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupt
     assert _stable(read_metrics(run)) == straight_run
 
 
+def test_a_stop_signal_fails_a_run_that_writes_no_checkpoints(synthetic_pair, tmp_path) -> None:
+    """train.save_checkpoints=false (the experiment's arms): a stop has nothing to resume from, so the run fails after
+    the step in flight with one error saying so; no checkpoint, no requeue.json, and not the "requeue me" status."""
+    from topd_megatron.models.checkpoint import latest_checkpoint
+    from topd_megatron.training.preemption import REQUEUE_EXIT_CODE, read_marker
+
+    run = tmp_path / "unsaved"
+    proc, _, _ = _start_train(make_config(synthetic_pair, run, "opd", steps=6, save_checkpoints=False), tmp_path)
+    _wait_for(proc, lambda: len(read_metrics(run, "train")) >= 1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode not in (0, REQUEUE_EXIT_CODE), err.decode()[-3000:]
+    assert "train.save_checkpoints is false, so there is no checkpoint to resume from" in err.decode()
+    assert read_marker(run) is None and latest_checkpoint(run) is None
+    assert 1 <= len(read_metrics(run, "train")) < 6
+
+
 def test_non_finite_losses_skip_steps_then_abort(synthetic_pair, tmp_path: Path) -> None:
     cfg = make_config(synthetic_pair, tmp_path / "nan", "opd", steps=3, inject_nan_at=(2,), max_bad_steps=1)
     spawn(train, 2, (cfg,), timeout=900)

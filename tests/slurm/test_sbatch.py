@@ -38,10 +38,13 @@ TINY_OVERRIDES = (
 PREEMPT_OVERRIDES = (
     "train.steps=3 train.save_every=1 train.eval_every=2 train.eval_at_start=false train.prompts_per_step=4"
     " train.micro_batch_size=4 eval.problems=4 eval.k=1 train.temperature=0 eval.temperature=0"
+    " objective.detection.student_window=rollout"
 )
-"""Greedy rollouts and evaluations: SGLang 0.5.23 honours per-request sampling seeds only with
---enable-deterministic-inference, which needs a GPU attention backend; on CPU a restarted server samples other
-tokens than the one that kept running, so only greedy decoding makes the two jobs comparable token for token."""
+"""Greedy rollouts and evaluations, and TOPD's student windows taken from the rollouts: SGLang 0.5.23 honours
+per-request sampling seeds only with --enable-deterministic-inference, which needs a GPU attention backend; on CPU a
+restarted server samples other tokens than the one that kept running, so only greedy decoding makes the two jobs
+comparable token for token (the default fresh student windows are sampled from the student's server at temperature
+1)."""
 
 
 def _job_id(sbatch_stdout: str) -> str:

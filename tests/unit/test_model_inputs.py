@@ -121,3 +121,35 @@ def test_a_prompt_longer_than_the_sequence_length_is_refused_before_any_rank_sta
     assert "train problem" in err and "its prompt has" in err and "with train.max_new_tokens=12" in err, err
     assert "> 20, the sequence length of the models" in err
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_generated_windows_count_towards_the_sequence_length(synthetic_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """TOPD's windows (K tokens after (x, y_<t), t up to the last response token) make a training sequence up to
+    prompt + max_new_tokens - 1 + K long: a length that fits OPD's rollouts is refused for TOPD, naming the window."""
+    import dataclasses
+
+    from tests.distributed.test_train import make_config
+    from topd_megatron.models.format import hf_dir
+    from topd_megatron.models.tokenizer import encode_prompt, load_tokenizer
+    from topd_megatron.tasks import load_task
+    from topd_megatron.training.loop import check_prompt_lengths
+
+    opd = make_config(synthetic_pair, tmp_path / "opd", "opd", steps=1)
+    task = load_task(opd.task)
+    pool = task.train_problems(opd.train.problem_pool, seed=opd.train.seed)
+    tokenizer = load_tokenizer(hf_dir(opd.student.path))
+    train_prompt = max(len(encode_prompt(tokenizer, p.prompt)) for p in pool[: opd.train.prompts_per_step])
+    evals = task.eval_problems(opd.eval.problems, seed=opd.eval.problem_seed)
+    eval_prompt = max(len(encode_prompt(tokenizer, p.prompt)) for p in evals)
+    fits_opd = max(train_prompt, eval_prompt) + opd.train.max_new_tokens  # both use 12 new tokens
+    window = fits_opd - (train_prompt + opd.train.max_new_tokens) + 2  # one token too many for TOPD
+    topd = make_config(synthetic_pair, tmp_path / "topd", "topd", steps=1)
+    topd.objective.detection.window = window
+
+    def at(cfg, seq_length: int):
+        return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, seq_length=seq_length))
+
+    check_prompt_lengths(at(opd, fits_opd), task, pool)
+    with pytest.raises(ValueError, match=f"and windows of objective.detection.window={window} the sequence would have"):
+        check_prompt_lengths(at(topd, fits_opd), task, pool)
+    check_prompt_lengths(at(topd, fits_opd + 1), task, pool)

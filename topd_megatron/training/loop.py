@@ -236,22 +236,29 @@ class Run:
 def check_prompt_lengths(cfg: RunConfig, task: Task, pool: list[Problem]) -> None:
     """Before any model is built: every prompt the run will use, plus the tokens generated after it, must fit the
     sequence length of both models (Megatron would not refuse a longer sequence: it would silently run the model
-    beyond its context). ValueError naming the problem and the fix."""
+    beyond its context). A training sequence is prompt + train.max_new_tokens, and where TOPD generates windows
+    (K = detection.window tokens after (x, y_<t), t up to the last response token) prompt + max_new_tokens - 1 + K.
+    ValueError naming the problem and the fix."""
     tokenizer = load_tokenizer(hf_dir(cfg.student.path))
     limit = min(cfg.student.seq_length, cfg.teacher.seq_length)
     used = pool[: cfg.train.steps * cfg.train.prompts_per_step]
-    for split, problems, new_tokens in (
-        ("train", used, cfg.train.max_new_tokens),
-        ("eval", task.eval_problems(cfg.eval.problems, seed=0), cfg.eval.max_new_tokens),
+    obj = cfg.objective
+    windows = obj.detection.detector == "window_ot" or obj.guidance == "teacher_window"
+    window_extra = obj.detection.window - 1 if windows else 0
+    for split, problems, new_tokens, extra in (
+        ("train", used, cfg.train.max_new_tokens, window_extra),
+        ("eval", task.eval_problems(cfg.eval.problems, seed=cfg.eval.problem_seed), cfg.eval.max_new_tokens, 0),
     ):
         for problem in problems:
             n = len(encode_prompt(tokenizer, problem.prompt))
-            if n + new_tokens > limit:
+            if n + new_tokens + extra > limit:
+                with_windows = f" and windows of objective.detection.window={obj.detection.window}" if extra else ""
                 raise ValueError(
                     f"{split} problem {problem.id!r}: its prompt has {n} tokens, and with {split}.max_new_tokens="
-                    f"{new_tokens} the sequence would have {n + new_tokens} > {limit}, the sequence length of the"
-                    " models (student.seq_length / teacher.seq_length); raise seq_length (within what the models"
-                    f" support), lower {split}.max_new_tokens, or leave such problems out of the task"
+                    f"{new_tokens}{with_windows} the sequence would have {n + new_tokens + extra} > {limit}, the"
+                    " sequence length of the models (student.seq_length / teacher.seq_length); raise seq_length"
+                    f" (within what the models support), lower {split}.max_new_tokens"
+                    f"{' or the window' if extra else ''}, or leave such problems out of the task"
                 )
 
 
