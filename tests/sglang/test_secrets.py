@@ -29,7 +29,8 @@ def processes_holding(secret: str) -> list[str]:
         for part in ("cmdline", "environ"):
             try:
                 if secret.encode() in (proc / part).read_bytes():
-                    hits.append(f"{proc.name} {part}")
+                    args = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+                    hits.append(f"{proc.name} {part} ({args})")
             except OSError:
                 continue  # gone, or a kernel thread
     ps = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
