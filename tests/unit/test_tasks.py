@@ -66,9 +66,9 @@ def test_load_task() -> None:
     with pytest.raises(ValueError, match="has no attribute"):
         load_task("topd_megatron.tasks.synthetic:nothing")
     with pytest.raises(ValueError, match="neither a Task nor a zero-argument factory"):
-        load_task("topd_megatron.tasks.synthetic:apply_op")
+        load_task("topd_megatron.tasks.chains:apply_op")
     with pytest.raises(ValueError, match="is not a Task"):
-        load_task("topd_megatron.tasks.synthetic:OPS")
+        load_task("topd_megatron.tasks.chains:OPS")
 
 
 def test_math_jsonl_task_on_the_shared_data() -> None:
