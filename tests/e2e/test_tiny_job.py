@@ -33,6 +33,9 @@ def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert paired["verdict"] in ("higher", "lower", "no difference detected")
         runs = [results["runs"][f"{a}-seed{s}"]["avg"] for a in (arm, "opd") for s in range(2)]
         assert paired["per_seed"] == [runs[0] - runs[2], runs[1] - runs[3]]
+    contrasts = [(c["arm"], c["other"]) for c in results["contrasts"]]  # the pre-registered ones whose arms ran
+    assert contrasts == [("topd", "topd_random_windows"), ("topd_oracle", "topd")]
+    assert "topd - topd_random_windows (paired)" in out
     assert rows["topd"]["tau"] == results["oracle"]["tau"]["window_ot"]  # frozen from the calibration set
     assert 0.0 <= rows["topd"]["non_divergent_share"] <= 1.0
     refs = results["references"]
