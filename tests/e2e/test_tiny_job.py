@@ -18,6 +18,7 @@ def _small(tmp_path: Path, **kw) -> TinyConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a cold preparation on a loaded machine takes well over the suite's 900 s
 def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _small(tmp_path / "tiny", arms=("opd", "topd", "topd_oracle", "topd_random_windows"))
     results = run_tiny(cfg, world_timeout=1800)
@@ -54,6 +55,7 @@ def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_tiny_job_runs_a_task_of_another_family(tmp_path: Path) -> None:
     """Any Task runs: the synthetic task (single-token numbers, no choice labels) leaves the oracle-detector arm out
     and everything else works the same way."""
