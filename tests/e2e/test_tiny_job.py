@@ -18,6 +18,7 @@ def _small(tmp_path: Path, **kw) -> TinyConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a cold preparation on a loaded machine takes well over the suite's 900 s
 def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _small(tmp_path / "tiny", arms=("opd", "topd", "topd_oracle", "topd_random_windows"))
     results = run_tiny(cfg, world_timeout=1800)
@@ -33,6 +34,9 @@ def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert paired["verdict"] in ("higher", "lower", "no difference detected")
         runs = [results["runs"][f"{a}-seed{s}"]["avg"] for a in (arm, "opd") for s in range(2)]
         assert paired["per_seed"] == [runs[0] - runs[2], runs[1] - runs[3]]
+    contrasts = [(c["arm"], c["other"]) for c in results["contrasts"]]  # the pre-registered ones whose arms ran
+    assert contrasts == [("topd", "topd_random_windows"), ("topd_oracle", "topd")]
+    assert "topd - topd_random_windows (paired)" in out
     assert rows["topd"]["tau"] == results["oracle"]["tau"]["window_ot"]  # frozen from the calibration set
     assert 0.0 <= rows["topd"]["non_divergent_share"] <= 1.0
     refs = results["references"]
@@ -51,6 +55,7 @@ def test_tiny_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_tiny_job_runs_a_task_of_another_family(tmp_path: Path) -> None:
     """Any Task runs: the synthetic task (single-token numbers, no choice labels) leaves the oracle-detector arm out
     and everything else works the same way."""

@@ -48,3 +48,26 @@ def test_paired_comparison_claims_only_what_the_intervals_support(capsys: pytest
     print_table(results)
     out = capsys.readouterr().out
     assert "higher" in out and "n.d." in out and "halfway 0.680" in out
+
+
+def test_pre_registered_contrasts_pair_arms_other_than_opd(capsys: pytest.CaptureFixture[str]) -> None:
+    """topd - topd_upweight is computed seed by seed like the OPD comparisons; a contrast whose arm is not in the job
+    (topd_random_windows, topd_oracle here) is left out rather than reported empty."""
+    arms = ["opd", "topd", "topd_upweight"]
+    cfg = TinyConfig(arms=tuple(arms), seeds=3)
+    runs = {("opd", s): _run(0.70, 0.90) for s in range(3)}
+    runs |= {("topd", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.60, 0.62, 0.61))}
+    runs |= {("topd_upweight", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.70, 0.71, 0.73))}
+    refs = {f"start-seed{s}": {"avg": 0.40, "greedy": 0.44} for s in range(3)} | {"teacher": {"avg": 1, "greedy": 1}}
+    oracle = {"tau": {"window_ot": 0.5}, "detectors": {}, "evaluation": {}, "calibration": {}}
+    results = compile_results(cfg, arms, runs, refs, oracle, {})
+    [con] = results["contrasts"]
+    assert (con["arm"], con["other"]) == ("topd", "topd_upweight")
+    assert con["avg"]["per_seed"] == pytest.approx([-0.10, -0.09, -0.12])
+    assert con["avg"]["verdict"] == "lower" and con["greedy"]["verdict"] == "no difference detected"
+    results["oracle"] = {
+        "evaluation": {"candidates": 0, "fork": 0, "surface": 0, "agreement": 0, "unlabelled": 0, "surface_share": 0},
+        "detectors": {},
+    }
+    print_table(results)
+    assert "topd - topd_upweight (paired): avg@4 -0.103" in capsys.readouterr().out

@@ -66,9 +66,9 @@ def test_load_task() -> None:
     with pytest.raises(ValueError, match="has no attribute"):
         load_task("topd_megatron.tasks.synthetic:nothing")
     with pytest.raises(ValueError, match="neither a Task nor a zero-argument factory"):
-        load_task("topd_megatron.tasks.synthetic:apply_op")
+        load_task("topd_megatron.tasks.chains:apply_op")
     with pytest.raises(ValueError, match="is not a Task"):
-        load_task("topd_megatron.tasks.synthetic:OPS")
+        load_task("topd_megatron.tasks.chains:OPS")
 
 
 def test_math_jsonl_task_on_the_shared_data() -> None:
@@ -109,3 +109,13 @@ def test_math_jsonl_task_rejects_bad_files(tmp_path) -> None:
     empty.write_text("")
     with pytest.raises(ValueError, match="asked for 2 problems, the file has 0"):
         MathJsonlTask(train_path=str(empty), eval_path=str(empty)).train_problems(2, 0)
+
+
+def test_a_chain_task_must_say_how_it_writes() -> None:
+    """ChainTask is the shared machinery only: a task that does not say how it writes prompts, solutions, answers
+    and numbers cannot be made (instead of failing later, mid-preparation)."""
+    from topd_megatron.tasks.chains import ChainTask
+
+    with pytest.raises(TypeError, match="abstract methods 'extract_answer', 'number_words', 'parse_prompt'"):
+        ChainTask()
+    assert SyntheticTask().render_prompt(3, [("add", 4)]) == "start with 3 , add 4 . what is the result ?"

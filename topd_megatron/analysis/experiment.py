@@ -121,6 +121,22 @@ class TinyConfig:
             raise ValueError(f"--seeds, --steps and --workers must be >= 1, got {self.seeds}, {self.steps}")
 
 
+LEFT_OUT = "the task does not label its choices (tasks.LabelsChoices)"
+"""Why an oracle-detector arm is left out of a job on a task that cannot label its choices."""
+
+
+def expected_cost(arm: str) -> float:
+    """A rough relative cost of one run of `arm` (for scheduling only): sampling near-future windows dominates (the
+    detector's teacher and fresh student windows), then guidance branch rows, then the rest of an OPD step."""
+    obj = objective.preset(arm)
+    det = obj.detection
+    windows = det.detector == "window_ot"
+    cost = 1.0 + (2.0 if windows else 0.0) + (1.0 if windows and det.student_window == "fresh" else 0.0)
+    if obj.guidance in ("teacher_window", "on_path"):
+        cost += 1.0 + (0.5 if obj.guidance_at == "random" else 0.0)
+    return cost
+
+
 def arm_lr(cfg: TinyConfig, arm: str) -> float:
     """The learning rate `arm` trains with: the job's --lr if given, else the arm's tuned rate (OPD's by default)."""
     if cfg.lr is not None:
@@ -255,7 +271,7 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     arms = [a for a in cfg.arms if arm_detector(a) != "oracle" or isinstance(task, LabelsChoices)]
     left_out = sorted(set(cfg.arms) - set(arms))
     if left_out:
-        print(f"[topd] {', '.join(left_out)}: left out, the task does not label its choices", flush=True)
+        print(f"[topd] {', '.join(left_out)}: left out, {LEFT_OUT}", flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sched = Scheduler(cfg.workers, cfg.tp * cfg.pp, world_timeout)
@@ -267,20 +283,19 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     )
     oracle_run = dataclasses.replace(base, run_dir=str(out / "oracle"))
     oracle = sched.submit(_run_oracle, (oracle_run, ocfg), "oracle (calibration + detector scores)")
+    # Longest jobs first, so that the last ones to finish are short (the order changes no number: every run is
+    # seeded on its own). Only as many tau-free runs as there are other workers go before the oracle's tau is known.
+    jobs = sorted(((a, s) for a in arms for s in range(cfg.seeds)), key=lambda j: -expected_cost(j[0]))
     needs_tau = {a for a in arms if arm_detector(a) in ("window_ot", "lookahead")}
-    futures: dict[tuple[str, int], Future] = {}
-    for arm in [a for a in arms if a not in needs_tau]:
-        for seed in range(cfg.seeds):
-            futures[arm, seed] = _submit_run(sched, cfg, prepared, arm, seed, {})
-    refs = _submit_references(sched, cfg, prepared, base)
+    early = [j for j in jobs if j[0] not in needs_tau][: max(cfg.workers - 1, 0)]
+    futures = {j: _submit_run(sched, cfg, prepared, *j, {}) for j in early}
     taus = oracle.result()["tau"]
-    for arm in [a for a in arms if a in needs_tau]:
-        for seed in range(cfg.seeds):
-            futures[arm, seed] = _submit_run(sched, cfg, prepared, arm, seed, taus)
+    futures |= {j: _submit_run(sched, cfg, prepared, *j, taus) for j in jobs if j not in futures}
+    refs = _submit_references(sched, cfg, prepared, base)
     runs = {key: f.result() for key, f in futures.items()}
     references = {name: accuracy(f.result()) for name, f in refs.items()}
     results = compile_results(cfg, arms, runs, references, oracle.result(), prepared.report)
-    results["arms_left_out"] = {a: "the task does not label its choices (tasks.LabelsChoices)" for a in left_out}
+    results["arms_left_out"] = {a: LEFT_OUT for a in left_out}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["plots"] = {
         "accuracy": str(plot_final_accuracy(results, out / "accuracy.png")),
@@ -334,6 +349,14 @@ def _paired(runs: dict[tuple[str, int], dict], arm: str, other: str, seeds: int,
     return {"per_seed": diffs, "interval": interval.as_dict(), "verdict": verdict(interval)}
 
 
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("topd", "topd_upweight", "H3: the windows' content (same extra mass at the same positions, no window)"),
+    ("topd", "topd_random_windows", "H3: the windows' placement (as many windows, at random positions)"),
+    ("topd_oracle", "topd", "H4: detection (the task's own fork labels instead of window-OT)"),
+)
+"""The pre-registered comparisons between arms other than OPD (docs/tiny.md), run where both arms are in the job."""
+
+
 def compile_results(
     cfg: TinyConfig,
     arms: list[str],
@@ -342,8 +365,8 @@ def compile_results(
     oracle: dict[str, Any],
     prepare_report: dict[str, Any],
 ) -> dict[str, Any]:
-    """The table (arms in `arms` order, each compared with OPD seed by seed), OPD's gain over the start, and the
-    references."""
+    """The table (arms in `arms` order, each compared with OPD seed by seed), the pre-registered contrasts between
+    other arms (`CONTRASTS`, same pairing), OPD's gain over the start, and the references."""
     starts = {s: references[f"start-seed{s}"] for s in range(cfg.seeds)}
     opd_time = statistics.fmean(runs["opd", s]["seconds"]["step"] for s in range(cfg.seeds))
     table = []
@@ -373,6 +396,11 @@ def compile_results(
         }
         for m in ("avg", "greedy")
     }
+    contrasts = [
+        {"arm": a, "other": b, "question": q, **{m: _paired(runs, a, b, cfg.seeds, m) for m in ("avg", "greedy")}}
+        for a, b, q in CONTRASTS
+        if a in arms and b in arms
+    ]
     start = {m: statistics.fmean(starts[s][m] for s in range(cfg.seeds)) for m in ("avg", "greedy")}
     teacher = references["teacher"]
     halfway = {m: (start[m] + teacher[m]) / 2 for m in ("avg", "greedy")}
@@ -380,6 +408,7 @@ def compile_results(
         "config": dataclasses.asdict(cfg),
         "primary_metric": f"avg@{cfg.eval_k} at T={cfg.eval_temperature} on {cfg.eval_problems} held-out problems",
         "table": table,
+        "contrasts": contrasts,
         "opd_gain_over_start": gain,
         "references": {"student_start": start, **{k: v for k, v in references.items() if not k.startswith("start")}},
         "halfway_to_teacher": halfway,
@@ -441,8 +470,14 @@ def print_table(results: dict[str, Any]) -> None:
             f(row["step_time_s"]),
             f(row["overhead_vs_opd"]),
         )
-    console = Console(width=max(Console().width, 150))
+    console = Console(width=max(Console().width, 200))
     console.print(table)
+    for con in results.get("contrasts", []):
+        console.print(
+            f"{con['arm']} - {con['other']} (paired): avg@{k} {_signed(con['avg']['interval'])}"
+            f" {_short(con['avg']['verdict'])}, greedy {_signed(con['greedy']['interval'])}"
+            f" {_short(con['greedy']['verdict'])}; {con['question']}"
+        )
     refs, half, gain = results["references"], results["halfway_to_teacher"], results["opd_gain_over_start"]
     for m, label in (("avg", f"avg@{k} T=1"), ("greedy", "greedy")):
         line = (

@@ -28,27 +28,28 @@ arm and the oracle's position classes use it).
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from topd_megatron.tasks import ChoiceKind, Problem
-from topd_megatron.tasks.synthetic import CONNECTORS, OPS, SYMBOL, apply_op
+from topd_megatron.tasks import ChoiceKind
+from topd_megatron.tasks.chains import (
+    CONNECTORS,
+    SYMBOL,
+    ChainTask,
+    SurfaceStyle,
+    apply_op,
+    parse_chain_prompt,
+    render_chain_prompt,
+    render_chain_solution,
+)
 
 
 @dataclass(frozen=True, slots=True)
-class DriftStyle:
+class DriftStyle(SurfaceStyle):
     """How one model writes: the probability of each surface choice, and its arithmetic slips."""
 
-    swap_commutative: float
-    """P(operand order 'k op a' instead of 'a op k') for + and *."""
-    relation_gives: float
-    """P('gives' instead of '=')."""
-    connector: tuple[float, float, float, float]
-    """P of each of CONNECTORS between steps."""
-    closing_result: float
-    """P('result : N .' instead of 'the answer is N .')."""
     slip: float = 0.0
     """P(a non-multiplication step's result is off by 1 or by 10), carried forward: a real fork."""
     slip_multiply: float = 0.0
@@ -76,109 +77,13 @@ def number(n: int) -> str:
     return " ".join(str(n))
 
 
-@dataclass(kw_only=True, slots=True)
-class DriftTask:
-    """Digit-level arithmetic chains with phrasing-bound student competence (module docstring)."""
-
-    steps: int = 3
-    """Operations per problem."""
-    max_operand: int = 9
-    """Operands of add/subtract are 1..max_operand; multipliers are 2..5."""
-    eval_fraction: int = 10
-    """One problem in `eval_fraction` (by a hash of its text) is held out for evaluation, never trained on."""
-    name: str = field(default="drift")
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 8:
-            raise ValueError(f"drift task: steps must be in 1..8, got {self.steps}")
-        if not 2 <= self.max_operand <= 20:
-            raise ValueError(f"drift task: max_operand must be in 2..20, got {self.max_operand}")
-
-    # --- problems ------------------------------------------------------------------------------------------------
-
-    def _random_problem(self, rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
-        value = start = rng.randint(2, 9)
-        ops: list[tuple[str, int]] = []
-        while len(ops) < self.steps:
-            op = rng.choice(OPS)
-            k = rng.randint(2, 5) if op == "multiply" else rng.randint(1, self.max_operand)
-            new = apply_op(value, op, k)
-            if 0 <= new <= 99:
-                ops.append((op, k))
-                value = new
-        return start, ops
-
-    def _problems(self, n: int, seed: int, held_out: bool) -> list[Problem]:
-        rng = random.Random(f"{self.name}-{seed}-{held_out}")
-        out: list[Problem] = []
-        seen: set[str] = set()
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 200 * n + 10_000:
-                raise ValueError(f"drift task: cannot draw {n} distinct problems at this difficulty")
-            start, ops = self._random_problem(rng)
-            prompt = render_prompt(start, ops)
-            if prompt in seen or self._is_held_out(prompt) != held_out:
-                continue
-            seen.add(prompt)
-            answer = start
-            for op, k in ops:
-                answer = apply_op(answer, op, k)
-            pid = hashlib.sha256(prompt.encode()).hexdigest()[:12]
-            out.append(Problem(id=f"{self.name}-{pid}", prompt=prompt, answer=str(answer)))
-        return out
-
-    def _is_held_out(self, prompt: str) -> bool:
-        return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % self.eval_fraction == 0
-
-    def train_problems(self, n: int, seed: int) -> list[Problem]:
-        return self._problems(n, seed, held_out=False)
-
-    def eval_problems(self, n: int, seed: int) -> list[Problem]:
-        return self._problems(n, seed, held_out=True)
-
-    # --- checking, traces, choice labels -------------------------------------------------------------------------
-
-    def is_correct(self, completion: str, problem: Problem) -> bool:
-        found = extract_answer(completion)
-        return found is not None and found == problem.answer
-
-    def sft_traces(self, problems: list[Problem], style: str, seed: int) -> list[str]:
-        if style not in DRIFT_STYLES:
-            raise ValueError(f"drift task: unknown style {style!r}; known: {sorted(DRIFT_STYLES)}")
-        rng = random.Random(f"{self.name}-trace-{style}-{seed}")
-        return [render_solution(*parse_prompt(p.prompt), DRIFT_STYLES[style], rng) for p in problems]
-
-    def tokenizer_corpus(self) -> list[str]:
-        words = [str(i) for i in range(10)]
-        words += ["start", "with", "add", "subtract", "multiply", "by", "what", "is", "the", "result", "answer"]
-        words += ["+", "-", "*", "=", "gives", ",", ".", "?", ":", *CONNECTORS]
-        return [" ".join(words)]
-
-    def choice_kind(self, prompt: str, response_prefix: str) -> ChoiceKind | None:
-        """Whether the next token after `response_prefix` is a reasoning choice (a digit of a result: a wrong one is
-        a fork) or a surface choice (an operand order, relation, connector or closing phrase: every option is
-        correct); None where the prefix does not follow the trace grammar (e.g. after a malformed step)."""
-        return choice_kind(prompt, response_prefix)
-
-
 def render_prompt(start: int, ops: list[tuple[str, int]]) -> str:
-    words = {"add": "add {k}", "subtract": "subtract {k}", "multiply": "multiply by {k}"}
-    steps = " , ".join(words[op].format(k=number(k)) for op, k in ops)
-    return f"start with {number(start)} , {steps} . what is the result ?"
-
-
-_STEP = re.compile(r"(add|subtract|multiply by) ((?:\d )*\d)(?= [,.])")
+    return render_chain_prompt(start, ops, number)
 
 
 def parse_prompt(prompt: str) -> tuple[int, list[tuple[str, int]]]:
     """Inverse of render_prompt."""
-    m = re.search(r"start with ((?:\d )*\d) ,", prompt)
-    if not m:
-        raise ValueError(f"not a drift prompt: {prompt!r}")
-    ops = [("multiply" if w == "multiply by" else w, int(k.replace(" ", ""))) for w, k in _STEP.findall(prompt)]
-    return int(m.group(1).replace(" ", "")), ops
+    return parse_chain_prompt(prompt, r"(?:\d )*\d", "drift")
 
 
 def _slipped(new: int, rest: list[tuple[str, int]], deltas: list[int]) -> int:
@@ -206,25 +111,15 @@ def _slip_deltas(op: str, new: int, rng: random.Random) -> list[int]:
 
 def render_solution(start: int, ops: list[tuple[str, int]], style: DriftStyle, rng: random.Random) -> str:
     """A worked solution whose surface choices (and slips, if the style has any) are drawn from `style`."""
-    parts = []
-    value = start
-    for i, (op, k) in enumerate(ops):
-        new = apply_op(value, op, k)
-        slip = style.slip_multiply if op == "multiply" else style.slip
-        if slip and rng.random() < slip:
-            new = _slipped(new, ops[i + 1 :], _slip_deltas(op, new, rng))
-        a, b = value, k
-        if op in ("add", "multiply") and rng.random() < style.swap_commutative:
-            a, b = b, a
-        relation = "gives" if rng.random() < style.relation_gives else "="
-        if i > 0:
-            parts.append(rng.choices(CONNECTORS, weights=style.connector)[0])
-        parts.append(f"{number(a)} {SYMBOL[op]} {number(b)} {relation} {number(new)}")
-        value = new
-    closing = (
-        f"result : {number(value)} ." if rng.random() < style.closing_result else f"the answer is {number(value)} ."
-    )
-    return " ".join(parts) + " . " + closing
+
+    def slip(i: int, new: int) -> int:
+        op = ops[i][0]
+        p = style.slip_multiply if op == "multiply" else style.slip
+        if p and rng.random() < p:
+            return _slipped(new, ops[i + 1 :], _slip_deltas(op, new, rng))
+        return new
+
+    return render_chain_solution(start, ops, style, rng, slip=slip, number=number)
 
 
 _ANSWER = re.compile(r"(?:the answer is|result :)((?: \d)+)(?= \.|$)")
@@ -292,6 +187,36 @@ def choice_kind(prompt: str, response_prefix: str) -> ChoiceKind | None:
                 return _digits_kind(digits, value) if digits else "reasoning"
             return None
     return "surface" if not closing else None
+
+
+@dataclass(kw_only=True, slots=True)
+class DriftTask(ChainTask[DriftStyle]):
+    """Digit-level arithmetic chains with phrasing-bound student competence (module docstring)."""
+
+    name: str = field(default="drift")
+
+    render_prompt = staticmethod(render_prompt)
+
+    def max_multiplier(self) -> int:
+        return 5
+
+    # --- checking, traces, choice labels -------------------------------------------------------------------------
+
+    render_solution = staticmethod(render_solution)
+    parse_prompt = staticmethod(parse_prompt)
+    extract_answer = staticmethod(extract_answer)
+
+    def styles(self) -> Mapping[str, DriftStyle]:
+        return DRIFT_STYLES
+
+    def number_words(self) -> list[str]:
+        return [str(i) for i in range(10)]
+
+    def choice_kind(self, prompt: str, response_prefix: str) -> ChoiceKind | None:
+        """Whether the next token after `response_prefix` is a reasoning choice (a digit of a result: a wrong one is
+        a fork) or a surface choice (an operand order, relation, connector or closing phrase: every option is
+        correct); None where the prefix does not follow the trace grammar (e.g. after a malformed step)."""
+        return choice_kind(prompt, response_prefix)
 
 
 def default() -> DriftTask:

@@ -197,6 +197,19 @@ class BranchLoss:
         return value * self.scale, {"value": value.detach().clone()}
 
 
+def rollout_objective(
+    cfg: objective.Config, weights: Tensor, detection: Detection | None
+) -> tuple[objective.Config, Tensor]:
+    """Pass 1's objective and weights n_t: with teacher_window guidance (pass 2's windows) the OPD term alone, its
+    weight 0 at the guided anchors when the window replaces it there (guidance_replaces_opd); else `cfg` as is."""
+    if cfg.guidance != "teacher_window":
+        return cfg, weights
+    if cfg.guidance_replaces_opd and detection is not None:
+        weights = weights.clone()
+        weights[detection.guidance_positions().to(weights.device)] = 0.0
+    return dataclasses.replace(cfg, guidance="none", guidance_replaces_opd=False), weights
+
+
 def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
     return sum((o["value"] for o in outputs), torch.zeros(()))
 
@@ -217,13 +230,14 @@ def backward(
         m.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     mbs = step.microbatches()
+    rollout_cfg, rollout_weights = rollout_objective(cfg, weights, found.detection)
     rollout_loss = RolloutLoss(
-        cfg=dataclasses.replace(cfg, guidance="none") if cfg.guidance == "teacher_window" else cfg,
+        cfg=rollout_cfg,
         step=step,
         tokens=scores.tokens,
         teacher=scores.teacher,
         detection=found.detection,
-        weights=weights,
+        weights=rollout_weights,
         scale=len(mbs) * dp,
         ctx=sc,
         inject_nan=inject_nan,
