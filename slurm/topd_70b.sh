@@ -201,6 +201,7 @@ requeue_if_stopped() {  # after a clean stop (RUN_DIR/requeue.json), or a warnin
         fi
         log "stopped on SIG$stop_signal: requeueing job $job (restart $((restarts + 1))); it resumes from the checkpoint"
         scontrol requeue "$job" || { log "scontrol requeue failed: resubmit this script to resume"; exit 75; }
+        exit 75  # this start's code is "requeued" whatever torchrun answered the signal with (it may exit 1)
     fi
 }
 cleanup() {

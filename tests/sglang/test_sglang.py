@@ -71,7 +71,9 @@ def _parity_body(rank: int, world: int, student: str, url: str, modes: tuple[str
         mine = _megatron_logprobs(lm, seqs, start)
         if rank == 0:
             sampled = [torch.tensor(g.output_logprobs, dtype=torch.float64) for g in gens]
-            scored = [torch.tensor(s.logprobs, dtype=torch.float64) for s in client.score(seqs, start)]
+            # the model's vocabulary size, as the engine passes it: SGLang reports its last id as 0 in input log-probs
+            scores = client.score(seqs, start, vocab_size=lm.vocab_size)
+            scored = [torch.tensor(s.logprobs, dtype=torch.float64) for s in scores]
             report[tag] = {
                 "generate": max((a - b).abs().max().item() for a, b in zip(mine, sampled, strict=True)),
                 "score": max((a - b).abs().max().item() for a, b in zip(mine, scored, strict=True)),
@@ -80,21 +82,23 @@ def _parity_body(rank: int, world: int, student: str, url: str, modes: tuple[str
 
     compare("initial")
     initial = [p.detach().clone() for p in lm.modules[0].parameters()]
-    for i, mode in enumerate(modes):
-        gen = torch.Generator().manual_seed(100 + i)  # the same on every rank: replicated parameters stay equal
+    try:
+        for i, mode in enumerate(modes):
+            gen = torch.Generator().manual_seed(100 + i)  # the same on every rank: replicated parameters stay equal
+            with torch.no_grad():
+                for p in lm.modules[0].parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            sync = WeightSync(mode, lm, client, server_ranks=1, work_dir=Path(work))
+            stats = sync.sync()
+            compare(mode)
+            if rank == 0:
+                report[mode]["sync"] = stats
+            sync.close()
+    finally:  # leave the shared server as the checkpoint, also after a failure: other tests compare against it
         with torch.no_grad():
-            for p in lm.modules[0].parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        sync = WeightSync(mode, lm, client, server_ranks=1, work_dir=Path(work))
-        stats = sync.sync()
-        compare(mode)
-        if rank == 0:
-            report[mode]["sync"] = stats
-        sync.close()
-    with torch.no_grad():  # leave the shared server as the checkpoint: other tests compare against it
-        for p, p0 in zip(lm.modules[0].parameters(), initial, strict=True):
-            p.copy_(p0)
-    WeightSync("disk", lm, client, server_ranks=1, work_dir=Path(work)).sync()
+            for p, p0 in zip(lm.modules[0].parameters(), initial, strict=True):
+                p.copy_(p0)
+        WeightSync("disk", lm, client, server_ranks=1, work_dir=Path(work)).sync()
     return report if rank == 0 else None
 
 

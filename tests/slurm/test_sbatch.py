@@ -136,6 +136,21 @@ def _wait_job_id(proc: subprocess.Popen[str], cluster: SlurmCluster, tmp_path: P
     raise AssertionError(f"no job in the queue; sbatch: {proc.poll()}")
 
 
+def _final_state(cluster: SlurmCluster, job: str, *, restarts: int, timeout: float) -> dict[str, str]:
+    """`scontrol show job` of `job` once it has ended after `restarts` requeues ({"JobState": ..., "ExitCode": ...}).
+    Polled rather than read from `sbatch --wait`, whose poll can see the first start's end as the job's."""
+    deadline = time.monotonic() + timeout
+    fields: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        out = cluster.run("scontrol", "-o", "show", "job", job, timeout=30).stdout
+        fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+        ended = fields.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+        if ended and int(fields.get("Restarts", "0")) >= restarts:
+            return fields
+        time.sleep(1.0)
+    raise AssertionError(f"job {job} did not end after {restarts} requeue(s) within {timeout:.0f} s: {fields}")
+
+
 def _stable_rows(run: Path) -> list[dict]:
     """metrics.jsonl without what differs between processes: timings, weight-sync figures, per-process counters
     (sglang/*), and the served-model self-test rows (one per start)."""
@@ -194,9 +209,10 @@ def test_a_preempted_tiny_job_checkpoints_requeues_and_finishes_like_an_uninterr
         assert proc.poll() is None and time.monotonic() < deadline, "the job was not requeued"
         time.sleep(0.5)
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)
-    done = _finish(proc, tmp_path, job)
+    final = _final_state(slurm_cluster, job, restarts=1, timeout=840)
+    done = _finish(proc, tmp_path, job)  # sbatch --wait may have returned at the end of the first start: not used
 
-    assert done.returncode == 0, f"sbatch exit {done.returncode}; job output:\n{done.log[-6000:]}\n{done.stderr}"
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{done.log[-6000:]}"
     assert "got SIGUSR1: passing it on to training" in done.log
     assert "stopped on SIGUSR1: requeueing job" in done.log and "training exited with code 0" in done.log
     assert "(restart 1)" in done.log
