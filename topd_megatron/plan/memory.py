@@ -102,7 +102,7 @@ from topd_megatron.plan.layout import Layout, StepShape
 from topd_megatron.rollout.sglang.server import ServerConfig
 
 GIB = float(1 << 30)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "auto": 2}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "auto": 2}
 
 FRAMEWORK_OVERHEAD_GIB = 4.0
 """Per training GPU: CUDA context (~0.6 GiB), NCCL communicator buffers, cuBLAS/TE workspaces, allocator

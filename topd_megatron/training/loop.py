@@ -173,6 +173,7 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
             pad_id=session.tokenizer.pad_token_id,
             offload_teacher_logits=cfg.train.offload_teacher_logits,
             choices=ChoiceLabeller(task=task, tokenizer=session.tokenizer) if isinstance(task, LabelsChoices) else None,
+            pack_guidance=cfg.train.pack_guidance,
         )
         ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
         evaluate = Evaluation(cfg=cfg, session=session, task=task, logger=logger)

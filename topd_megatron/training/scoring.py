@@ -14,6 +14,7 @@ after (x, y_<t) at each candidate through the rollout engine (and K student toke
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from topd_megatron.algorithm.batch import StepBatch, prefixes, windows_from_gene
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
+from topd_megatron.models.positions import packing_unsupported_reason
 from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
@@ -33,6 +35,8 @@ from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 TeacherScores = list[Tensor] | ServedTeacher
 """The teacher's side of a step: its vocab-sharded logits per micro-batch, or a served teacher's report."""
@@ -59,6 +63,9 @@ class ScoringContext:
     """Keep the step's teacher logits in host memory until each micro-batch's loss needs them (GPU only)."""
     choices: ChoiceLabeller | None = None
     """The task's labels of its choices (the oracle detector); None when the task cannot label them."""
+    pack_guidance: bool = False
+    """teacher_window guidance: pack each rollout's windows after it (algorithm/packing.py) instead of one whole-prefix
+    row per window; `scoring_context` sets it only where the models can (models.positions)."""
 
     @property
     def vocab_size(self) -> int:
@@ -103,9 +110,11 @@ def scoring_context(
     pad_id: int,
     offload_teacher_logits: bool = False,
     choices: ChoiceLabeller | None = None,
+    pack_guidance: bool = True,
 ) -> ScoringContext:
     """A ScoringContext on this rank's parallel groups. A served teacher (teacher=None) needs an engine that scores;
-    the oracle detector needs `choices`."""
+    the oracle detector needs `choices`. `pack_guidance` is kept only when the student (and a colocated teacher) can
+    run packed rows; otherwise a warning says why and the per-branch rows are used (the same numbers, more compute)."""
     from megatron.core import parallel_state as ps
 
     if cfg.detection.detector == "oracle" and choices is None:
@@ -122,6 +131,12 @@ def scoring_context(
                 " teacher needs rollout=sglang with sglang.teacher set"
             )
         scorer = engine
+    if pack_guidance and cfg.guidance == "teacher_window":
+        modules = student.modules + (teacher.modules if teacher is not None else [])
+        reason = packing_unsupported_reason(modules)
+        if reason is not None:
+            log.warning("packed guidance windows are off: %s; training on one whole-prefix row per window", reason)
+            pack_guidance = False
     return ScoringContext(
         objective=cfg,
         student=student,
@@ -134,6 +149,7 @@ def scoring_context(
         dp_group=ps.get_data_parallel_group(),
         offload_teacher_logits=offload_teacher_logits,
         choices=choices,
+        pack_guidance=pack_guidance and cfg.guidance == "teacher_window",
     )
 
 

@@ -9,6 +9,10 @@
                                                                        the branch micro-batches; DP-reduced once
     update   = apply_update(ctx, grads)                             5. skip a non-finite step, else clip + step + LR
 
+Packed guidance (`ctx.scoring.pack_guidance`, the default where the models can: algorithm/packing.py): phase 3 packs
+each rollout's windows after it, the teacher scores the packed rows in one forward, and phase 4 is a single pass over
+them; the loss and every gradient equal the two passes' (tests/distributed/test_packing.py).
+
 Phases 1-2 live in `training.scoring` (the oracle reuses them without an optimizer).
 
 Normalisation spans the step: the per-position weights n_t are computed on the whole step (all micro-batches and
@@ -40,6 +44,7 @@ from torch import Tensor
 from topd_megatron.algorithm import objective
 from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch
 from topd_megatron.algorithm.objective import ServedTeacher
+from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.training.forward import MicroBatch, run_pipeline
 from topd_megatron.training.scoring import (
@@ -77,8 +82,9 @@ class Branches:
     """[G] ascending flat positions t of the branches (the divergent candidates)."""
     windows: Windows
     """[G, K] the teacher windows u, in `positions` order."""
-    batch: BranchBatch | None
-    """The padded branch rows in micro-batches (None when G = 0)."""
+    batch: BranchBatch | PackedBatch | None
+    """The branch rows in micro-batches: one whole-prefix row per branch (BranchBatch), or the windows packed after
+    their rollouts (PackedBatch, `ctx.pack_guidance`: one pass trains rollouts and windows); None when G = 0."""
     teacher: list[Tensor] | ServedTeacher | None
     """Per branch micro-batch the teacher's window rows [sum K', V_local], a served report on all window tokens
     (packed window after window), or None (cross-entropy guidance needs nothing from the teacher)."""
@@ -117,7 +123,10 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
         windows = sample_windows(ctx, step, positions, "teacher", seed)
     if not positions.numel():
         return Branches(positions=positions, windows=windows, batch=None, teacher=None)
-    batch = build_branch_batch(step, positions, windows, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
+    if ctx.pack_guidance:
+        batch: BranchBatch | PackedBatch = pack_windows(step, positions, windows, pad_id=ctx.pad_id)
+    else:
+        batch = build_branch_batch(step, positions, windows, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
     if ctx.teacher is not None:  # [sum K', V_local] per branch micro-batch
         teacher = teacher_logits(ctx.teacher, batch.microbatches(), lambda mb, t: batch.window_logits(mb.index, t))
     elif ctx.objective.guidance_divergence == "cross_entropy":  # the cross-entropy on u_j needs no teacher
@@ -197,6 +206,22 @@ class BranchLoss:
         return value * self.scale, {"value": value.detach().clone()}
 
 
+@dataclass(kw_only=True, slots=True)
+class PackedLoss:
+    """The one pass over packed rows (algorithm/packing.py): pass 1's OPD term on the rollout columns plus pass 2's
+    guidance on the window rows of the same logits; both scaled as their own passes were."""
+
+    rollout: RolloutLoss
+    guidance: BranchLoss
+    width: int
+    """S: the rollout columns of a packed row."""
+
+    def __call__(self, mb: MicroBatch, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        value, out = self.rollout(mb, logits[:, : self.width])
+        g_value, g_out = self.guidance(mb, logits)
+        return value + g_value, {"value": out["value"], "guidance": g_out["value"]}
+
+
 def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
     return sum((o["value"] for o in outputs), torch.zeros(()))
 
@@ -204,8 +229,8 @@ def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
 def backward(
     ctx: StepContext, step: StepBatch, scores: Scores, found: Detected, branches: Branches | None, *, inject_nan: bool
 ) -> Gradients:
-    """Phase 4 (collective): both passes through get_forward_backward_func; gradients add up in the DDP buffers and
-    are reduced once by `finalize_model_grads`."""
+    """Phase 4 (collective): both passes through get_forward_backward_func (one pass over packed rows when the
+    branches are packed); gradients add up in the DDP buffers and are reduced once by `finalize_model_grads`."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -228,12 +253,18 @@ def backward(
         ctx=sc,
         inject_nan=inject_nan,
     )
-    out1 = run_pipeline(student.modules, mbs, rollout_loss, forward_only=False)
     out2: list[dict[str, Tensor]] = []
-    if branches is not None and branches.batch is not None:
-        branch_mbs = branches.batch.microbatches()
-        branch_loss = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(branch_mbs) * dp, ctx=sc)
-        out2 = run_pipeline(student.modules, branch_mbs, branch_loss, forward_only=False)
+    if branches is not None and isinstance(branches.batch, PackedBatch):  # one pass: rollouts and their windows
+        guidance = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(mbs) * dp, ctx=sc)
+        packed = PackedLoss(rollout=rollout_loss, guidance=guidance, width=branches.batch.rollout_width)
+        out1 = run_pipeline(student.modules, branches.batch.microbatches(), packed, forward_only=False)
+        out2 = [{"value": o["guidance"]} for o in out1]
+    else:
+        out1 = run_pipeline(student.modules, mbs, rollout_loss, forward_only=False)
+        if branches is not None and branches.batch is not None:
+            branch_mbs = branches.batch.microbatches()
+            branch_loss = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(branch_mbs) * dp, ctx=sc)
+            out2 = run_pipeline(student.modules, branch_mbs, branch_loss, forward_only=False)
     finalize_model_grads(student.modules)  # DP all-reduce / reduce-scatter, SP norms, tied embeddings: once
     return Gradients(
         opd_value=_sum_values(out1), guidance_value=_sum_values(out2), diagnostics=rollout_loss.diagnostics
