@@ -106,18 +106,29 @@ class PackedBatch:
 
 def pack_windows(step: StepBatch, positions: Tensor, windows: Windows, *, pad_id: int) -> PackedBatch:
     """Pack the guidance windows `windows` (one per flat position in `positions`, ascending) after their rollouts."""
-    s, s1 = step.tokens.shape[1], step.targets_per_row
+    return pack_rows(
+        step.tokens, step.response_mask, positions, windows, pad_id=pad_id, micro_batch_size=step.micro_batch_size
+    )
+
+
+def pack_rows(
+    rows: Tensor, response_mask: Tensor, positions: Tensor, windows: Windows, *, pad_id: int, micro_batch_size: int
+) -> PackedBatch:
+    """`pack_windows` on plain tensors: `rows` [B, S] (B a multiple of `micro_batch_size`), flat target positions
+    p = row * (S - 1) + j in ascending order, one window each."""
+    s = rows.shape[1]
+    s1 = s - 1
     rows_of = [int(p) // s1 for p in positions]
-    extra = [0] * step.tokens.shape[0]
+    extra = [0] * rows.shape[0]
     for r, n in zip(rows_of, windows.lengths.tolist(), strict=True):
         extra[r] += max(n - 1, 0)
-    b, w = step.tokens.shape[0], s + max(extra, default=0)
+    b, w = rows.shape[0], s + max(extra, default=0)
     tokens = torch.full((b, w), pad_id, dtype=torch.long)
-    tokens[:, :s] = step.tokens
+    tokens[:, :s] = rows
     pos, anchor = torch.arange(w).repeat(b, 1), torch.arange(w).repeat(b, 1)
     start = anchor + 1
     loss_mask = torch.zeros(b, w)
-    loss_mask[:, :s] = step.response_mask.float()
+    loss_mask[:, :s] = response_mask.float()
     fill = [s] * b
     window_rows: list[int] = []
     for r, p, u, n in zip(rows_of, positions.tolist(), windows.tokens, windows.lengths.tolist(), strict=True):
@@ -142,5 +153,5 @@ def pack_windows(step: StepBatch, positions: Tensor, windows: Windows, *, pad_id
         window_rows=torch.tensor(window_rows, dtype=torch.long),
         branch_rows=torch.tensor(rows_of, dtype=torch.long),
         lengths=windows.lengths.clone(),
-        micro_batch_size=step.micro_batch_size,
+        micro_batch_size=micro_batch_size,
     )

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
+from topd_megatron.rollout.windows import sample_windows_packed
 from topd_megatron.seeds import embedded_generator_seed
 from topd_megatron.training.forward import MicroBatch, causal_mask, forward_logits
 
@@ -53,6 +54,27 @@ class EmbeddedEngine:
             m.eval()
         try:
             return self._generate(lm, prompts, params)
+        finally:
+            for m, mode in zip(lm.modules, was_training, strict=True):
+                m.train(mode)
+
+    def generate_windows(
+        self,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        params: SamplingParams,
+        *,
+        model: Literal["student", "teacher"],
+    ) -> list[Generation]:
+        """Windows after prefixes of `rows`, each rollout row run once per decode step (rollout/windows.py)."""
+        lm = self.models[model]
+        if lm is None:
+            raise ValueError(f"EmbeddedEngine: no {model} model was given")
+        was_training = [m.training for m in lm.modules]
+        for m in lm.modules:
+            m.eval()
+        try:
+            return sample_windows_packed(lm, rows, positions, params, micro_batch_size=self.micro_batch_size)
         finally:
             for m, mode in zip(lm.modules, was_training, strict=True):
                 m.train(mode)

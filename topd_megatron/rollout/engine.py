@@ -12,7 +12,10 @@ embedded engine (every rank passes the same prompts, every rank gets the same re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,4 +99,19 @@ class TeacherScorer(Protocol):
     ) -> list[TokenScores]:
         """log p(seq[i] | seq[:i]) for i >= starts[j] of each sequence j, with the top-k ids and log-probs at those
         positions when top_k > 0 (collective over the model-parallel group, like `generate`)."""
+        ...
+
+
+@runtime_checkable
+class WindowSampler(Protocol):
+    """Near-future windows sampled per rollout: every prefix (x, y_<=j) of a rollout row is a prefix of the row, so an
+    engine can compute the row once for all its windows (the embedded engine packs them after the row, SGLang serves
+    them from its radix cache); engines without it get one independent `generate` call per prefix."""
+
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Literal["student", "teacher"]
+    ) -> list[Generation]:
+        """One continuation of `params.max_new_tokens` tokens after rows[p // (S - 1), : p % (S - 1) + 1] for each
+        flat target position p of `positions` (ascending) in the [B, S] token rows, in that order (collective over
+        the model-parallel group, like `generate`); `prompt_ids` of each generation is its prefix."""
         ...

@@ -15,6 +15,7 @@ after (x, y_<t) at each candidate through the rollout engine (and K student toke
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.models.positions import packing_unsupported_reason
-from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer
+from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer, WindowSampler
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
 from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
@@ -172,6 +173,8 @@ class Detected:
     """None without a detector."""
     teacher_windows: Windows | None
     """window_ot: one teacher window per candidate (in candidate order); else None."""
+    window_seconds: float = 0.0
+    """Wall time of the window sampling (teacher, and fresh student windows) through the engine."""
 
 
 def teacher_view(
@@ -252,7 +255,12 @@ def sample_windows(ctx: ScoringContext, step: StepBatch, positions: Tensor, mode
     """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher."""
     k = ctx.objective.detection.window
     params = SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
-    gens = ctx.engine.generate(prefixes(step, positions), params, model=model) if positions.numel() else []
+    if not positions.numel():
+        return windows_from_generations([], k)
+    if isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
+        gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model)
+    else:
+        gens = ctx.engine.generate(prefixes(step, positions), params, model=model)
     return windows_from_generations(gens, k)
 
 
@@ -294,11 +302,13 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
     assert scores.divergence is not None, "score() computes d_t whenever a detector is configured"
     cands = detection.select_candidates(cfg, scores.tokens, scores.divergence)
     u = student_windows = embedding = kinds = None
+    t0 = time.perf_counter()
     if cfg.detector == "window_ot":
         u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         if cfg.student_window == "fresh":
             student_windows = sample_windows(ctx, step, cands.positions, "student", window_seed)
         embedding = student_embedding_shard(ctx.student)
+    seconds = time.perf_counter() - t0
     if cfg.detector == "oracle":
         assert ctx.choices is not None, "scoring_context() refuses the oracle detector without choice labels"
         kinds = ctx.choices.kinds(step, cands.positions)
@@ -319,4 +329,4 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
         counts = torch.bincount(seq, minlength=int(scores.tokens.seq_ids.max()) + 1)
         det = det.with_guided(random_anchors(scores.tokens, counts, window_seed))
         u = None  # the detection's windows belong to other positions
-    return Detected(detection=det, teacher_windows=u)
+    return Detected(detection=det, teacher_windows=u, window_seconds=seconds)

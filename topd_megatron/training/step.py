@@ -88,6 +88,8 @@ class Branches:
     teacher: list[Tensor] | ServedTeacher | None
     """Per branch micro-batch the teacher's window rows [sum K', V_local], a served report on all window tokens
     (packed window after window), or None (cross-entropy guidance needs nothing from the teacher)."""
+    window_seconds: float = 0.0
+    """Wall time of sampling the windows here (0 when the detector's windows were reused)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,12 +119,14 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
         return None
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
     positions = found.detection.guidance_positions()
+    t0 = time.perf_counter()
     if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
         windows = found.detection.guidance_windows(found.teacher_windows)
     else:
         windows = sample_windows(ctx, step, positions, "teacher", seed)
+    sampled = time.perf_counter() - t0 if found.teacher_windows is None else 0.0
     if not positions.numel():
-        return Branches(positions=positions, windows=windows, batch=None, teacher=None)
+        return Branches(positions=positions, windows=windows, batch=None, teacher=None, window_seconds=sampled)
     if ctx.pack_guidance:
         batch: BranchBatch | PackedBatch = pack_windows(step, positions, windows, pad_id=ctx.pad_id)
     else:
@@ -134,7 +138,7 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     else:
         assert ctx.scorer is not None
         teacher = served_branch_scores(ctx.scorer, step, positions, windows, ctx.top_k)
-    return Branches(positions=positions, windows=windows, batch=batch, teacher=teacher)
+    return Branches(positions=positions, windows=windows, batch=batch, teacher=teacher, window_seconds=sampled)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -308,7 +312,9 @@ def train_step(ctx: StepContext, step: StepBatch, *, window_seed: int, inject_na
     t0 = time.perf_counter()
     update = apply_update(ctx, grads)
     times["time/update_s"] = time.perf_counter() - t0
-    return step_metrics(ctx, grads, update, found, branches) | times
+    times["time/windows_s"] = found.window_seconds + (branches.window_seconds if branches is not None else 0.0)
+    shape = {"step/rollout_tokens": float(step.tokens.numel())}  # B x S: what guidance/train_tokens compares to
+    return step_metrics(ctx, grads, update, found, branches) | times | shape
 
 
 def step_metrics(
@@ -330,6 +336,11 @@ def step_metrics(
     if branches is not None:
         metrics["guidance/windows"] = float(branches.positions.numel())
         metrics["guidance/tokens"] = float(branches.windows.lengths.sum())
+        if branches.batch is not None:  # tokens the branch training processes, padding included
+            b = branches.batch
+            width = b.width - b.rollout_width if isinstance(b, PackedBatch) else b.tokens.shape[1]
+            metrics["guidance/train_tokens"] = float(b.tokens.shape[0] * width)
+            metrics["guidance/packed"] = float(isinstance(b, PackedBatch))
     return metrics
 
 
