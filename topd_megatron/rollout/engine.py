@@ -53,6 +53,7 @@ class Generation:
     finished: bool
     """True when a stop token ended it, False when max_new_tokens did."""
     meta: dict = field(default_factory=dict)
+    """Engine-specific facts (SGLang: finish_reason, prompt_tokens, cached_tokens)."""
 
 
 class RolloutEngine(Protocol):
@@ -83,6 +84,10 @@ class TokenScores:
     """[n][k] the k most likely tokens at each of those positions (when asked)."""
     top_logprobs: list[list[float]] | None = None
     """[n][k] their log-probs."""
+    prompt_tokens: int = 0
+    """Tokens the server read for this request (a served scorer's count; 0 when unknown)."""
+    cached_tokens: int = 0
+    """Of them, how many its prefix cache held (SGLang's meta_info.cached_tokens)."""
 
 
 @runtime_checkable
