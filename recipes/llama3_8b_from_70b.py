@@ -37,16 +37,23 @@ from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 def llama3_8b_from_70b() -> RunConfig:
     return RunConfig(
         student=ModelConfig(
-            path=checkpoint("Llama-3.1-8B-Instruct"), dtype="bfloat16", seq_length=8192, recompute="full"
+            path=checkpoint("Llama-3.1-8B-Instruct"),
+            dtype="bfloat16",
+            seq_length=8192,
+            recompute="selective",
+            transformer_engine=False,  # packed guidance windows need Megatron-Core's local attention
         ),
-        teacher=ModelConfig(path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192),
+        teacher=ModelConfig(
+            path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192, transformer_engine=False
+        ),
         run_dir=run_dir("llama3_8b_from_70b"),
         task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=4, dp=2, mem_fraction=0.08),
+            student=gpu_server("student", tp=4, dp=2, mem_fraction=0.67),
             teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.14, extra_args=("--quantization", "fp8")),
             sync_mode="distributed",
+            colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=8, pp=1, sequence_parallel=True),
         objective=objective.preset("topd"),

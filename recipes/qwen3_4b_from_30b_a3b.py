@@ -35,16 +35,23 @@ from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 def qwen3_4b_from_30b_a3b() -> RunConfig:
     return RunConfig(
         student=ModelConfig(
-            path=checkpoint("Qwen3-4B-Instruct-2507"), dtype="bfloat16", seq_length=8192, recompute="full"
+            path=checkpoint("Qwen3-4B-Instruct-2507"),
+            dtype="bfloat16",
+            seq_length=8192,
+            recompute="full",
+            transformer_engine=False,  # packed guidance windows need Megatron-Core's local attention
         ),
-        teacher=ModelConfig(path=checkpoint("Qwen3-30B-A3B-Instruct-2507"), dtype="bfloat16", seq_length=8192),
+        teacher=ModelConfig(
+            path=checkpoint("Qwen3-30B-A3B-Instruct-2507"), dtype="bfloat16", seq_length=8192, transformer_engine=False
+        ),
         run_dir=run_dir("qwen3_4b_from_30b_a3b"),
         task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.12),
+            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.69),
             teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.12),
             sync_mode="distributed",
+            colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=4, pp=1, ep=2),
         objective=objective.preset("topd"),

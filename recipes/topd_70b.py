@@ -38,7 +38,13 @@ from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
 
 def topd_70b() -> RunConfig:
     return RunConfig(
-        student=ModelConfig(path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192),
+        student=ModelConfig(
+            path=checkpoint("Llama-3.3-70B-Instruct"),
+            dtype="bfloat16",
+            seq_length=8192,
+            recompute="full",
+            transformer_engine=False,  # Megatron-Core's local attention takes the packed windows' mask
+        ),
         teacher=ModelConfig(
             path=checkpoint("Llama-3.1-405B-Instruct"),
             dtype="bfloat16",
@@ -51,11 +57,18 @@ def topd_70b() -> RunConfig:
         rollout="sglang",
         teacher_source="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, startup_timeout_s=1800.0),
+            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, servers=8, startup_timeout_s=1800.0),
             teacher=gpu_server(
-                "teacher", tp=8, dp=1, mem_fraction=0.85, extra_args=("--quantization", "fp8"), startup_timeout_s=3600.0
+                "teacher",
+                tp=8,
+                dp=1,
+                mem_fraction=0.85,
+                servers=10,
+                extra_args=("--quantization", "fp8"),
+                startup_timeout_s=3600.0,
             ),
             sync_mode="distributed",
+            colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=8, pp=2, sequence_parallel=True),
         objective=dataclasses.replace(objective.preset("topd"), teacher_signal="top_k"),
@@ -72,6 +85,6 @@ def topd_70b() -> RunConfig:
         ),
         eval=math_eval(),
         cluster=ClusterConfig(
-            nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=1, teacher_server_nodes=1
+            nodes=8, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=0, teacher_server_nodes=10
         ),
     )

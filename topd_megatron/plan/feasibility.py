@@ -173,8 +173,12 @@ def _server_errors(
 ) -> list[str]:
     errors = []
     mem = server_memory(arch, server, cfg.cluster.gpu_memory_gib)
-    if server.tp * server.dp > gpus:
-        errors.append(f"SGLang {who} server needs TP*DP = {server.tp * server.dp} GPUs; {gpus} are available to it")
+    need = server.tp * server.dp * server.servers
+    if need > gpus:
+        errors.append(
+            f"SGLang {who} servers need servers*TP*DP = {server.servers}*{server.tp}*{server.dp} = {need} GPUs;"
+            f" {gpus} are available to them"
+        )
     if arch.heads % server.tp:
         errors.append(f"SGLang {who} server TP={server.tp} does not divide {arch.heads} attention heads")
     if mem.weights >= mem.static:
@@ -214,7 +218,7 @@ def memory_plan(
             roles.append(server_role(cfg, who, arch, server, here, shape.seq))
             gpus = layout.world if here else nodes * c.gpus_per_node
             errors += _server_errors(cfg, who, arch, server, gpus, shape.seq)
-            per_replica = -(-shape.rollouts * max(layout.dp, 1) // server.dp)
+            per_replica = -(-shape.rollouts * max(layout.dp, 1) // (server.dp * server.servers))
             held = server_memory(arch, server, c.gpu_memory_gib).kv_tokens // max(shape.seq, 1)
             if who == "student" and 0 < held < per_replica:
                 warnings.append(
@@ -245,7 +249,7 @@ def plan(cfg: RunConfig, *, strict: bool = False, device: str = "cuda", run_pref
     """Plan `cfg` on its cluster (see the module docstring). `device`: 'cuda' (TransformerEngine, flash attention,
     the GPU chunk budget) or 'cpu' (Megatron-Core's local spec). `strict` makes missing local paths errors."""
     layout = layout_of(cfg)
-    shape = step_shape(cfg, layout)
+    shape = step_shape(cfg, layout, device)
     result = Plan(cfg=cfg, layout=layout, shape=shape)
     archs: dict[str, Architecture] = {}
     for role in ("student", "teacher"):

@@ -28,6 +28,7 @@ from topd_megatron.models.tokenizer import encode_prompt
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
 from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
+from topd_megatron.training.colocation import MegatronStates, TimeSlicedEngine, check_time_slicing
 from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.training.scoring import ChoiceLabeller, scoring_context
@@ -142,6 +143,9 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     from rich.progress import Progress
 
     task = load_task(cfg.task)
+    time_slice = cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice"
+    if time_slice:
+        check_time_slicing()  # before any model or server exists
     engine = EngineSpec(
         kind=cfg.rollout, micro_batch_size=cfg.train.micro_batch_size * 4, sglang=cfg.sglang, run_dir=cfg.run_dir
     )
@@ -154,6 +158,8 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
         ddp=ddp_config(cfg.optim),
     ) as session:
         optimizer = build_optimizer(cfg.optim, session.student)
+        if time_slice:  # the student servers and Megatron take the GPUs by turns (training/colocation.py)
+            session.engine = TimeSlicedEngine(session.engine, MegatronStates(session.student, optimizer))
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         start, bad_steps = 0, 0
         ckpt = latest_checkpoint(cfg.run_dir)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from topd_megatron.algorithm import objective
 from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch
+from topd_megatron.algorithm.budget import within_budget
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
@@ -118,10 +119,11 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     if ctx.objective.guidance != "teacher_window":
         return None
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
-    positions = found.detection.guidance_positions()
+    keep = within_budget(found.detection, step.token_batch().seq_ids, ctx.objective.guidance_budget)
+    positions = found.detection.guidance_positions()[keep.to(found.detection.divergent.device)]
     t0 = time.perf_counter()
     if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
-        windows = found.detection.guidance_windows(found.teacher_windows)
+        windows = found.detection.guidance_windows(found.teacher_windows).select(keep.nonzero().flatten())
     else:
         windows = sample_windows(ctx, step, positions, "teacher", seed)
     sampled = time.perf_counter() - t0 if found.teacher_windows is None else 0.0
