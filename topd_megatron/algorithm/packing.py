@@ -104,15 +104,31 @@ class PackedBatch:
         return logits.reshape(-1, logits.shape[-1])[index.to(logits.device)]
 
 
-def pack_windows(step: StepBatch, positions: Tensor, windows: Windows, *, pad_id: int) -> PackedBatch:
-    """Pack the guidance windows `windows` (one per flat position in `positions`, ascending) after their rollouts."""
+def pack_windows(
+    step: StepBatch, positions: Tensor, windows: Windows, *, pad_id: int, width_multiple: int = 1
+) -> PackedBatch:
+    """Pack the guidance windows `windows` (one per flat position in `positions`, ascending) after their rollouts;
+    rows are padded to a multiple of `width_multiple` tokens (TP with sequence parallelism)."""
     return pack_rows(
-        step.tokens, step.response_mask, positions, windows, pad_id=pad_id, micro_batch_size=step.micro_batch_size
+        step.tokens,
+        step.response_mask,
+        positions,
+        windows,
+        pad_id=pad_id,
+        micro_batch_size=step.micro_batch_size,
+        width_multiple=width_multiple,
     )
 
 
 def pack_rows(
-    rows: Tensor, response_mask: Tensor, positions: Tensor, windows: Windows, *, pad_id: int, micro_batch_size: int
+    rows: Tensor,
+    response_mask: Tensor,
+    positions: Tensor,
+    windows: Windows,
+    *,
+    pad_id: int,
+    micro_batch_size: int,
+    width_multiple: int = 1,
 ) -> PackedBatch:
     """`pack_windows` on plain tensors: `rows` [B, S] (B a multiple of `micro_batch_size`), flat target positions
     p = row * (S - 1) + j in ascending order, one window each."""
@@ -123,6 +139,7 @@ def pack_rows(
     for r, n in zip(rows_of, windows.lengths.tolist(), strict=True):
         extra[r] += max(n - 1, 0)
     b, w = rows.shape[0], s + max(extra, default=0)
+    w = -(-w // width_multiple) * width_multiple  # sequence parallelism splits the rows over the TP ranks
     tokens = torch.full((b, w), pad_id, dtype=torch.long)
     tokens[:, :s] = rows
     pos, anchor = torch.arange(w).repeat(b, 1), torch.arange(w).repeat(b, 1)

@@ -110,6 +110,13 @@ def positioned(module: Any, position_ids: Tensor) -> Iterator[None]:
         setattr(rotary, _POSITIONS_ATTR, None)
 
 
+def width_multiple(modules: list[Any]) -> int:
+    """Rows must hold a multiple of this many tokens: TP with sequence parallelism (the sequence is split over the
+    tensor-parallel ranks), else 1."""
+    config = _gpt(modules[0]).config
+    return config.tensor_model_parallel_size if getattr(config, "sequence_parallel", False) else 1
+
+
 def packing_unsupported_reason(modules: list[Any]) -> str | None:
     """Why these model chunks cannot run packed rows (None: they can). Checks every attention layer's core and the
     RoPE settings; see the module docstring."""

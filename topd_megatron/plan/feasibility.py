@@ -152,16 +152,17 @@ def layout_warnings(cfg: RunConfig, layout: Layout, shape: StepShape, archs: dic
         )
     if p.cp > 1:
         out.append("CP > 1: the planner divides each rank's tokens by CP; topd's batches are built for CP = 1")
-    if cfg.rollout == "sglang" and cfg.cluster.student_server_nodes and not cfg.sglang.student.url:
+    student = cfg.sglang.student
+    if cfg.rollout == "sglang" and cfg.cluster.student_server_nodes and not (student.url or student.urls):
         out.append(
-            "sglang.student.url is empty although cluster.student_server_nodes > 0: rank 0 launches the server on its"
-            " own node; set the url of the servers started on the server nodes"
+            "sglang.student.urls is empty although cluster.student_server_nodes > 0: rank 0 launches the servers on"
+            " its own node; set the urls of the servers started on the server nodes (slurm/topd_70b.sh does)"
         )
     t = cfg.sglang.teacher
-    if cfg.rollout == "sglang" and t is not None and cfg.cluster.teacher_server_nodes and not t.url:
+    if cfg.rollout == "sglang" and t is not None and cfg.cluster.teacher_server_nodes and not (t.url or t.urls):
         out.append(
-            "sglang.teacher.url is empty although cluster.teacher_server_nodes > 0: rank 0 launches the server on its"
-            " own node; set the url of the server started on the server nodes"
+            "sglang.teacher.urls is empty although cluster.teacher_server_nodes > 0: rank 0 launches the servers on"
+            " its own node; set the urls of the servers started on the server nodes (slurm/topd_70b.sh does)"
         )
     if cfg.train.offload_teacher_logits and teacher_served(cfg):
         out.append("train.offload_teacher_logits has no effect with teacher_source=sglang (no teacher logits)")

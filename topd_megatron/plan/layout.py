@@ -187,6 +187,7 @@ def step_shape(cfg: RunConfig, layout: Layout, device: str = "cuda") -> StepShap
     branch_rows = 0 if packed else -(-branches // mb) * mb
     per_rollout = -(-branches // max(rollouts, 1))
     width = seq + per_rollout * (det.window - 1) if packed else (seq if branches else 0)
+    width = -(-width // layout.sp) * layout.sp  # sequence parallelism: rows a multiple of TP (algorithm/packing.py)
     return StepShape(
         seq=seq,
         micro_batch=mb,

@@ -56,9 +56,10 @@ def render(plan: Plan, console: Console) -> None:
         f"{cfg.cluster.gpu_memory_gib:g} GiB), TP={lay.tp} PP={lay.pp} VPP={lay.vpp} CP={lay.cp} EP={lay.ep}"
         f" DP={lay.dp} expert-DP={lay.edp} SP={'on' if lay.sequence_parallel else 'off'}; rollout={cfg.rollout}"
     )
+    rows = f"packed after their rollouts: rows of {sh.branch_seq} tokens" if sh.packed else f"{sh.branch_rows} rows"
     console.print(
         f"step per DP rank: {sh.rollouts} rollouts in {sh.microbatches} micro-batches of {sh.micro_batch} x {sh.seq}"
-        f" tokens; {sh.candidates} candidates, {sh.branches} branch sequences ({sh.branch_rows} rows)"
+        f" tokens; {sh.candidates} candidates, {sh.branches} branch sequences ({rows})"
     )
     for role in plan.roles:
         console.print(role_table(role))

@@ -17,9 +17,10 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
 from topd_megatron.rollout.windows import sample_windows_packed
 from topd_megatron.seeds import embedded_generator_seed
@@ -59,12 +60,7 @@ class EmbeddedEngine:
                 m.train(mode)
 
     def generate_windows(
-        self,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        params: SamplingParams,
-        *,
-        model: Literal["student", "teacher"],
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
     ) -> list[Generation]:
         """Windows after prefixes of `rows`, each rollout row run once per decode step (rollout/windows.py)."""
         lm = self.models[model]

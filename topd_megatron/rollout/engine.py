@@ -107,6 +107,10 @@ class TeacherScorer(Protocol):
         ...
 
 
+Role = Literal["student", "teacher"]
+"""Which model an engine call is for."""
+
+
 @runtime_checkable
 class WindowSampler(Protocol):
     """Near-future windows sampled per rollout: every prefix (x, y_<=j) of a rollout row is a prefix of the row, so an
@@ -114,7 +118,7 @@ class WindowSampler(Protocol):
     them from its radix cache); engines without it get one independent `generate` call per prefix."""
 
     def generate_windows(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Literal["student", "teacher"]
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
     ) -> list[Generation]:
         """One continuation of `params.max_new_tokens` tokens after rows[p // (S - 1), : p % (S - 1) + 1] for each
         flat target position p of `positions` (ascending) in the [B, S] token rows, in that order (collective over

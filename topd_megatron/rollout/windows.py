@@ -21,6 +21,7 @@ from torch import Tensor
 from topd_megatron.algorithm.packing import pack_rows
 from topd_megatron.algorithm.types import Windows
 from topd_megatron.models.build import MegatronLM
+from topd_megatron.models.positions import width_multiple
 from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sampling import sample_next
 from topd_megatron.seeds import embedded_generator_seed
@@ -41,7 +42,7 @@ def _step_logits(lm: MegatronLM, rows: Tensor, positions: Tensor, made: Tensor, 
     tokens[:, :n] = made[:, :n]
     packed = pack_rows(
         padded, torch.zeros_like(padded, dtype=torch.bool), positions, Windows(tokens=tokens, lengths=lengths),
-        pad_id=0, micro_batch_size=mb,
+        pad_id=0, micro_batch_size=mb, width_multiple=width_multiple(lm.modules),
     )  # fmt: skip
 
     def newest(batch: MicroBatch, logits: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from topd_megatron.algorithm.budget import within_budget
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
+from topd_megatron.models.positions import width_multiple
 from topd_megatron.training.forward import MicroBatch, run_pipeline
 from topd_megatron.training.scoring import (
     Detected,
@@ -130,7 +131,10 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     if not positions.numel():
         return Branches(positions=positions, windows=windows, batch=None, teacher=None, window_seconds=sampled)
     if ctx.pack_guidance:
-        batch: BranchBatch | PackedBatch = pack_windows(step, positions, windows, pad_id=ctx.pad_id)
+        multiple = width_multiple(ctx.student.modules)
+        batch: BranchBatch | PackedBatch = pack_windows(
+            step, positions, windows, pad_id=ctx.pad_id, width_multiple=multiple
+        )
     else:
         batch = build_branch_batch(step, positions, windows, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
     if ctx.teacher is not None:  # [sum K', V_local] per branch micro-batch

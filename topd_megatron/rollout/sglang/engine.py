@@ -31,9 +31,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from topd_megatron.choices import check_choices
-from topd_megatron.rollout.engine import Generation, SamplingParams, TokenScores
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams, TokenScores
 from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable
 from topd_megatron.rollout.sglang.pool import Endpoint, ServerPool, start_pool
 from topd_megatron.rollout.sglang.router import POLICIES
@@ -307,12 +308,7 @@ class SGLangEngine:
         return scores
 
     def generate_windows(
-        self,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        params: SamplingParams,
-        *,
-        model: Literal["student", "teacher"],
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
     ) -> list[Generation]:
         """Windows rollout by rollout (WindowSampler): per chunk of rollouts that fits `window_cache_share` of the
         role's KV cache, first each rollout's longest needed prefix (prefill only), then its windows."""

@@ -195,9 +195,13 @@ def launch_server(cfg: ServerConfig, *, log_dir: str | Path) -> SGLangServer:
         server = SGLangServer(cfg, cfg.url.rstrip("/"), cfg.api_key, None, None)
         wait_healthy(server, cfg.startup_timeout_s)
         return server
-    server = start_server(cfg, log_dir=log_dir)
+    return _healthy_or_stopped(start_server(cfg, log_dir=log_dir))
+
+
+def _healthy_or_stopped(server: SGLangServer) -> SGLangServer:
+    """Wait for a server we started; stop it if it does not become healthy."""
     try:
-        wait_healthy(server, cfg.startup_timeout_s)
+        wait_healthy(server, server.cfg.startup_timeout_s)
     except BaseException:
         server.stop(grace_s=5.0)
         raise
@@ -233,14 +237,7 @@ def _launch(cfg: ServerConfig, port: int, api_key: str | None, log: Path | None,
         )
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     server = SGLangServer(cfg, f"http://{host}:{port}", api_key, proc, log)
-    if not wait:
-        return server
-    try:
-        wait_healthy(server, cfg.startup_timeout_s)
-    except BaseException:
-        server.stop(grace_s=5.0)
-        raise
-    return server
+    return _healthy_or_stopped(server) if wait else server
 
 
 def wait_healthy(server: SGLangServer, timeout_s: float) -> None:
