@@ -17,12 +17,14 @@ time to OPD's:
     time/update_s         optimizer step
     time/windows_s        of the above, the engine sampling teacher (and fresh student) windows
     time/step_s           the whole step, weight sync included
+and the tokens the branch training adds to the rollouts' pass over the rollout tokens (guidance/train_tokens /
+step/rollout_tokens: the packed window columns, or the whole-prefix rows with `topd:rows`).
 
 Run from the repository root (about 10 minutes on 2 CPU cores with the defaults; the prepared pair is made first if
 it is not cached, about 5 minutes more):
     .venv/bin/python bench/step_time.py
     .venv/bin/python bench/step_time.py --arms opd,topd --steps 6 --rounds 3 --markdown
-    .venv/bin/python bench/step_time.py --unpacked        # guidance on one whole-prefix row per window (the old path)
+    .venv/bin/python bench/step_time.py --with-rows       # also topd on one whole-prefix row per window, same rounds
     .venv/bin/python bench/step_time.py --json-out step_time.json
 The recorded results are in docs/benchmarks.md.
 """
@@ -57,14 +59,19 @@ PHASES = (
 )
 
 
+ROWS = ":rows"
+"""An arm ending in this runs teacher_window guidance on one whole-prefix row per window (no pack_guidance)."""
+
+
 def run_arm(cfg: TinyConfig, arm: str, out: Path, *, packed: bool) -> list[dict[str, float]]:
     """Train one arm for cfg.steps steps; its train metrics, warm-up step dropped."""
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
-    rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, arm, seed=0, eval_at_start=False)
-    rc.run_dir = str(out / arm)
+    preset = arm.removesuffix(ROWS)
+    rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, preset, seed=0, eval_at_start=False)
+    rc.run_dir = str(out / arm.replace(":", "-"))
     rc.train.eval_every = 0
     rc.train.save_every = 0
-    rc.train.pack_guidance = packed
+    rc.train.pack_guidance = packed and not arm.endswith(ROWS)
     rc.eval = dataclasses.replace(rc.eval, problems=1, k=1)  # the one evaluation after the last step: negligible
     spawn(train, cfg.tp * cfg.pp, (rc,), timeout=3600.0)
     return read_metrics(rc.run_dir, "train")[1:]
@@ -116,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--rollout", choices=["embedded", "sglang"], default="embedded")
-    parser.add_argument("--unpacked", action="store_true", help="one whole-prefix row per guidance window")
+    parser.add_argument("--unpacked", action="store_true", help="every arm on one whole-prefix row per window")
+    parser.add_argument("--with-rows", action="store_true", help="also run topd on whole-prefix rows (topd:rows)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     arms = ["opd"] + [a for a in args.arms.split(",") if a and a != "opd"]
-    cfg = TinyConfig(arms=tuple(arms), steps=args.steps, tp=args.tp, pp=args.pp, rollout=args.rollout)
+    if args.with_rows:
+        arms.append("topd" + ROWS)
+    presets = tuple(dict.fromkeys(a.removesuffix(ROWS) for a in arms))
+    cfg = TinyConfig(arms=presets, steps=args.steps, tp=args.tp, pp=args.pp, rollout=args.rollout)
     per_round: dict[str, list[list[dict[str, float]]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="topd-bench-step-") as tmp:
         for r in range(args.rounds):

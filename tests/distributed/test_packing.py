@@ -9,6 +9,8 @@ float64 rounding. Windows include EOS-cut ones (length 1 and 0) and several per 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -156,6 +158,9 @@ def fallback_reasons(rank: int, world: int, student_dir: str) -> dict:
     out["te_ctx_packs"], out["warnings"] = ctx.pack_guidance, records
     layer.core_attention = local
     out["local_ctx_packs"] = scoring_context(cfg, student, student, None, eos_id=1, pad_id=0).pack_guidance
+    if os.environ.get("TOPD_PACKING_TE") == "1":  # tools/gpu_check.sh on a GPU with TransformerEngine
+        te = build_model(ModelConfig(path=student_dir, dtype="bfloat16", transformer_engine=True), par)
+        out["real_te"] = packing_unsupported_reason(te.modules)
     return out
 
 
@@ -165,3 +170,5 @@ def test_models_that_cannot_pack_fall_back_with_a_warning(synthetic_pair) -> Non
     assert "fused RoPE" in out["fused_rope"]
     assert "TEDotProductAttention" in out["te"] and out["te_ctx_packs"] is False
     assert any("packed guidance windows are off" in w and "TEDotProductAttention" in w for w in out["warnings"])
+    if "real_te" in out:  # only where TransformerEngine runs (tools/gpu_check.sh)
+        assert out["real_te"] is not None  # TE attention or its fused RoPE: the per-branch rows run instead
