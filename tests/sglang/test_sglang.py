@@ -372,6 +372,8 @@ def test_training_with_a_teacher_served_only_by_sglang(
         assert r["teacher/top_k"] == (8.0 if signal == "top_k" else 0.0)
         assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
-    # per step: teacher windows, the rollouts' scores and the branches' scores all went to the teacher server
-    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
+    # per step: teacher windows (each rollout's prefix prefilled, then the windows: one chunk here), the rollouts'
+    # scores and the branches' scores all went to the teacher server
+    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 4
+    assert all(r["sglang/window_cached_token_share"] > 0.5 for r in rows)  # the windows found their prefixes cached
     assert teacher_server.alive() and dummy_student_server.alive(), "attached servers are left running"

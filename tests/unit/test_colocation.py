@@ -43,6 +43,10 @@ class _Servers:
         self.log.calls.append("score")
         return []
 
+    def generate_windows(self, rows, positions, params, *, model):
+        self.log.calls.append(f"windows {model}")
+        return []
+
 
 class _States:
     def __init__(self, log: _Log) -> None:
@@ -68,6 +72,7 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
     engine.generate([[1, 2]], params)  # the step's rollouts
     engine.generate([[3]], params, model="teacher")  # teacher requests are not sliced
     engine.score([[1, 2]], [1])
+    engine.generate_windows(None, None, params, model="teacher")  # teacher windows: not sliced
     engine.sync_weights()  # after the update
     engine.generate([[1, 2]], params)  # the next step
     assert log.calls == [
@@ -77,6 +82,7 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
         "reload megatron",
         "generate teacher",
         "score",
+        "windows teacher",
         "resume weights",
         "sync",
         "offload megatron",
@@ -85,6 +91,10 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
         "release kv_cache,weights",
         "reload megatron",
     ]
+    log.calls.clear()
+    engine.generate_windows(None, None, params, model="student")  # fresh student windows sample from its servers
+    assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows student", "release kv_cache,weights",
+                         "reload megatron"]  # fmt: skip
 
 
 def test_megatron_comes_back_when_sampling_fails() -> None:

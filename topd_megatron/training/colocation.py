@@ -27,9 +27,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+from torch import Tensor
 
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -88,7 +89,8 @@ class MegatronStates:
 
 class TimeSlicedEngine:
     """A RolloutEngine whose student servers sample only while Megatron's states are in host memory (module
-    docstring). Teacher requests (scoring, windows) and the rest of the engine pass through unchanged."""
+    docstring). Teacher requests (scoring, windows) and the rest of the engine pass through unchanged. A student
+    request runs inside `serving` (with its swaps each time: one per call)."""
 
     def __init__(self, engine: Any, states: StateSwap) -> None:
         self.engine, self.states = engine, states
@@ -123,6 +125,13 @@ class TimeSlicedEngine:
             return self.engine.generate(prompts, params, model=model)
         with self.serving():
             return self.engine.generate(prompts, params, model="student")
+
+    def generate_windows(self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role) -> Any:
+        """Fresh student windows (detection.student_window='fresh') need the student servers too."""
+        if model != "student":
+            return self.engine.generate_windows(rows, positions, params, model=model)
+        with self.serving():
+            return self.engine.generate_windows(rows, positions, params, model="student")
 
     def sync_weights(self) -> dict[str, float]:
         """The servers' weights come back next to Megatron's states (no KV cache) to receive the new weights."""
