@@ -1,6 +1,7 @@
-"""Windows sampled per rollout in packed rows (rollout/windows.py) follow the distributions of one sequence per prefix:
-greedy windows and their log-probs equal `EmbeddedEngine.generate` on the prefixes (float64, TP=2 and PP=2), EOS
-ends a window early, and seeded sampling is reproducible."""
+"""Windows sampled per rollout (rollout/windows.py: each rollout prefilled once into the KV cache, its windows decoded
+side by side after it) follow the distributions of one sequence per prefix: greedy windows and their log-probs equal
+`EmbeddedEngine.generate` on the prefixes (float64, TP=2 and PP=2; rows with several windows, a padded row, rows split
+over two caches), EOS ends a window early, and seeded sampling is reproducible."""
 
 from __future__ import annotations
 

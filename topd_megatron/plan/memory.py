@@ -73,11 +73,11 @@ one more). Its reduction then runs on the copy alone:
 A teacher served by SGLang only (teacher_source='sglang') has no weights, logits or forward on the training ranks:
 its reports take 4 + 12 k bytes per position (top_k) or 4 (sampled_token), for the rollouts and the window tokens.
 Peak of a role = its model states + overhead + colocated servers + the largest of its phases:
-    rollout   (embedded engine) no-grad generation forward of 4 b rows
+    rollout   (embedded engine) no-grad generation forward of 4 b rows (the prefill) + their KV cache
     score     teacher logits on the GPU + the teacher's no-grad forward of a micro-batch
     d_t       (with a detector) teacher logits on the GPU + d_t + the student's no-grad forward and its reduction
     detect    teacher logits on the GPU + d_t + a teacher-window generation forward in-process (window_ot without a
-              teacher server: 4 b rows)
+              teacher server: 4 b rows) + their KV cache (S + (K - 1) x candidates per rollout columns each)
     branches  teacher logits on the GPU + d_t + window rows + the teacher's no-grad forward of a branch micro-batch
     backward  teacher logits on the GPU + window rows + d_t + activations in flight + the larger of the loss working
               set (last stage) and the full-recompute transient
@@ -349,6 +349,12 @@ def nograd_forward_bytes(layer: float, mb_logits: float, reduction: float = 0.0)
     return max(layer, NOGRAD_LOGIT_COPIES * mb_logits, mb_logits + reduction)
 
 
+def embedded_kv_bytes(arch: Architecture, layout: Layout, rows: int, seq: int, nbytes: int) -> float:
+    """The embedded engine's static KV cache on one rank: `rows` sequences of `seq` tokens, this stage's layers, the
+    rank's KV heads."""
+    return rows * seq * arch.kv_bytes_per_token(nbytes, layout.tp) / layout.pp
+
+
 def logits_bytes(rows: int, seq: int, vocab_rows: int, layout: Layout, nbytes: int) -> float:
     """[rows, seq, V_r / TP] logits."""
     return rows * seq / layout.cp * vocab_rows / layout.tp * nbytes
@@ -578,7 +584,8 @@ def training_role(
             "student generation forward (in-process, no grad)": nograd_forward_bytes(
                 forward_working_bytes(student, layout, gen_rows, shape.seq, cfg.student, s_att),
                 on_last(logits_bytes(gen_rows, shape.seq, rows, layout, sb)),
-            )
+            ),
+            "student KV cache (in-process)": embedded_kv_bytes(student, layout, gen_rows, shape.seq, sb),
         }
     if not served:
         # kept: the transposed copy is what is kept, so one more [b, S, V_r/t] is alive; offload: both until copied
@@ -597,6 +604,8 @@ def training_role(
             }
         )
     in_process_windows = cfg.rollout == "embedded" or cfg.sglang.teacher is None
+    # a rollout's cache holds its S tokens and K - 1 blocks of one token per window (rollout/windows.py)
+    window_seq = shape.seq + (shape.window - 1) * -(-shape.candidates // max(shape.rollouts, 1))
     if obj.detection.detector == "window_ot" and in_process_windows and not served:
         phases["detect"] = (
             kept
@@ -605,7 +614,8 @@ def training_role(
                 "teacher window generation forward (in-process, no grad)": nograd_forward_bytes(
                     forward_working_bytes(teacher, layout, gen_rows, shape.seq, cfg.teacher, t_att),
                     on_last(logits_bytes(gen_rows, shape.seq, rows, layout, tb)),
-                )
+                ),
+                "teacher KV cache (in-process windows)": embedded_kv_bytes(teacher, layout, gen_rows, window_seq, tb),
             }
         )
     if shape.branches and not served:

@@ -13,9 +13,10 @@ token):
     student scoring             F(T) when a detector needs the whole step's d_t
     FP8 (model.fp8)             that model's 2 N T GEMM FLOPs run at FP8_SPEEDUP times the peak (attention stays
                                 bf16); an SGLang server with an FP8 --quantization prefills its GEMMs at FP8_SPEEDUP
-    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server) there is no KV cache, every
-                                new token is a forward over the padded prefix, C K F(S); with teacher servers, per
-                                rollout (SGLangEngine.generate_windows): a prefill of every rollout once
+    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server, rollout/windows.py) each
+                                rollout with windows prefilled once into the KV cache, F(min(B, C) S), then K decode
+                                forwards of the C windows' next tokens over about S cached keys; with teacher
+                                servers, per rollout (SGLangEngine.generate_windows): a prefill of every rollout once
                                 (`window_prefill_tokens`; nothing when a served teacher's KV caches, over all its
                                 servers, still hold the step's rollouts from scoring) + K decode steps of C sequences
                                 with S * WINDOW_PREFIX_FRACTION of context
@@ -29,7 +30,8 @@ and only the window tokens of the branches (their prefixes are in the server's r
 Rollouts: with SGLang, prefill at MFU on the server GPUs, then max_new_tokens decode steps, each bound by HBM
 bandwidth: (weights per GPU + concurrent sequences * S / 2 * KV bytes per token per GPU) / (DECODE_HBM_TBPS *
 DECODE_BANDWIDTH_EFFICIENCY), in waves when the KV pool cannot hold every sequence at once; with the embedded engine
-(no KV cache) max_new_tokens forwards over the padded rows, F(B (P + j)) at step j (P = S - max_new_tokens).
+(KV-cached, at MFU) a prefill F(B P) of the prompts (P = S - response) and one forward of B tokens per response token
+over the cached prefix (P + response / 2 keys on average). `decode_flops`: T new tokens attending to c cached keys.
 Offloaded teacher logits (train.offload_teacher_logits): each last-stage rank copies its B S V_r/t teacher logits
 to the host once and back once per pass that reads them (d_t with a detector, the backward), at PCIE_GBPS, not
 overlapped with compute (an upper bound).
@@ -117,6 +119,11 @@ def forward_seconds(arch: Architecture, tokens: float, seq: int, rate: float, fp
     return gemm_flops(arch, tokens) / (rate * (FP8_SPEEDUP if fp8 else 1.0)) + attention_flops(arch, tokens, seq) / rate
 
 
+def decode_flops(arch: Architecture, tokens: float, context: float) -> float:
+    """A KV-cached forward of `tokens` new tokens, each attending to `context` cached keys (no causal halving)."""
+    return forward_flops(arch, tokens, int(context / CAUSAL_FRACTION))
+
+
 def attention_flops(arch: Architecture, tokens: float, seq: int) -> float:
     return 4 * arch.layers * arch.heads * arch.head_dim * seq * CAUSAL_FRACTION * tokens
 
@@ -189,11 +196,12 @@ def estimate_step_time(
             student, cfg, "student", rollouts, prompt, response, rollouts * prompt, prompt + response
         )
     else:
-        width = prompt + response / 2  # the padded rows grow from the prompt to the full response
-        flops = response * forward_flops(student, rollouts * width, int(width))
-        est.flops["rollout (in-process, no KV cache)"] = flops
-        est.seconds["rollout (in-process, no KV cache)"] = response * forward_seconds(
-            student, rollouts * width, int(width), rate, s_fp8
+        name, context = "rollout (in-process, KV cache)", prompt + response / 2
+        est.flops[name] = forward_flops(student, rollouts * prompt, prompt) + response * decode_flops(
+            student, rollouts, context
+        )
+        est.seconds[name] = forward_seconds(student, rollouts * prompt, prompt, rate, s_fp8) + response * (
+            forward_seconds(student, rollouts, int(context / CAUSAL_FRACTION), rate, s_fp8)
         )
 
     def forward(name: str, arch: Architecture, n: float, seq: int, fp8: bool) -> None:
@@ -244,12 +252,14 @@ def estimate_step_time(
             if cached:
                 est.notes.append("the teacher servers' KV caches hold the step's rollouts: windows reuse scoring's")
         else:
-            name = "teacher windows (in-process, no KV cache)"
-            est.flops[name] = candidates * det.window * forward_flops(teacher, s, s)
-            est.seconds[name] = candidates * det.window * forward_seconds(teacher, s, s, rate, t_fp8)
+            name, rows = "teacher windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
+            est.flops[name] = forward_flops(teacher, rows * s, s) + det.window * decode_flops(teacher, candidates, s)
+            est.seconds[name] = forward_seconds(teacher, rows * s, s, rate, t_fp8) + det.window * forward_seconds(
+                teacher, candidates, int(s / CAUSAL_FRACTION), rate, t_fp8
+            )
             est.notes.append(
-                "window_ot without a teacher SGLang server generates the windows in-process without a KV cache;"
-                " set sglang.teacher to serve them"
+                "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs' own"
+                " forward passes); set sglang.teacher to serve them"
             )
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""

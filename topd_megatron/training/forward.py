@@ -48,6 +48,10 @@ class MicroBatch:
     window_mask: WindowMask | None = None
     """Packed rows (algorithm.packing): the mask is built from this when the micro-batch runs, and RoPE is applied at
     `position_ids` instead of 0..s-1 (models.positions)."""
+    rope_positions: torch.Tensor | None = None
+    """[b, L] RoPE position of every column of the KV cache (`inference_context`, L its max_sequence_length) when the
+    cached tokens do not sit at positions 0..L-1 (windows decoded after their rollout, rollout.windows); Megatron
+    slices it per forward. None: 0..L-1."""
 
 
 def causal_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
@@ -102,6 +106,8 @@ def run_pipeline(
         mask, placed = mb.attention_mask, nullcontext()
         if mb.window_mask is not None:
             mask, placed = mb.window_mask.dense(), positioned(model, mb.position_ids)
+        elif mb.rope_positions is not None:
+            placed = positioned(model, mb.rope_positions)
         cache = {} if mb.inference_context is None else {"inference_context": mb.inference_context}
         with placed:
             logits = model(mb.tokens, mb.position_ids, mask, **cache)
