@@ -2,12 +2,13 @@
 with each arm's ratio to OPD measured in the same run.
 
 Every arm trains the same student (the pair `topd prepare` makes, cached under ~/.cache/topd-megatron/prepared/) for
-`--steps` steps on `--tp` x `--pp` gloo ranks through the real loop (`topd_megatron.training.loop.train`, the settings
-of `topd run tiny`: 16 prompts x 2 rollouts per step, K = 8), one arm after the other, repeated for `--rounds` rounds
-in alternating order so that a change of machine load hits every arm alike. It reads the step's own timers from each
-run's metrics.jsonl (the first step of every run is dropped: warm-up), and prints per phase the median seconds over
-all kept steps of all rounds, the spread (min-max of the per-round medians) and the ratio of the arm's median step
-time to OPD's:
+`--steps` steps on `--tp` x `--pp` gloo ranks (one CPU thread each) through the real loop
+(`topd_megatron.training.loop.train`, the settings of `topd run tiny`: 16 prompts x 2 rollouts per step, K = 8, each
+arm's tuned learning rate; tau the per-step quantile, as without the oracle's calibration), one arm after the other,
+repeated for `--rounds` rounds in alternating order so that a change of machine load hits every arm alike. It reads
+the step's own timers from each run's metrics.jsonl (the first step of every run is dropped: warm-up), and prints per
+phase the median seconds over all kept steps of all rounds, the spread (min-max of the per-round medians) and the
+ratio of the arm's median step time to OPD's:
 
     time/rollout_s        student rollouts (the embedded engine, or SGLang with --rollout sglang)
     time/score_s          teacher logits + the detector's no-grad student pass (d_t)
@@ -20,8 +21,8 @@ time to OPD's:
 and the tokens the branch training adds to the rollouts' pass over the rollout tokens (guidance/train_tokens /
 step/rollout_tokens: the packed window columns, or the whole-prefix rows with `topd:rows`).
 
-Run from the repository root (about 10 minutes on 2 CPU cores with the defaults; the prepared pair is made first if
-it is not cached, about 5 minutes more):
+Run from the repository root (every preset by default, about 10-15 minutes on 2 CPU cores; the prepared pair is made
+first if it is not cached, about 5 minutes more):
     .venv/bin/python bench/step_time.py
     .venv/bin/python bench/step_time.py --arms opd,topd --steps 6 --rounds 3 --markdown
     .venv/bin/python bench/step_time.py --with-rows       # also topd on one whole-prefix row per window, same rounds
@@ -67,10 +68,9 @@ def run_arm(cfg: TinyConfig, arm: str, out: Path, *, packed: bool) -> list[dict[
     """Train one arm for cfg.steps steps; its train metrics, warm-up step dropped."""
     prepared = prepare(dataclasses.replace(cfg.prepare, task=cfg.task))
     preset = arm.removesuffix(ROWS)
-    rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, preset, seed=0, eval_at_start=False)
+    rc = run_config(cfg, prepared.student_dir, prepared.teacher_dir, preset, seed=0, taus={})
     rc.run_dir = str(out / arm.replace(":", "-"))
     rc.train.eval_every = 0
-    rc.train.save_every = 0
     rc.train.pack_guidance = packed and not arm.endswith(ROWS)
     rc.eval = dataclasses.replace(rc.eval, problems=1, k=1)  # the one evaluation after the last step: negligible
     spawn(train, cfg.tp * cfg.pp, (rc,), timeout=3600.0)

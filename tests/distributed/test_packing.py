@@ -4,11 +4,15 @@ One float64 step on gloo ranks, at TP=1, TP=2 and PP=2: the same rollouts, detec
 phase 3 (`build_branches`: the colocated teacher scores the window tokens) and phase 4 (`backward`) twice, once with
 one whole-prefix row per window (two passes) and once with the windows packed after their rollouts (one pass). The
 teacher's window rows, the loss (OPD and guidance terms) and the gradient of every student parameter must agree to
-float64 rounding. Windows include EOS-cut ones (length 1 and 0) and several per rollout.
+float64 rounding. Windows include EOS-cut ones (length 1 and 0) and several per rollout. The guidance knobs that
+change which anchors get windows or what the OPD term weighs run the same comparison: a per-rollout budget with the
+window replacing the OPD term, and windows at random positions (sampled in the step by the embedded engine's window
+sampler) with the policy-gradient OPD term and its discounted advantage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -43,14 +47,26 @@ def _windows(n: int, vocab: int):
     return Windows(tokens=torch.randint(3, vocab, (n, K), generator=gen), lengths=lengths)
 
 
-def packed_vs_rows(rank: int, world: int, student_dir: str, teacher_dir: str, tp: int, pp: int) -> dict:
+def _objective(variant: str):
+    from topd_megatron.algorithm import detection, objective
+
+    det = detection.Config(detector="lookahead", window=K, q=0.5, q_d=0.25)
+    base = objective.Config(detection=det, guidance="teacher_window")
+    if variant == "budget":  # at most 1 window per rollout, the window replacing the OPD term at its anchor
+        return dataclasses.replace(base, guidance_budget=1, guidance_replaces_opd=True)
+    if variant == "random_pg":  # windows at random positions, sampled in the step; policy-gradient OPD, discounted
+        return dataclasses.replace(base, guidance_at="random", opd="pg", pg_discount=0.9)
+    return base
+
+
+def packed_vs_rows(rank: int, world: int, student_dir: str, teacher_dir: str, tp: int, pp: int, variant: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from topd_megatron.algorithm import detection, objective
     from topd_megatron.algorithm.packing import PackedBatch
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.rollout.embedded import EmbeddedEngine
     from topd_megatron.training.scoring import Detected, detect, score, scoring_context
     from topd_megatron.training.step import StepContext, backward, build_branches
     from topd_megatron.training.teacher import build_teacher
@@ -63,19 +79,19 @@ def packed_vs_rows(rank: int, world: int, student_dir: str, teacher_dir: str, tp
     teacher = build_teacher(ModelConfig(path=teacher_dir, dtype="float64"), par, student)
     # Megatron's optimizers take fp32/fp16/bf16 parameters only; backward() needs nothing but zero_grad() of it
     optimizer = torch.optim.SGD([p for m in student.modules for p in m.parameters()], lr=0.0)
-    cfg = objective.Config(
-        detection=detection.Config(detector="lookahead", window=K, q=0.5, q_d=0.25), guidance="teacher_window"
-    )
+    cfg = _objective(variant)
+    engine = EmbeddedEngine(student, teacher, micro_batch_size=2)
     step = _step_batch(student.vocab_size)
     results: dict[str, object] = {}
     kept: dict[bool, dict] = {}
     for pack in (False, True):
-        ctx = scoring_context(cfg, student, teacher, None, eos_id=1, pad_id=0, pack_guidance=pack)
+        ctx = scoring_context(cfg, student, teacher, engine, eos_id=1, pad_id=0, pack_guidance=pack)
         scores = score(ctx, step)
         found = detect(ctx, step, scores, window_seed=0)
         assert found.detection is not None
-        windows = _windows(found.detection.candidates.positions.numel(), student.vocab_size)
-        found = Detected(detection=found.detection, teacher_windows=windows)
+        if cfg.guidance_at == "divergent":  # the detector's windows, given: the same in both runs
+            windows = _windows(found.detection.candidates.positions.numel(), student.vocab_size)
+            found = Detected(detection=found.detection, teacher_windows=windows)
         branches = build_branches(ctx, step, found, seed=0)
         assert branches is not None and isinstance(branches.batch, PackedBatch) == pack
         grads = backward(
@@ -92,7 +108,19 @@ def packed_vs_rows(rank: int, world: int, student_dir: str, teacher_dir: str, tp
             "teacher_rows": [t.clone() for t in branches.teacher] if isinstance(branches.teacher, list) else [],
             "grads": {n: p.main_grad.detach().clone() for m in student.modules for n, p in m.named_parameters()},
             "lengths": branches.windows.lengths.tolist(),
+            "positions": branches.positions.tolist(),
+            "divergent": found.detection.candidates.positions[found.detection.divergent].tolist(),
+            "seq_ids": step.token_batch().seq_ids.tolist(),
         }
+    if variant == "budget":  # the same step with the OPD term kept at the windows' anchors: a larger OPD term
+        ctx = scoring_context(dataclasses.replace(cfg, guidance_replaces_opd=False), student, teacher, engine,
+                              eos_id=1, pad_id=0, pack_guidance=True)  # fmt: skip
+        scores = score(ctx, step)
+        found = detect(ctx, step, scores, window_seed=0)
+        found = Detected(detection=found.detection, teacher_windows=windows)
+        branches = build_branches(ctx, step, found, seed=0)
+        step_ctx = StepContext(scoring=ctx, optimizer=optimizer, scheduler=None)
+        results["opd_kept"] = float(backward(step_ctx, step, scores, found, branches, inject_nan=False).opd_value)
     rows, packed = kept[False], kept[True]
     results["last_stage"] = ps.is_pipeline_last_stage(ignore_virtual=True)
     results["loss"] = (rows["opd"], rows["guidance"], packed["opd"], packed["guidance"])
@@ -106,20 +134,36 @@ def packed_vs_rows(rank: int, world: int, student_dir: str, teacher_dir: str, tp
     results["grad_scale"] = max(g.abs().max().item() for g in rows["grads"].values())
     results["params"] = len(packed["grads"])
     results["lengths"] = packed["lengths"]
+    results["positions"] = (rows["positions"], packed["positions"])
+    results["divergent"], results["seq_ids"] = packed["divergent"], packed["seq_ids"]
     return results
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (1, 2)], ids=["TP1", "TP2", "PP2"])
-def test_packed_windows_equal_per_branch_rows(synthetic_pair, tp: int, pp: int) -> None:
+@pytest.mark.parametrize(
+    ("tp", "pp", "variant"),
+    [(1, 1, "default"), (2, 1, "default"), (1, 2, "default"), (2, 1, "budget"), (1, 2, "random_pg")],
+    ids=["TP1", "TP2", "PP2", "TP2-budget-replaces-opd", "PP2-random-pg-discount"],
+)
+def test_packed_windows_equal_per_branch_rows(synthetic_pair, tp: int, pp: int, variant: str) -> None:
     student, teacher = (str(p) for p in synthetic_pair)
-    results = spawn(packed_vs_rows, tp * pp, (student, teacher, tp, pp), timeout=600)
+    results = spawn(packed_vs_rows, tp * pp, (student, teacher, tp, pp, variant), timeout=600)
     for r in results:
         assert r["params"] > 0 and r["grad_scale"] > 1e-6, r  # every rank holds parameters with real gradients
         assert r["grad_diff"] <= TOL * max(1.0, r["grad_scale"]), r
-        assert 0 in r["lengths"] and 1 in r["lengths"] and K in r["lengths"], r  # the edge cases were exercised
+        rows_at, packed_at = r["positions"]
+        assert rows_at == packed_at and len(packed_at) > 1, r  # both paths guided the same anchors
+        if variant == "default":
+            assert 0 in r["lengths"] and 1 in r["lengths"] and K in r["lengths"], r  # the edge cases were exercised
+        if variant == "budget":  # one window per rollout that has a divergent candidate, fewer than the candidates
+            per_rollout = [r["seq_ids"][p] for p in packed_at]
+            assert len(set(per_rollout)) == len(per_rollout) < len(r["divergent"]), r
+            if r["last_stage"]:  # the windows replaced the OPD term at their anchors (guidance_replaces_opd)
+                assert r["loss"][2] < r["opd_kept"] - 1e-6, r
+        if variant == "random_pg":
+            assert packed_at != r["divergent"] and len(packed_at) == len(r["divergent"]), r
         if r["last_stage"]:
             opd_rows, g_rows, opd_packed, g_packed = r["loss"]
-            assert g_rows > 0 and opd_rows > 0, r
+            assert g_rows > 0 and (opd_rows != 0 if variant == "random_pg" else opd_rows > 0), r  # pg: either sign
             assert abs(opd_rows - opd_packed) <= TOL and abs(g_rows - g_packed) <= TOL, r
             assert r["teacher_rows"] == sum(r["lengths"]) and r["teacher_rows_diff"] <= TOL, r
 

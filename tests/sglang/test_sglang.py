@@ -199,8 +199,9 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
             student=ServerConfig(model_path="<student>", startup_timeout_s=600),
             teacher=ServerConfig(role="teacher", model_path="<teacher>", startup_timeout_s=600),
             sync_mode="distributed",
-            # call 1: step-0 evaluation; 2, 3: step 1's rollouts and its fresh student windows; 4: step 2's rollouts
-            kill_student_at_call=4,
+            # call 1: step-0 evaluation; 2: step 1's rollouts; 3, 4: its fresh student windows (each rollout's prefix
+            # prefilled, then the windows: one chunk here); 5: step 2's rollouts
+            kill_student_at_call=5,
         ),
     )
     summary = spawn(train, 2, (cfg,), timeout=1500)[0]

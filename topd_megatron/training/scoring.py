@@ -25,6 +25,7 @@ from torch import Tensor
 
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import StepBatch, prefixes, windows_from_generations
+from topd_megatron.algorithm.budget import within_budget
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
@@ -295,7 +296,7 @@ def random_anchors(tokens: TokenBatch, counts: Tensor, seed: int) -> Tensor:
 def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int) -> Detected:
     """Phase 2 (collective: window_ot samples windows through the engine): candidates over the whole step and the
     detector's decisions, with the teacher windows it sampled. With guidance_at='random', guidance then acts at as
-    many random response positions of each rollout as it has divergent candidates."""
+    many random response positions of each rollout as it has divergent candidates (`place_guidance`)."""
     cfg = ctx.objective.detection
     if cfg.detector == "none":
         return Detected(detection=None, teacher_windows=None)
@@ -324,9 +325,25 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
         vocab_size=ctx.vocab_size,
         group=ctx.tp_group,
     )
+    det = place_guidance(ctx.objective, scores.tokens, det, window_seed)
     if ctx.objective.guidance != "none" and ctx.objective.guidance_at == "random":
-        seq = scores.tokens.seq_ids[cands.positions[det.divergent]]
-        counts = torch.bincount(seq, minlength=int(scores.tokens.seq_ids.max()) + 1)
-        det = det.with_guided(random_anchors(scores.tokens, counts, window_seed))
         u = None  # the detection's windows belong to other positions
     return Detected(detection=det, teacher_windows=u, window_seconds=seconds)
+
+
+def place_guidance(cfg: objective.Config, tokens: TokenBatch, det: Detection, seed: int) -> Detection:
+    """Where guidance acts (`Detection.guidance_positions`): the divergent candidates, or with guidance_at='random' as
+    many random response positions of each rollout; with a guidance budget (teacher_window) at most that many of
+    each rollout, the most divergent ones (algorithm/budget.py)."""
+    if cfg.guidance == "none":
+        return det
+    if cfg.guidance_at == "random":
+        seq = tokens.seq_ids[det.candidates.positions[det.divergent]]
+        counts = torch.bincount(seq, minlength=int(tokens.seq_ids.max()) + 1)
+        if cfg.guidance_budget is not None:
+            counts = counts.clamp(max=cfg.guidance_budget)
+        return det.with_guided(random_anchors(tokens, counts, seed))
+    if cfg.guidance_budget is not None:
+        keep = within_budget(det, tokens.seq_ids, cfg.guidance_budget)
+        return det.with_guided(det.guidance_positions()[keep.to(det.divergent.device)])
+    return det

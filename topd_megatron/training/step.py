@@ -43,7 +43,6 @@ from torch import Tensor
 
 from topd_megatron.algorithm import objective
 from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch
-from topd_megatron.algorithm.budget import within_budget
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
@@ -120,11 +119,10 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     if ctx.objective.guidance != "teacher_window":
         return None
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
-    keep = within_budget(found.detection, step.token_batch().seq_ids, ctx.objective.guidance_budget)
-    positions = found.detection.guidance_positions()[keep.to(found.detection.divergent.device)]
+    positions = found.detection.guidance_positions()
     t0 = time.perf_counter()
     if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
-        windows = found.detection.guidance_windows(found.teacher_windows).select(keep.nonzero().flatten())
+        windows = found.detection.guidance_windows(found.teacher_windows)
     else:
         windows = sample_windows(ctx, step, positions, "teacher", seed)
     sampled = time.perf_counter() - t0 if found.teacher_windows is None else 0.0
@@ -232,6 +230,19 @@ class PackedLoss:
         return value + g_value, {"value": out["value"], "guidance": g_out["value"]}
 
 
+def rollout_objective(
+    cfg: objective.Config, weights: Tensor, detection: Detection | None
+) -> tuple[objective.Config, Tensor]:
+    """Pass 1's objective and weights n_t: with teacher_window guidance (pass 2's windows) the OPD term alone, its
+    weight 0 at the guided anchors when the window replaces it there (guidance_replaces_opd); else `cfg` as is."""
+    if cfg.guidance != "teacher_window":
+        return cfg, weights
+    if cfg.guidance_replaces_opd and detection is not None:
+        weights = weights.clone()
+        weights[detection.guidance_positions().to(weights.device)] = 0.0
+    return dataclasses.replace(cfg, guidance="none", guidance_budget=None, guidance_replaces_opd=False), weights
+
+
 def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
     return sum((o["value"] for o in outputs), torch.zeros(()))
 
@@ -252,13 +263,14 @@ def backward(
         m.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     mbs = step.microbatches()
+    rollout_cfg, rollout_weights = rollout_objective(cfg, weights, found.detection)
     rollout_loss = RolloutLoss(
-        cfg=dataclasses.replace(cfg, guidance="none") if cfg.guidance == "teacher_window" else cfg,
+        cfg=rollout_cfg,
         step=step,
         tokens=scores.tokens,
         teacher=scores.teacher,
         detection=found.detection,
-        weights=weights,
+        weights=rollout_weights,
         scale=len(mbs) * dp,
         ctx=sc,
         inject_nan=inject_nan,
