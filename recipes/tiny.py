@@ -1,5 +1,5 @@
 """`tiny`: the tiny embedded default on CPU gloo ranks: TOPD (window-OT detector, suppression, teacher-window
-guidance) on the prepared tiny pair and the synthetic task, exactly one arm of `topd run tiny`."""
+guidance) on the prepared tiny pair and the drift task, exactly one arm of `topd run tiny`."""
 
 from __future__ import annotations
 

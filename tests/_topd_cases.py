@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from topd_megatron.algorithm import detection, objective, types
+from topd_megatron.training.step import rollout_objective
 
 # (prompt, response, padding) per rollout: a short rollout, a padded one, one without prompt, one single token.
 LAYOUT = ((2, 9, 0), (1, 12, 3), (0, 6, 0), (1, 1, 0))
@@ -110,9 +111,18 @@ def shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def run_pipeline(
-    cfg: objective.Config, case: dict, *, rank: int = 0, world: int = 1, group=None, dtype: torch.dtype = torch.float64
+    cfg: objective.Config,
+    case: dict,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    group=None,
+    dtype: torch.dtype = torch.float64,
+    two_pass: bool = False,
 ) -> dict:
-    """The implementation on this rank's shards; returns loss, grads of the shards, decisions and metrics."""
+    """The implementation on this rank's shards; returns loss, grads of the shards, decisions and metrics.
+    two_pass: compose the loss as the training step does (training/step.py): pass 1 the rollout objective
+    (`rollout_objective`) with the step's normaliser weights, pass 2 lambda * the teacher-window loss."""
     vocab = case["vocab_size"]
     batch = types.TokenBatch(
         tokens=case["tokens"],
@@ -153,7 +163,13 @@ def run_pipeline(
             branch = objective.branch_terms(
                 cfg, pos, win, bs[pos][valid], bt[pos][valid], vocab_size=vocab, group=group
             )
-    value, metrics = objective.loss(cfg, batch, terms, det, branch)
+    if two_pass and branch is not None:
+        weights = objective.normalizer(cfg, batch, dtype)
+        rollout_cfg, rollout_weights = rollout_objective(cfg, weights, det)
+        value, metrics = objective.loss(rollout_cfg, batch, terms, det, weights=rollout_weights)
+        value = value + cfg.guidance_coef * objective.teacher_window_loss(cfg, weights[branch.positions], branch)
+    else:
+        value, metrics = objective.loss(cfg, batch, terms, det, branch)
     value.backward()
     return {
         "loss": float(value.detach()),

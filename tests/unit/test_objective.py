@@ -230,3 +230,13 @@ def test_random_anchors_match_the_counts_and_stay_in_each_response():
     assert bool(batch.response_mask[anchors].all())
     assert anchors.tolist() == random_anchors(batch, torch.tensor([2, 4, 5]), seed=7).tolist()
     assert anchors.tolist() != random_anchors(batch, torch.tensor([2, 4, 5]), seed=8).tolist()
+
+
+@pytest.mark.parametrize("name", [n for n, c in VARIANTS.items() if c.guidance == "teacher_window"])
+def test_the_training_steps_two_passes_match_the_reference(name):
+    """The training step splits teacher_window guidance into pass 1 (the OPD term over the rollouts, weight 0 at the
+    anchors a window replaces) and pass 2 (lambda * the windows' loss): together they are the reference objective,
+    value and gradients, for every teacher_window variant (guidance_replaces_opd included)."""
+    cfg = VARIANTS[name]
+    case = cases.make_case(0)
+    assert_matches_reference(cases.run_pipeline(cfg, case, two_pass=True), reference(cfg, case))

@@ -98,3 +98,13 @@ def test_math_jsonl_task_rejects_bad_files(tmp_path) -> None:
         task.train_problems(1, seed=0)
     with pytest.raises(ValueError, match="does not exist"):
         MathJsonlTask(train_path=str(tmp_path / "none.jsonl"), eval_path=str(bad)).train_problems(1, 0)
+
+
+def test_a_chain_task_must_say_how_it_writes() -> None:
+    """ChainTask is the shared machinery only: a task that does not say how it writes prompts, solutions, answers
+    and numbers cannot be made (instead of failing later, mid-preparation)."""
+    from topd_megatron.tasks.chains import ChainTask
+
+    with pytest.raises(TypeError, match="abstract methods 'extract_answer', 'number_words', 'parse_prompt'"):
+        ChainTask()
+    assert SyntheticTask().render_prompt(3, [("add", 4)]) == "start with 3 , add 4 . what is the result ?"

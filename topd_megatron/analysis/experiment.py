@@ -121,6 +121,10 @@ class TinyConfig:
             raise ValueError(f"--seeds, --steps and --workers must be >= 1, got {self.seeds}, {self.steps}")
 
 
+LEFT_OUT = "the task does not label its choices (tasks.LabelsChoices)"
+"""Why an oracle-detector arm is left out of a job on a task that cannot label its choices."""
+
+
 def expected_cost(arm: str) -> float:
     """A rough relative cost of one run of `arm` (for scheduling only): sampling near-future windows dominates (the
     detector's teacher and fresh student windows), then guidance branch rows, then the rest of an OPD step."""
@@ -267,7 +271,7 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     arms = [a for a in cfg.arms if arm_detector(a) != "oracle" or isinstance(task, LabelsChoices)]
     left_out = sorted(set(cfg.arms) - set(arms))
     if left_out:
-        print(f"[topd] {', '.join(left_out)}: left out, the task does not label its choices", flush=True)
+        print(f"[topd] {', '.join(left_out)}: left out, {LEFT_OUT}", flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sched = Scheduler(cfg.workers, cfg.tp * cfg.pp, world_timeout)
@@ -291,7 +295,7 @@ def run_tiny(cfg: TinyConfig, *, world_timeout: float = 3600.0) -> dict[str, Any
     runs = {key: f.result() for key, f in futures.items()}
     references = {name: accuracy(f.result()) for name, f in refs.items()}
     results = compile_results(cfg, arms, runs, references, oracle.result(), prepared.report)
-    results["arms_left_out"] = {a: "the task does not label its choices (tasks.LabelsChoices)" for a in left_out}
+    results["arms_left_out"] = {a: LEFT_OUT for a in left_out}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["plots"] = {
         "accuracy": str(plot_final_accuracy(results, out / "accuracy.png")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def parse_chain_prompt(prompt: str, number_pattern: str, task: str) -> tuple[int
 
 
 @dataclass(kw_only=True, slots=True)
-class ChainTask[StyleT]:
+class ChainTask[StyleT](ABC):
     """The difficulty fields, the problem drawing, the checking and the traces of an arithmetic-chain task. The task
     sets its `name` and says how it writes prompts, solutions, answers and numbers (`render_prompt`,
     `render_solution`, `parse_prompt`, `extract_answer`, `number_words`), its trace styles (`styles`; StyleT
@@ -112,25 +113,29 @@ class ChainTask[StyleT]:
         if not 2 <= self.max_operand <= 20:
             raise ValueError(f"{self.name} task: max_operand must be in 2..20, got {self.max_operand}")
 
+    @abstractmethod
     def render_prompt(self, start: int, ops: list[tuple[str, int]]) -> str:
-        raise NotImplementedError
+        """The problem's prompt text."""
 
+    @abstractmethod
     def render_solution(self, start: int, ops: list[tuple[str, int]], style: StyleT, rng: random.Random) -> str:
-        raise NotImplementedError
+        """A worked solution written in `style`, its choices drawn from `rng`."""
 
+    @abstractmethod
     def parse_prompt(self, prompt: str) -> tuple[int, list[tuple[str, int]]]:
-        raise NotImplementedError
+        """Inverse of render_prompt: (start, [(op, k), ...])."""
 
+    @abstractmethod
     def extract_answer(self, completion: str) -> str | None:
-        raise NotImplementedError
+        """The final answer a completion states, normalised like `Problem.answer`; None if it states none."""
 
+    @abstractmethod
     def styles(self) -> Mapping[str, StyleT]:
         """The trace styles `sft_traces` accepts, by name."""
-        raise NotImplementedError
 
+    @abstractmethod
     def number_words(self) -> list[str]:
         """The tokens numbers are written with."""
-        raise NotImplementedError
 
     def max_multiplier(self) -> int:
         return min(5, self.max_operand)
