@@ -16,7 +16,13 @@ with the student's DDP and distributed optimizer exactly as training builds them
 - d_t pass peak: the same high-water mark for the detector's no-grad student pass of that micro-batch as
   training.scoring.step_divergence runs it (forward_logits reducing the logits to d_t as they arrive);
 - teacher window rows: the distinct storages train_step keeps of a branch micro-batch's teacher logits (the
-  `BranchBatch.window_logits` rows of WINDOW tokens per row, cut out as the logits arrive) (PP = 1 cases).
+  `BranchBatch.window_logits` rows of WINDOW tokens per row, cut out as the logits arrive) (PP = 1 cases);
+- packed cases (`packed`): the same for a micro-batch of packed rows (algorithm/packing.py: WINDOWS_PER_ROW windows
+  of WINDOW tokens packed after each rollout, the per-window mask, RoPE at the windows' positions), trained on the
+  OPD term of the rollout columns plus the guidance KL of the window rows, as training/step.py's one pass does, and
+  the teacher's window rows cut out of its packed forward;
+- weight sync bytes: the Hugging Face tensors the weight sync exports (rollout/sglang/weight_sync.hf_weights), summed,
+  against the planner's P x bytes (plan/step_time.weight_sync_seconds moves that many bytes).
 The planner's numbers for the same layout and micro-batch (attention='local': Megatron-Core's local spec, the CPU
 path) are printed next to them with the ratio planned / measured.
 
@@ -46,6 +52,8 @@ MICRO_BATCH = 4
 SEQ = 64
 WINDOW = 8
 """K of the branch windows whose teacher rows are kept."""
+WINDOWS_PER_ROW = 3
+"""Guidance windows packed after each rollout in the packed cases."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,8 @@ class Case:
     student: str = "prepared"
     """'prepared' (the tiny pair's Qwen3 student), 'llama' or 'moe' (a tiny random Llama or Qwen3-MoE with the pair's
     tokenizer)."""
+    packed: bool = False
+    """Train on packed rows (WINDOWS_PER_ROW windows of WINDOW tokens after each rollout) instead of plain ones."""
 
 
 CASES = (
@@ -74,6 +84,9 @@ CASES = (
     Case("llama TP1", 1, student="llama"),
     Case("llama TP2 SP selective", 2, tp=2, sequence_parallel=True, recompute="selective", student="llama"),
     Case("qwen3_moe TP1", 1, student="moe"),
+    Case("qwen3 TP1 packed", 1, packed=True),
+    Case("qwen3 TP1 packed selective", 1, recompute="selective", packed=True),
+    Case("qwen3 TP2 SP packed", 2, tp=2, sequence_parallel=True, packed=True),
 )
 
 
@@ -121,9 +134,12 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
 
     from topd_megatron.algorithm import objective
     from topd_megatron.algorithm.batch import BranchBatch
+    from topd_megatron.algorithm.loss import token_divergence
     from topd_megatron.algorithm.types import TokenBatch
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.models.positions import positioned
+    from topd_megatron.rollout.sglang.weight_sync import hf_weights
     from topd_megatron.training.forward import forward_logits, make_microbatch
     from topd_megatron.training.optim import OptimConfig, build_optimizer, ddp_config
     from topd_megatron.training.teacher import build_teacher, teacher_logits
@@ -171,28 +187,60 @@ def measure(rank: int, world: int, case: Case, student_dir: str, teacher_dir: st
                 saved.setdefault(st.data_ptr(), st.nbytes())
             return t
 
+        packed = _packed_rows(tokens, response, student.vocab_size) if case.packed else None
+        if packed is not None:  # the teacher's window rows, cut out of its forward over the packed rows
+            kept = teacher_logits(teacher, packed.microbatches(), lambda m, t: packed.window_logits(m.index, t))
+        else:
+            half = torch.full((MICRO_BATCH,), SEQ // 2, dtype=torch.long)
+            branch = BranchBatch(
+                tokens=tokens, starts=half, lengths=torch.full_like(half, WINDOW), micro_batch_size=MICRO_BATCH
+            )
+            kept = teacher_logits(teacher, branch.microbatches(), lambda m, t: branch.window_logits(m.index, t))
+
         def step() -> None:
+            model = student.modules[0]
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = student.modules[0](mb.tokens, mb.position_ids, mb.attention_mask)
+                if packed is None:
+                    logits = model(mb.tokens, mb.position_ids, mb.attention_mask)
+                else:  # as training.forward runs a packed micro-batch
+                    pmb = packed.microbatches()[0]
+                    with positioned(model, pmb.position_ids):
+                        logits = model(pmb.tokens, pmb.position_ids, pmb.window_mask.dense())
             out["student activations"] = sum(saved.values())
-            terms = objective.token_terms(cfg, tb, logits[:, :-1], t_logits[:, :-1], **kw)
+            terms = objective.token_terms(cfg, tb, logits[:, :SEQ][:, :-1], t_logits[:, :-1], **kw)
             value, _ = objective.loss(cfg, tb, terms)
+            if packed is not None:  # + the guidance KL of the window rows (training/step.py PackedLoss)
+                rows = packed.window_logits(0, logits)
+                value = value + token_divergence(rows, kept[0], "reverse_kl", **kw).sum()
+                del rows
             del logits, terms
             value.backward()
 
         out["forward + loss + backward peak"] = _profiled_peak(step)
         out["d_t pass peak (no grad)"] = dt_peak
-        half = torch.full((MICRO_BATCH,), SEQ // 2, dtype=torch.long)
-        branch = BranchBatch(
-            tokens=tokens, starts=half, lengths=torch.full_like(half, WINDOW), micro_batch_size=MICRO_BATCH
-        )
-        kept = teacher_logits(teacher, branch.microbatches(), lambda m, t: branch.window_logits(m.index, t))
         out["teacher window rows (kept)"] = sum(_storages(kept).values())
     finalize_model_grads(student.modules)
+    out["weight sync bytes (HF export)"] = float(sum(t.numel() * t.element_size() for _, t in hf_weights(student)))
     optimizer.step()  # Adam allocates its state on the first step
     state = _storages(_optimizer_tensors(optimizer))
     out["student optimizer"] = sum(v for k, v in state.items() if k not in params and k not in grads)
     return out
+
+
+def _packed_rows(tokens: torch.Tensor, response: torch.Tensor, vocab: int):
+    """WINDOWS_PER_ROW windows of WINDOW random tokens packed after each row (anchors in the response)."""
+    from topd_megatron.algorithm.packing import pack_rows
+    from topd_megatron.algorithm.types import Windows
+
+    s1 = SEQ - 1
+    anchors = [SEQ // 4 + i * SEQ // (2 * WINDOWS_PER_ROW) for i in range(WINDOWS_PER_ROW)]
+    positions = torch.tensor([r * s1 + j for r in range(MICRO_BATCH) for j in anchors])
+    gen = torch.Generator().manual_seed(8)
+    windows = Windows(
+        tokens=torch.randint(0, vocab, (positions.numel(), WINDOW), generator=gen),
+        lengths=torch.full((positions.numel(),), WINDOW),
+    )
+    return pack_rows(tokens, response, positions, windows, pad_id=0, micro_batch_size=MICRO_BATCH, width_multiple=2)
 
 
 # ------------------------------------------------------------------ the planner's numbers
@@ -205,6 +253,7 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
     from topd_megatron.plan.layout import Layout, StepShape
     from topd_megatron.plan.memory import (
         dt_reduction_bytes,
+        dtype_bytes,
         forward_working_bytes,
         logits_bytes,
         loss_working_bytes,
@@ -230,16 +279,18 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
         etp=case.tp,
         sequence_parallel=case.sequence_parallel,
     )
+    branches = MICRO_BATCH * WINDOWS_PER_ROW if case.packed else 0
     shape = StepShape(
         seq=SEQ,
         micro_batch=MICRO_BATCH,
         rollouts=MICRO_BATCH,
         rows=MICRO_BATCH,
-        candidates=0,
-        branches=0,
+        candidates=branches,
+        branches=branches,
         branch_rows=0,
-        branch_seq=0,
-        window=0,
+        branch_seq=-(-(SEQ + WINDOWS_PER_ROW * (WINDOW - 1)) // 2) * 2 if case.packed else 0,  # even: SP at TP=2
+        window=WINDOW,
+        packed=case.packed,
     )
     rows = padded_vocab(s_arch.vocab, s_cfg, case.tp)
     out = []
@@ -252,6 +303,7 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
             "student gradient buffer": states["student gradient buffer (fp32)"],
             "student optimizer": next(v for k, v in states.items() if k.startswith("student optimizer")),
             "teacher weights": teacher_weight_bytes(tp, t_cfg),
+            "weight sync bytes (HF export)": float(s_arch.params() * dtype_bytes(s_cfg.dtype)),
         }
         if case.pp == 1:
             act = sum(training_activation_bytes(s_arch, layout, shape, s_cfg, "local", stage).values())
@@ -263,7 +315,9 @@ def planned(case: Case, student_dir: str, teacher_dir: str) -> list[dict[str, fl
             reduction = dt_reduction_bytes(shape, rows, layout, s_cfg, t_cfg, "cpu", offload=False, served=False)
             mb_logits = logits_bytes(MICRO_BATCH, SEQ, rows, layout, 4)
             row["d_t pass peak (no grad)"] = nograd_forward_bytes(layer, mb_logits, reduction)
-            row["teacher window rows (kept)"] = MICRO_BATCH * WINDOW * rows / case.tp * 4
+            row["teacher window rows (kept)"] = (
+                MICRO_BATCH * WINDOW * rows / case.tp * 4 * max(shape.branches // MICRO_BATCH, 1)
+            )
         out.append(row)
     return out
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from topd_megatron.evaluation.task_eval import EvalConfig
+from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.server import ServerConfig
 
 
@@ -23,6 +24,13 @@ def run_dir(name: str) -> str:
 
 MATH_TASK = "topd_megatron.tasks.math_jsonl:dapo_math500"
 """DAPO-Math-17k training prompts, MATH-500 held out."""
+
+
+def packing_model(name: str, **kw: Any) -> ModelConfig:
+    """A bf16 model of 8,192-token sequences on Megatron-Core's local attention, which takes the per-window mask of
+    packed guidance windows (TransformerEngine's attention cannot: topd plan's search picks this where it pays);
+    `kw`: further ModelConfig fields (recompute)."""
+    return ModelConfig(path=checkpoint(name), dtype="bfloat16", seq_length=8192, transformer_engine=False, **kw)
 
 
 def gpu_server(role: str, *, tp: int, dp: int, mem_fraction: float, **kw: Any) -> ServerConfig:

@@ -6,17 +6,24 @@ Layout (`topd plan qwen3_4b_from_30b_a3b`, 80 GiB H100s; the planner's worst cas
 64 candidates, 70% of them divergent):
 - training: TP=4 (divides the teacher's 4 KV heads; against TP=2 it halves the vocabulary shard and the student's
   states), EP=2 for the teacher's experts, DP=2, full recomputation of the student, micro-batches of 1;
+  Megatron-Core's local attention for both models (`transformer_engine=False`): it takes the per-window mask of
+  packed guidance, so each rollout's 45 windows are trained and teacher-scored packed after it (rows of 10,397
+  tokens, 0.27 x the rollout tokens) instead of as 4,301 whole-prefix rows per replica;
 - the teacher is built in Megatron (bf16) and gives full logits; its rollout logits wait in host memory
   (train.offload_teacher_logits: 96 GiB pinned per rank, 768 GiB per node, instead of 56 GiB per GPU);
-- student rollouts: a colocated SGLang server, TP=2 x DP=4 over the node, mem_fraction 0.12 of each GPU;
-- teacher windows: a colocated SGLang server of the teacher, TP=8 (bf16), mem_fraction 0.12 of each GPU (generated
-  in-process without a KV cache instead, a step would plan at about 18,400 s);
+- student rollouts: an SGLang server (TP=2 x DP=4) time-sliced with training (sglang.colocate='time_slice': it takes
+  0.69 of every GPU while Megatron's states wait in host memory, and releases it while Megatron trains; CUDA only);
+- teacher windows: a colocated SGLang server of the teacher, TP=8 (bf16), mem_fraction 0.12 of each GPU the whole
+  time (generated in-process without a KV cache instead, a step would plan at about 18,400 s);
 - 48 prompts x 4 samples per step: the teacher's window rows kept for the branches ([sum K', V/TP], 15.2 GiB per GPU
   here) grow with the rollouts per GPU, and 64 prompts would need 1 TiB of pinned host memory per node (the offloaded
   blocks round up to powers of two), all of the share the planner allows.
-Per GPU at the peak (the backward): 67.3 of 80 GiB (the two server shares 25.2, student states 11.2, teacher 7.5,
-window rows 15.2, framework 4, activations and loss 4.1); about 1,480 s per step, 1,065 s of it training the student
-on the full-prefix branch rows.
+Per GPU at the peak (the backward): 55.8 of 80 GiB (the teacher server share 12.6, student states 11.2, teacher 7.5,
+window rows 15.2, framework 4, activations and loss 5.2); while the student server samples, 74.8 GiB. About 152 s per
+step (rollouts 59, teacher windows 36, train 24, branch scoring 7, branch training 6; the OPD step on this layout:
+95 s, TOPD / OPD 1.60); the previous layout (TransformerEngine attention: one whole-prefix row per window, the student
+server sharing 0.12 of every GPU) planned 1,483 s, 1,065 s of it training the student on those rows. Selective
+recomputation plans 4% faster at 77.8 GiB; full recomputation keeps 5 GiB of headroom on every role.
 """
 
 from __future__ import annotations
@@ -25,26 +32,24 @@ from topd_megatron.algorithm import objective
 from topd_megatron.cluster import ClusterConfig
 from topd_megatron.config import RunConfig, TrainConfig
 from topd_megatron.distributed.parallel import ParallelConfig
-from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
 
-from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
+from ._common import MATH_TASK, gpu_server, math_eval, packing_model, run_dir
 
 
 def qwen3_4b_from_30b_a3b() -> RunConfig:
     return RunConfig(
-        student=ModelConfig(
-            path=checkpoint("Qwen3-4B-Instruct-2507"), dtype="bfloat16", seq_length=8192, recompute="full"
-        ),
-        teacher=ModelConfig(path=checkpoint("Qwen3-30B-A3B-Instruct-2507"), dtype="bfloat16", seq_length=8192),
+        student=packing_model("Qwen3-4B-Instruct-2507", recompute="full"),
+        teacher=packing_model("Qwen3-30B-A3B-Instruct-2507"),
         run_dir=run_dir("qwen3_4b_from_30b_a3b"),
         task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.12),
+            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.69),
             teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.12),
             sync_mode="distributed",
+            colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=4, pp=1, ep=2),
         objective=objective.preset("topd"),

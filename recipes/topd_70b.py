@@ -2,23 +2,27 @@
 prompts, MATH-500 held out; responses up to 6,144 tokens in 8,192-token sequences, K = 50 teacher windows;
 `sbatch slurm/topd_70b.sh` runs it on 18 nodes of 8 H100-80GB.
 
-Layout (`topd plan topd_70b`; see docs/scale.md), 16 + 1 + 1 nodes:
-- training, 16 nodes: TP=8 within a node, PP=2 (40 student layers per stage), DP=8, sequence parallelism, no
-  recomputation, micro-batches of 1; the student alone: 56.0 GiB per GPU on the first stage (its states 30.8, two
-  micro-batches of activations in flight 21.0), 46.5 GiB on the last;
-- the teacher is served by SGLang only (teacher_source='sglang'): one server on a node of its own, the bf16
-  checkpoint quantized to FP8 at load (`--quantization fp8`: 47.7 GiB of weights per GPU at TP=8, a KV pool of
-  337k tokens), which scores the rollouts, samples the near-future windows and scores the branch windows; the loss
-  takes its top-20 log-probs (objective.teacher_signal='top_k');
-- student rollouts: one SGLang server (TP=8, bf16) on a node of its own, its weights pushed after every step;
-- the Slurm script starts both servers and sets sglang.student.url / sglang.teacher.url and sglang.sync_address.
-Why served: the alternative, the 405B teacher colocated in Megatron in FP8 (fp8_weights: 23.9 GiB per GPU at TP=8,
-PP=2) with a teacher server for the windows, fits only with full recomputation (64.9 GiB on the last stage) and plans
-at about 6,030 s per step, most of it the teacher's forward over the full-prefix branch rows (1,890 s) and the
-recomputed branch training (2,580 s); served, the teacher scores only the window tokens of the branches, and a step
-plans at about 4,290 s (1,940 s of it training the student on the branch rows) on the same 18 nodes. teacher.fp8 and
-teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
-objective.teacher_signal=logits ...`).
+Layout (`topd plan topd_70b`, the fastest feasible split of its 18 nodes that the planner's search finds; see
+docs/scale.md), 8 + 10 nodes:
+- training, 8 nodes: TP=8 within a node, PP=2 (40 student layers per stage), DP=4, sequence parallelism, micro-batches
+  of 1; Megatron-Core's local attention (`transformer_engine=False`), which takes the per-window mask of packed
+  guidance (each rollout's 45 windows packed after it: rows of 10,400 tokens instead of 5,735 whole-prefix branch rows
+  per replica; 0.27 x the rollout tokens), with full recomputation; the student alone: 57.4 GiB per GPU at the peak,
+  the weight sync (states 37.0, the resumed server weights 16.4, framework 4);
+- student rollouts: one SGLang server per training node (TP=8, bf16), time-sliced with training
+  (sglang.colocate='time_slice'): while a server samples, Megatron's weights, gradients and optimizer shard wait in
+  host memory; while Megatron trains, the server's weights and KV cache are released (SGLang's memory saver, CUDA
+  only); the 8 servers sit behind an sglang-router and all receive the weights after every step;
+- the teacher is served by SGLang only (teacher_source='sglang'): 10 servers, one per node, the bf16 checkpoint
+  quantized to FP8 at load (`--quantization fp8`: 47.7 GiB of weights per GPU at TP=8, a 337k-token KV pool each),
+  behind a router: they score the rollouts, sample the near-future windows (per rollout, each prefix prefilled
+  once) and score the branch windows; the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
+- the Slurm script starts every server and sets sglang.student.urls / sglang.teacher.urls and sglang.sync_address.
+About 452 s per step (train 114, rollouts 88, teacher windows 88, teacher scoring 66, branch training 31, student
+d_t 29, branch scoring 18, weight sync 15, state swaps 3); the OPD step on this layout plans at 287 s (TOPD / OPD
+1.58). The previous layout (16 training nodes, one student and one teacher server node, TransformerEngine attention:
+one whole-prefix row per window) planned 4,288 s. teacher.fp8 and teacher.fp8_weights below apply when the teacher
+is built in Megatron (`--set teacher_source=megatron objective.teacher_signal=logits ...`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ from topd_megatron.models.build import ModelConfig
 from topd_megatron.rollout.sglang.engine import SGLangConfig
 from topd_megatron.training.optim import OptimConfig
 
-from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, run_dir
+from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, packing_model, run_dir
 
 
 def topd_70b() -> RunConfig:
     return RunConfig(
-        student=ModelConfig(path=checkpoint("Llama-3.3-70B-Instruct"), dtype="bfloat16", seq_length=8192),
+        student=packing_model("Llama-3.3-70B-Instruct", recompute="full"),
         teacher=ModelConfig(
             path=checkpoint("Llama-3.1-405B-Instruct"),
             dtype="bfloat16",
@@ -51,11 +55,18 @@ def topd_70b() -> RunConfig:
         rollout="sglang",
         teacher_source="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, startup_timeout_s=1800.0),
+            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, servers=8, startup_timeout_s=1800.0),
             teacher=gpu_server(
-                "teacher", tp=8, dp=1, mem_fraction=0.85, extra_args=("--quantization", "fp8"), startup_timeout_s=3600.0
+                "teacher",
+                tp=8,
+                dp=1,
+                mem_fraction=0.85,
+                servers=10,
+                extra_args=("--quantization", "fp8"),
+                startup_timeout_s=3600.0,
             ),
             sync_mode="distributed",
+            colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=8, pp=2, sequence_parallel=True),
         objective=dataclasses.replace(objective.preset("topd"), teacher_signal="top_k"),
@@ -72,6 +83,6 @@ def topd_70b() -> RunConfig:
         ),
         eval=math_eval(),
         cluster=ClusterConfig(
-            nodes=16, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=1, teacher_server_nodes=1
+            nodes=8, gpus_per_node=8, gpu_memory_gib=80.0, student_server_nodes=0, teacher_server_nodes=10
         ),
     )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ==== LAYOUT, from `topd plan topd_70b`: 16 training + 1 student server + 1 teacher server nodes ===================
+# ==== LAYOUT, from `topd plan topd_70b`: 8 training nodes (each also a time-sliced student server) + 10 teacher =====
+# ==== server nodes (one FP8 teacher server per node) ===============================================================
 #SBATCH --nodes=18
 #SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=1
@@ -13,9 +14,12 @@
 #SBATCH --signal=B:USR1@900
 #
 # The `topd_70b` recipe as a Slurm job: student Llama-3.3-70B-Instruct distilled from Llama-3.1-405B-Instruct. The
-# allocation is split into training nodes (Megatron student + colocated teacher, torchrun on each), student SGLang
-# server nodes (rollouts; weights pushed after every step) and optional teacher SGLang server nodes (near-future
-# windows).
+# allocation is split into training nodes (Megatron student, torchrun on each) and teacher SGLang server nodes (the
+# teacher is served only: scoring, near-future windows). The student's SGLang servers (rollouts; weights pushed to every
+# one after every step) run either on the training nodes, one per node, time-sliced with training
+# (sglang.colocate=time_slice: a server holds the GPUs while Megatron's states wait in host memory, and releases them
+# while Megatron trains; TOPD_STUDENT_SERVER_NODES=0, the default), or on nodes of their own. Each role's servers are
+# reached through an sglang-router the trainer starts (cache-aware: a rollout's windows go where its prefix is cached).
 #
 #   sbatch slurm/topd_70b.sh                                        # from the repository root
 #   TOPD_DRY_RUN=1 bash slurm/topd_70b.sh                          # print every command, run none (no cluster needed)
@@ -42,17 +46,19 @@
 #   TOPD_MAX_REQUEUES [20] requeue at most this many times (SLURM_RESTART_COUNT); then exit 75
 #   TOPD_SGLANG_TIMEOUT  [1800] seconds for every server to become healthy
 #   TOPD_DRY_RUN    [0] 1: print the commands (srun lines included) and exit 0 without running them
-#   Ports: TOPD_MASTER_PORT [29500] (torchrun c10d rendezvous), TOPD_STUDENT_PORT [30000], TOPD_TEACHER_PORT [30001],
-#          TOPD_STUDENT_DIST_PORT [5000] / TOPD_TEACHER_DIST_PORT [5001] (multi-node server bootstrap).
+#   Ports: TOPD_MASTER_PORT [29500] (torchrun c10d rendezvous), TOPD_STUDENT_PORT [30000], TOPD_TEACHER_PORT [30001]
+#          (every server of a role listens on its node at this port), TOPD_STUDENT_DIST_PORT [5000] /
+#          TOPD_TEACHER_DIST_PORT [5001] (bootstrap of a server spanning several nodes).
 # Partition, account, QOS, container: SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_CONTAINER (an OCI bundle
 # for `sbatch --container`), read by sbatch itself; or the same sbatch options on its command line.
 #
-# What it does: (a) starts the SGLang servers with srun on their own nodes
-# (`python -m topd_megatron.rollout.sglang.serve`, one task per node; a server spanning several nodes uses SGLang's
-# multi-node mode) and waits until each answers /health_generate; (b) runs training with srun (one task per training
-# node) + torchrun (c10d rendezvous on the first training node) of `topd train --recipe topd_70b`, attached to the
-# servers; (c) on exit, stops what it started by PID (srun forwards the SIGTERM to its tasks; serve.py stops its
-# server); (d) exits with training's exit code.
+# What it does: (a) starts the SGLang servers with srun (`python -m topd_megatron.rollout.sglang.serve`, one task per
+# node; a server of more GPUs than a node spans nodes in SGLang's multi-node mode; time-sliced student servers share
+# their training node, `srun --overlap`, and start with SGLang's memory saver) and waits until each answers
+# /health_generate; (b) runs training with srun (one task per training node) + torchrun (c10d rendezvous on the first
+# training node) of `topd train --recipe topd_70b`, attached to the servers (sglang.*.urls); (c) on exit, stops what it
+# started by PID (srun forwards the SIGTERM to its tasks; serve.py stops its server); (d) exits with training's exit
+# code.
 #
 # Time limits and preemption: Slurm sends this script SIGUSR1 900 s before the time limit (--signal=B:USR1@900; the
 # servers are not signalled); the script passes it on to training (srun forwards it to every task; torchrun, told to
@@ -64,11 +70,11 @@
 set -euo pipefail
 
 # ==== LAYOUT (continued): the node split and the servers' parallelism, set from `topd plan topd_70b` ================
-STUDENT_SERVER_NODES="${TOPD_STUDENT_SERVER_NODES:-1}"  # one student server over these nodes
+STUDENT_SERVER_NODES="${TOPD_STUDENT_SERVER_NODES:-0}"  # 0: one server per training node, time-sliced with training
 STUDENT_SERVER_TP="${TOPD_STUDENT_SERVER_TP:-8}"        # tensor parallel per replica
-STUDENT_SERVER_DP="${TOPD_STUDENT_SERVER_DP:-1}"        # replicas
-TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-1}"  # the recipe's teacher is served (teacher_source=sglang): >= 1
-TEACHER_SERVER_TP="${TOPD_TEACHER_SERVER_TP:-8}"        # TP x DP = the server's GPUs (nodes x GPUS_PER_NODE)
+STUDENT_SERVER_DP="${TOPD_STUDENT_SERVER_DP:-1}"        # replicas per server; a server has TP x DP GPUs
+TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-10}" # the recipe's teacher is served (teacher_source=sglang): >= 1
+TEACHER_SERVER_TP="${TOPD_TEACHER_SERVER_TP:-8}"        # a server per TP x DP GPUs (here one per node)
 TEACHER_SERVER_DP="${TOPD_TEACHER_SERVER_DP:-1}"
 TEACHER_SERVER_ARGS="${TOPD_TEACHER_SERVER_ARGS:---quantization fp8}"  # extra sglang.launch_server arguments
 GPUS_PER_NODE="${TOPD_GPUS_PER_NODE:-8}"                # training ranks per training node
@@ -142,26 +148,32 @@ else  # dry run outside an allocation: as many placeholder names as the #SBATCH 
 fi
 servers=$((STUDENT_SERVER_NODES + TEACHER_SERVER_NODES))
 TRAIN_NODES="${TOPD_TRAIN_NODES:-$((${#nodes[@]} - servers))}"
-if ((STUDENT_SERVER_NODES < 1 || TRAIN_NODES < 1 || TRAIN_NODES + servers > ${#nodes[@]})); then
+if ((TRAIN_NODES < 1 || TEACHER_SERVER_NODES < 1 || TRAIN_NODES + servers > ${#nodes[@]})); then
     echo "error: $TRAIN_NODES training + $STUDENT_SERVER_NODES student server + $TEACHER_SERVER_NODES teacher server" \
         "nodes do not fit the ${#nodes[@]} allocated nodes (set the LAYOUT block)" >&2
     exit 2
 fi
-for spec in "student $STUDENT_SERVER_NODES $STUDENT_SERVER_TP $STUDENT_SERVER_DP" \
+# a server takes TP x DP GPUs: whole nodes (one server per node, or one server over several nodes)
+for spec in "student $((STUDENT_SERVER_NODES ? STUDENT_SERVER_NODES : TRAIN_NODES)) $STUDENT_SERVER_TP $STUDENT_SERVER_DP" \
     "teacher $TEACHER_SERVER_NODES $TEACHER_SERVER_TP $TEACHER_SERVER_DP"; do
     read -r role n tp dp <<<"$spec"
-    if ((n > 0 && tp * dp != n * GPUS_PER_NODE)); then
-        echo "error: the $role server has TP $tp x DP $dp = $((tp * dp)) GPUs but $n nodes of $GPUS_PER_NODE" >&2
+    if (((tp * dp) % GPUS_PER_NODE || n % ((tp * dp) / GPUS_PER_NODE))); then
+        echo "error: $role servers of TP $tp x DP $dp = $((tp * dp)) GPUs do not tile $n nodes of $GPUS_PER_NODE" >&2
         exit 2
     fi
 done
 train_nodes=("${nodes[@]:0:TRAIN_NODES}")
 student_nodes=("${nodes[@]:TRAIN_NODES:STUDENT_SERVER_NODES}")
 teacher_nodes=("${nodes[@]:TRAIN_NODES+STUDENT_SERVER_NODES:TEACHER_SERVER_NODES}")
+colocate=share
+if ((STUDENT_SERVER_NODES == 0)); then  # time-sliced: the student servers run on the training nodes
+    colocate=time_slice
+    student_nodes=("${train_nodes[@]}")
+fi
 join() { local IFS=,; echo "$*"; }
 MASTER_ADDR="${train_nodes[0]}"
-log "nodes: training $(join "${train_nodes[@]}"); student servers $(join "${student_nodes[@]}");" \
-    "teacher servers $( ((TEACHER_SERVER_NODES)) && join "${teacher_nodes[@]}" || echo none)"
+log "nodes: training $(join "${train_nodes[@]}"); student servers ($colocate) $(join "${student_nodes[@]}");" \
+    "teacher servers $(join "${teacher_nodes[@]}")"
 
 # srun options shared by every step; a container when TOPD_CONTAINER is set.
 srun_common=(--ntasks-per-node=1 --kill-on-bad-exit=1 --gpus-per-node="$GPUS_PER_NODE")
@@ -223,23 +235,38 @@ trap 'on_stop USR1' USR1  # the early warning before the time limit (#SBATCH --s
 trap 'on_stop TERM' TERM  # scancel / time limit / preemption
 trap 'exit 130' INT
 
-# ---- (a) SGLang servers on their nodes: one srun per server, one task per node ------------------------------------
-# start_server ROLE MODEL PORT DIST_PORT TP DP NODE... [-- EXTRA SGLANG ARGS]
+# ---- (a) SGLang servers: one srun per server (a server of TP x DP GPUs over as many nodes), one task per node ------
+# start_server ROLE MODEL PORT DIST_PORT TP DP OVERLAP NODE... [-- EXTRA SGLANG ARGS]
 start_server() {
-    local role="$1" model="$2" port="$3" dist_port="$4" tp="$5" dp="$6" hosts=() extra=()
-    shift 6
+    local role="$1" model="$2" port="$3" dist_port="$4" tp="$5" dp="$6" overlap="$7" hosts=() extra=() shared=()
+    shift 7
     while (($#)) && [[ "$1" != -- ]]; do hosts+=("$1"); shift; done
     (($#)) && { shift; extra=(-- "$@"); }
+    [[ "$overlap" == 1 ]] && shared=(--overlap)  # a time-sliced server shares its node with the training step
     # one task per node: node rank = the task's rank in this step; PID file per node ($1 of the inner bash)
     # shellcheck disable=SC2016  # expanded by the task's bash, not here
     local serve_on_node='exec "$0" -m topd_megatron.rollout.sglang.serve --node-rank "$SLURM_PROCID"'
     serve_on_node+=' --pid-file "$1$SLURM_PROCID.pid" "${@:2}"'
-    start_bg server_pids srun --nodes="${#hosts[@]}" --ntasks="${#hosts[@]}" --nodelist="$(join "${hosts[@]}")" \
-        --output="$work/serve-$role-%t.out" "${srun_common[@]}" \
-        bash -c "$serve_on_node" "$PY" "$work/$role-node" \
+    start_bg server_pids srun "${shared[@]}" --nodes="${#hosts[@]}" --ntasks="${#hosts[@]}" \
+        --nodelist="$(join "${hosts[@]}")" --output="$work/serve-$role-${hosts[0]}-%t.out" "${srun_common[@]}" \
+        bash -c "$serve_on_node" "$PY" "$work/$role-${hosts[0]}-node" \
         --role "$role" --model "$model" --host 0.0.0.0 --port "$port" --tp "$tp" --dp "$dp" --dtype bfloat16 \
         --mem-fraction 0.85 --max-total-tokens auto --timeout "$TOPD_SGLANG_TIMEOUT" --log-dir "$work" \
         --nnodes "${#hosts[@]}" --dist-init-addr "${hosts[0]}:$dist_port" "${extra[@]}"
+}
+# start_servers VAR ROLE MODEL PORT DIST_PORT TP DP OVERLAP NODE... [-- EXTRA]: a server per TP x DP GPUs of the nodes;
+# their URLs into the array VAR (the trainer puts an sglang-router in front of them)
+start_servers() {
+    local -n urls_out="$1"
+    local role="$2" model="$3" port="$4" dist_port="$5" tp="$6" dp="$7" overlap="$8" hosts=() rest=() i per
+    shift 8
+    while (($#)) && [[ "$1" != -- ]]; do hosts+=("$1"); shift; done
+    rest=("$@")
+    per=$(((tp * dp) / GPUS_PER_NODE))
+    for ((i = 0; i < ${#hosts[@]}; i += per)); do
+        start_server "$role" "$model" "$port" "$dist_port" "$tp" "$dp" "$overlap" "${hosts[@]:i:per}" "${rest[@]}"
+        urls_out+=("http://${hosts[i]}:$port")
+    done
 }
 # wait_healthy ROLE URL SRUN_PID: poll /health_generate until 200; fail when srun exits or the timeout passes.
 wait_healthy() {
@@ -258,29 +285,36 @@ wait_healthy() {
 }
 
 run mkdir -p "$work"
-student_url="http://${student_nodes[0]}:$STUDENT_PORT"
-start_server student "$STUDENT_MODEL" "$STUDENT_PORT" "$STUDENT_DIST_PORT" "$STUDENT_SERVER_TP" "$STUDENT_SERVER_DP" \
-    "${student_nodes[@]}"
-sets=(--set rollout=sglang --set "sglang.student.url=$student_url" --set sglang.student.api_key_env=TOPD_SGLANG_API_KEY)
+student_urls=()
+teacher_urls=()
+sliced=0
+student_args=()
+if [[ "$colocate" == time_slice ]]; then  # SGLang's memory saver: release / resume while Megatron trains
+    sliced=1
+    student_args=(-- --enable-memory-saver --enable-weights-cpu-backup)
+fi
+start_servers student_urls student "$STUDENT_MODEL" "$STUDENT_PORT" "$STUDENT_DIST_PORT" "$STUDENT_SERVER_TP" \
+    "$STUDENT_SERVER_DP" "$sliced" "${student_nodes[@]}" "${student_args[@]}"
+start_servers teacher_urls teacher "$TEACHER_MODEL" "$TEACHER_PORT" "$TEACHER_DIST_PORT" "$TEACHER_SERVER_TP" \
+    "$TEACHER_SERVER_DP" 0 "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
+sets=(--set rollout=sglang --set "sglang.student.urls=$(join "${student_urls[@]}")" --set "sglang.colocate=$colocate")
+sets+=(--set sglang.student.api_key_env=TOPD_SGLANG_API_KEY)  # the variable's name: the key stays in the environment
 sets+=(--set "sglang.student.tp=$STUDENT_SERVER_TP" --set "sglang.student.dp=$STUDENT_SERVER_DP")
 sets+=(--set "sglang.sync_address=$MASTER_ADDR" --set "student.path=$STUDENT_MODEL" --set "teacher.path=$TEACHER_MODEL")
-sets+=(--set "run_dir=$RUN_DIR")
-if ((TEACHER_SERVER_NODES > 0)); then
-    teacher_url="http://${teacher_nodes[0]}:$TEACHER_PORT"
-    start_server teacher "$TEACHER_MODEL" "$TEACHER_PORT" "$TEACHER_DIST_PORT" "$TEACHER_SERVER_TP" \
-        "$TEACHER_SERVER_DP" "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
-    sets+=(--set sglang.teacher=default --set "sglang.teacher.url=$teacher_url")
-    sets+=(--set sglang.teacher.api_key_env=TOPD_SGLANG_API_KEY)
-fi
-wait_healthy student "$student_url" "${server_pids[0]}"
-((TEACHER_SERVER_NODES == 0)) || wait_healthy teacher "$teacher_url" "${server_pids[1]}"
+sets+=(--set sglang.teacher=default --set "sglang.teacher.urls=$(join "${teacher_urls[@]}")")
+sets+=(--set sglang.teacher.api_key_env=TOPD_SGLANG_API_KEY --set "run_dir=$RUN_DIR")
+i=0
+for url in "${student_urls[@]}"; do wait_healthy student "$url" "${server_pids[i]}"; i=$((i + 1)); done
+for url in "${teacher_urls[@]}"; do wait_healthy teacher "$url" "${server_pids[i]}"; i=$((i + 1)); done
 
 # ---- (b) training: one srun task per training node, each running torchrun; c10d rendezvous on the first ----------
 # torchrun passes SIGUSR1 (and SIGTERM) on to its ranks and waits TOPD_STOP_GRACE s for them to checkpoint and exit.
 run rm -f "$RUN_DIR/requeue.json"  # written by training only when it stops on a signal with a checkpoint
 log "training: run dir $RUN_DIR (restart ${SLURM_RESTART_COUNT:-0})"
-start_bg train_pids srun --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --nodelist="$(join "${train_nodes[@]}")" \
-    "${srun_common[@]}" \
+train_shared=()
+((sliced)) && train_shared=(--overlap)  # the training nodes also run the time-sliced student servers
+start_bg train_pids srun "${train_shared[@]}" --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" \
+    --nodelist="$(join "${train_nodes[@]}")" "${srun_common[@]}" \
     "$PY" -m torch.distributed.run --nnodes="$TRAIN_NODES" --nproc-per-node="$GPUS_PER_NODE" \
     --rdzv-id="topd-$job" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$TOPD_STOP_GRACE" \

@@ -11,6 +11,10 @@
 #   tiny       the tiny recipe on one GPU (TP=1, 5 steps, bf16, embedded rollouts): needs megatron-core and the
 #              project's dependencies (the .venv of tools/setup_env.sh, or TOPD_PYTHON pointing at such a Python)
 #   tiny_fp8   the same with TransformerEngine FP8 (student tensorwise, teacher tensorwise with FP8 weights): needs TE
+#   packing    tests/distributed/test_packing.py on the GPU (one rank): packed guidance windows against the per-branch
+#              rows in float64 with the local attention, and the fallback (a warning, the per-branch rows) for models
+#              whose attention cannot take the per-window mask; with TransformerEngine installed, also the student
+#              built with the TE spec (`TOPD_PACKING_TE=1`)
 # Environment: TOPD_PYTHON (default .venv/bin/python when present, else python3), TOPD_CACHE_DIR (where the
 # prepared tiny pair is cached), TOPD_GPU_CHECK_STEPS (default 5).
 # Exit status: 0 when every step that could run passed, 1 when one failed, 2 when there is no usable GPU.
@@ -87,5 +91,14 @@ if importable megatron.core && importable "topd_megatron.models.bridge_import as
 else
     record tiny "skipped: megatron.core/megatron.bridge are not importable with $py (build .venv with tools/setup_env.sh)"
     record tiny_fp8 "skipped: needs the tiny step's environment and TransformerEngine"
+fi
+
+# ---- packed guidance windows on the GPU --------------------------------------------------------------------------
+if importable megatron.core && importable pytest; then
+    te=0
+    importable transformer_engine && te=1
+    TOPD_PACKING_TE="$te" run_step packing "$py" -m pytest tests/distributed/test_packing.py -x -q -k "TP1 or fall"
+else
+    record packing "skipped: megatron.core or pytest is not importable with $py"
 fi
 exit "$failed"

@@ -48,6 +48,10 @@ class TrainConfig:
     offload_teacher_logits: bool = False
     """Keep the step's teacher logits ([B, S, V/TP] per last-stage rank) in host memory between scoring and the
     backward pass, copied back one micro-batch at a time (GPU only; the planner counts one micro-batch then)."""
+    pack_guidance: bool = True
+    """teacher_window guidance: train (and teacher-score) each rollout's windows packed after it in one row, one pass
+    for rollouts and windows (algorithm/packing.py), where the models can (Megatron-Core's local attention; a warning
+    and one whole-prefix row per window otherwise). False: always the per-branch rows. The numbers are the same."""
     max_bad_steps: int = 3
     """Abort after this many steps with a non-finite loss (each is skipped and logged)."""
     inject_nan_at: tuple[int, ...] = ()

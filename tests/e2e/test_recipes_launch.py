@@ -40,7 +40,7 @@ def test_tiny_recipe_trains_through_nemo_run_local_executor(synthetic_pair, tmp_
     assert (tmp_path / "tiny" / "checkpoints").is_dir()
 
 
-@pytest.mark.parametrize(("recipe", "nodes"), [("topd_70b", 16), ("qwen3_4b_from_30b_a3b", 1)])
+@pytest.mark.parametrize(("recipe", "nodes"), [("topd_70b", 8), ("qwen3_4b_from_30b_a3b", 1)])
 def test_gpu_recipes_dry_run_to_an_sbatch_script(recipe, nodes, tmp_path):
     out = _launch(
         [recipe, "--executor", "slurm", "--dry-run", "--account", "acct", "--partition", "gpu", "train.steps=5"],

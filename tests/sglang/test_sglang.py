@@ -204,8 +204,9 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
             student=ServerConfig(model_path="<student>", **keyed),
             teacher=ServerConfig(role="teacher", model_path="<teacher>", **keyed),
             sync_mode="distributed",
-            # call 1: step-0 evaluation; 2, 3: step 1's rollouts and its fresh student windows; 4: step 2's rollouts
-            kill_student_at_call=4,
+            # call 1: step-0 evaluation; 2: step 1's rollouts; 3, 4: its fresh student windows (each rollout's prefix
+            # prefilled, then the windows: one chunk here); 5: step 2's rollouts
+            kill_student_at_call=5,
         ),
     )
     leaks: list[str] = []
@@ -414,8 +415,10 @@ def test_training_with_a_teacher_served_only_by_sglang(
         assert r["teacher/top_k"] == (8.0 if signal == "top_k" else 0.0)
         assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
-    # per step: teacher windows, the rollouts' scores and the branches' scores all went to the teacher server
-    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
+    # per step: teacher windows (each rollout's prefix prefilled, then the windows: one chunk here), the rollouts'
+    # scores and the branches' scores all went to the teacher server
+    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 4
+    assert all(r["sglang/window_cached_token_share"] > 0.5 for r in rows)  # the windows found their prefixes cached
     (check,) = read_metrics(tmp_path / "run", "selftest")  # the served-model self-test ran before step 1
     assert check["step"] == 0 and check["teacher/selftest_repeat_max"] <= 1e-5, check
     assert check["student/selftest_colocated_max"] <= PARITY_TOL, check

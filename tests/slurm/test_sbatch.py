@@ -229,7 +229,6 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
         assert check.returncode == 0, f"{script.name}: {check.stderr}"
     env = clean_env(
         TOPD_DRY_RUN="1",
-        TOPD_TEACHER_SERVER_NODES="1",
         TOPD_OUT=str(tmp_path / "runs"),
         TOPD_SGLANG_API_KEY="not-to-be-printed",
         TOPD_OVERRIDES="train.steps=3",
@@ -237,18 +236,32 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     dry = subprocess.run(["bash", str(BIG)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     sruns = [line for line in dry.stdout.splitlines() if line.startswith("+ srun ")]
-    assert len(sruns) == 3, dry.stdout
-    student, teacher, train = sruns
-    # the layout of slurm/topd_70b.sh: 16 training nodes, then one student-server node and one teacher-server node
-    assert "rollout.sglang.serve" in student and "--role student" in student and "--nodelist=node017" in student
-    assert "rollout.sglang.serve" in teacher and "--role teacher" in teacher and "--nodelist=node018" in teacher
-    assert "torch.distributed.run --nnodes=16" in train and "--rdzv-endpoint=node001:29500" in train
-    assert "--recipe topd_70b" in train and "sglang.student.url=http://node017:30000" in train
-    assert "sglang.teacher.url=http://node018:30001" in train and "--set=train.steps=3" in train
+    # the layout of slurm/topd_70b.sh: 8 training nodes, each also a time-sliced student server; 10 teacher servers
+    assert len(sruns) == 8 + 10 + 1, dry.stdout
+    students, teachers, train = sruns[:8], sruns[8:18], sruns[18]
+    for i, line in enumerate(students, start=1):
+        assert "rollout.sglang.serve" in line and "--role student" in line and f"--nodelist=node{i:03d}" in line
+        assert "--overlap" in line and "--enable-memory-saver --enable-weights-cpu-backup" in line
+    for i, line in enumerate(teachers, start=9):
+        assert "--role teacher" in line and f"--nodelist=node{i:03d}" in line and "--overlap" not in line
+        assert "--quantization fp8" in line
+    assert "torch.distributed.run --nnodes=8" in train and "--rdzv-endpoint=node001:29500" in train
+    assert "--overlap" in train and "sglang.colocate=time_slice" in train and "--recipe topd_70b" in train
+    urls = ",".join(f"http://node{i:03d}:30000" for i in range(1, 9))
+    assert f"sglang.student.urls={urls}" in train and "sglang.teacher.urls=http://node009:30001," in train
+    assert "--set=train.steps=3" in train
     assert "sglang.student.api_key_env=TOPD_SGLANG_API_KEY" in train  # the variable's name, never the key
+    assert "sglang.teacher.api_key_env=TOPD_SGLANG_API_KEY" in train
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in train and "--shutdown-timeout=600" in train
     assert "not-to-be-printed" not in dry.stdout + dry.stderr
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+    dedicated = subprocess.run(
+        ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="2"), capture_output=True, text=True, timeout=60
+    )
+    lines = [line for line in dedicated.stdout.splitlines() if line.startswith("+ srun ")]
+    assert dedicated.returncode == 0 and len(lines) == 2 + 10 + 1, dedicated.stdout
+    assert "--nodelist=node007" in lines[0] and "--overlap" not in lines[0] and "sglang.colocate=share" in lines[-1]
 
     misfit = subprocess.run(
         ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="18"), capture_output=True, text=True, timeout=60

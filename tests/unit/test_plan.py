@@ -433,7 +433,7 @@ def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # settings that only make sense together are validated together: a teacher served by SGLang only
     served = ["teacher_source=sglang", "objective.teacher_signal=top_k", "sglang.teacher=default"]
     served += ["sglang.teacher.tp=8", "sglang.teacher.dtype=bfloat16", "sglang.teacher.mem_fraction=0.3"]
-    served += ["sglang.teacher.max_total_tokens=none"]
+    served += ["sglang.teacher.max_total_tokens=none", "sglang.student.mem_fraction=0.5"]  # both servers fit a GPU
     args = ["qwen3_4b_from_30b_a3b", "--json-out", str(out)] + [a for kv in served for a in ("--set", kv)]
     assert cli.main(args) == 0, capsys.readouterr().err
     doc = json.loads(out.read_text())

@@ -108,6 +108,10 @@ class Config:
     """omega_j over a window of real length K': 1/K', or gamma_g^j normalised to sum to 1."""
     guidance_gamma: float = 0.9
     """gamma_g of geometric omega."""
+    guidance_budget: int | None = None
+    """teacher_window guidance on at most this many windows per rollout: the divergent candidates with the largest
+    D_t (algorithm/budget.py; with guidance_at='random', at most this many random positions); the others stay
+    divergent (not suppressed, their OPD term kept) without a window. None: every one."""
     guidance_divergence: Literal["reverse_kl", "forward_kl", "cross_entropy"] = "reverse_kl"
     """g_j of teacher_window guidance: KL at each branch position, or -log p_S(u_j) (cross-entropy on u_j)."""
     normalization: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
@@ -143,6 +147,13 @@ class Config:
             raise ValueError(f"objective.pg_discount must be in [0, 1), got {self.pg_discount}")
         if self.guidance_coef < 0.0:
             raise ValueError(f"objective.guidance_coef (lambda) must be >= 0, got {self.guidance_coef}")
+        if self.guidance_budget is not None and self.guidance_budget < 1:
+            raise ValueError(f"objective.guidance_budget must be >= 1 or None, got {self.guidance_budget}")
+        if self.guidance_budget is not None and self.guidance != "teacher_window":
+            raise ValueError(
+                f"objective.guidance_budget caps the windows of teacher_window guidance; guidance={self.guidance!r}"
+                " samples none (set guidance_budget=None)"
+            )
         if not 0.0 < self.guidance_gamma <= 1.0:
             raise ValueError(f"objective.guidance_gamma must be in (0, 1], got {self.guidance_gamma}")
         if self.normalization == "constant" and not (self.normalization_constant or 0) > 0:

@@ -163,5 +163,14 @@ class Detection:
         )
 
     def guidance_windows(self, teacher_windows: Windows) -> Windows:
-        """The detection's teacher windows (one row per candidate) restricted to the divergent candidates."""
-        return teacher_windows.select(self.divergent.nonzero().flatten().to(teacher_windows.tokens.device))
+        """The detection's teacher windows (one row per candidate) restricted to the guided positions: the divergent
+        candidates, or the candidates `with_guided` kept (a guidance budget). Guided positions that are not
+        candidates (the random control) have no window here: sample theirs."""
+        pos = self.candidates.positions
+        if self.guided is None:
+            rows = self.divergent.nonzero().flatten()
+        else:
+            rows = torch.searchsorted(pos, self.guided.to(pos.device))
+            if rows.numel() and not bool((pos[rows.clamp(max=max(pos.numel() - 1, 0))] == self.guided).all()):
+                raise ValueError("guidance_windows: guided positions that are not candidates have no window")
+        return teacher_windows.select(rows.to(teacher_windows.tokens.device))

@@ -31,10 +31,11 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.logs import quiet_stdout
 from topd_megatron.models.bridge_import import have_transformer_engine, import_bridge
 from topd_megatron.models.format import CHECKPOINT_META, checkpoint_kind, load_chunk_weights
+from topd_megatron.models.positions import install as install_positions
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,8 +44,8 @@ class ModelConfig:
 
     path: str
     """A Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer files) or a topd checkpoint."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Parameter/compute dtype. Use float32 for exactness checks on CPU."""
+    dtype: Literal["float64", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Parameter/compute dtype. Use float32 (or float64, for equality tests of two computations) on CPU."""
     pad_vocab_to_multiple_of: int | None = None
     """Pad the vocabulary to a multiple of this times TP (Megatron's make_vocab_size_divisible_by). None keeps the
     checkpoint's vocabulary, which TP must then divide."""
@@ -268,15 +269,18 @@ def build_model(
         provider.perform_initialization = False
     _configure_provider(provider, cfg, parallel, te, role)
 
+    # the bridge resets params_dtype to float32 whenever fp16/bf16 are given: float64 passes neither
+    half = {} if cfg.dtype == "float64" else {"fp16": provider.fp16, "bf16": provider.bf16}
     with quiet_stdout():  # per-rank parameter counts, weight-loading progress bars
         modules = provider.provide_distributed_model(
-            wrap_with_ddp=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
-            fp16=provider.fp16,
-            bf16=provider.bf16,
+            wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available(), **half
         )
     if kind == "megatron":
         load_chunk_weights(modules, src)
+    if cfg.dtype == "float64":  # torch norms are created in the default dtype: make every tensor float64 (lossless)
+        modules = [m.to(torch.float64) for m in modules]
+    for m in modules:
+        install_positions(m)  # per-token RoPE positions for packed rows (models/positions.py); inert otherwise
     if wrap_with_ddp:
         modules = wrap_ddp(modules, provider, ddp_config)
     lm = MegatronLM(

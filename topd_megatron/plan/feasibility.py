@@ -152,16 +152,17 @@ def layout_warnings(cfg: RunConfig, layout: Layout, shape: StepShape, archs: dic
         )
     if p.cp > 1:
         out.append("CP > 1: the planner divides each rank's tokens by CP; topd's batches are built for CP = 1")
-    if cfg.rollout == "sglang" and cfg.cluster.student_server_nodes and not cfg.sglang.student.url:
+    student = cfg.sglang.student
+    if cfg.rollout == "sglang" and cfg.cluster.student_server_nodes and not (student.url or student.urls):
         out.append(
-            "sglang.student.url is empty although cluster.student_server_nodes > 0: rank 0 launches the server on its"
-            " own node; set the url of the servers started on the server nodes"
+            "sglang.student.urls is empty although cluster.student_server_nodes > 0: rank 0 launches the servers on"
+            " its own node; set the urls of the servers started on the server nodes (slurm/topd_70b.sh does)"
         )
     t = cfg.sglang.teacher
-    if cfg.rollout == "sglang" and t is not None and cfg.cluster.teacher_server_nodes and not t.url:
+    if cfg.rollout == "sglang" and t is not None and cfg.cluster.teacher_server_nodes and not (t.url or t.urls):
         out.append(
-            "sglang.teacher.url is empty although cluster.teacher_server_nodes > 0: rank 0 launches the server on its"
-            " own node; set the url of the server started on the server nodes"
+            "sglang.teacher.urls is empty although cluster.teacher_server_nodes > 0: rank 0 launches the servers on"
+            " its own node; set the urls of the servers started on the server nodes (slurm/topd_70b.sh does)"
         )
     if cfg.train.offload_teacher_logits and teacher_served(cfg):
         out.append("train.offload_teacher_logits has no effect with teacher_source=sglang (no teacher logits)")
@@ -173,8 +174,12 @@ def _server_errors(
 ) -> list[str]:
     errors = []
     mem = server_memory(arch, server, cfg.cluster.gpu_memory_gib)
-    if server.tp * server.dp > gpus:
-        errors.append(f"SGLang {who} server needs TP*DP = {server.tp * server.dp} GPUs; {gpus} are available to it")
+    need = server.tp * server.dp * server.servers
+    if need > gpus:
+        errors.append(
+            f"SGLang {who} servers need servers*TP*DP = {server.servers}*{server.tp}*{server.dp} = {need} GPUs;"
+            f" {gpus} are available to them"
+        )
     if arch.heads % server.tp:
         errors.append(f"SGLang {who} server TP={server.tp} does not divide {arch.heads} attention heads")
     if mem.weights >= mem.static:
@@ -214,7 +219,7 @@ def memory_plan(
             roles.append(server_role(cfg, who, arch, server, here, shape.seq))
             gpus = layout.world if here else nodes * c.gpus_per_node
             errors += _server_errors(cfg, who, arch, server, gpus, shape.seq)
-            per_replica = -(-shape.rollouts * max(layout.dp, 1) // server.dp)
+            per_replica = -(-shape.rollouts * max(layout.dp, 1) // (server.dp * server.servers))
             held = server_memory(arch, server, c.gpu_memory_gib).kv_tokens // max(shape.seq, 1)
             if who == "student" and 0 < held < per_replica:
                 warnings.append(
@@ -245,7 +250,7 @@ def plan(cfg: RunConfig, *, strict: bool = False, device: str = "cuda", run_pref
     """Plan `cfg` on its cluster (see the module docstring). `device`: 'cuda' (TransformerEngine, flash attention,
     the GPU chunk budget) or 'cpu' (Megatron-Core's local spec). `strict` makes missing local paths errors."""
     layout = layout_of(cfg)
-    shape = step_shape(cfg, layout)
+    shape = step_shape(cfg, layout, device)
     result = Plan(cfg=cfg, layout=layout, shape=shape)
     archs: dict[str, Architecture] = {}
     for role in ("student", "teacher"):

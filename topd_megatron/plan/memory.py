@@ -73,11 +73,11 @@ one more). Its reduction then runs on the copy alone:
 A teacher served by SGLang only (teacher_source='sglang') has no weights, logits or forward on the training ranks:
 its reports take 4 + 12 k bytes per position (top_k) or 4 (sampled_token), for the rollouts and the window tokens.
 Peak of a role = its model states + overhead + colocated servers + the largest of its phases:
-    rollout   (embedded engine) no-grad generation forward of 4 b rows
+    rollout   (embedded engine) no-grad generation forward of 4 b rows (the prefill) + their KV cache
     score     teacher logits on the GPU + the teacher's no-grad forward of a micro-batch
     d_t       (with a detector) teacher logits on the GPU + d_t + the student's no-grad forward and its reduction
     detect    teacher logits on the GPU + d_t + a teacher-window generation forward in-process (window_ot without a
-              teacher server: 4 b rows)
+              teacher server: 4 b rows) + their KV cache (S + (K - 1) x candidates per rollout columns each)
     branches  teacher logits on the GPU + d_t + window rows + the teacher's no-grad forward of a branch micro-batch
     backward  teacher logits on the GPU + window rows + d_t + activations in flight + the larger of the loss working
               set (last stage) and the full-recompute transient
@@ -98,11 +98,11 @@ from topd_megatron.algorithm.loss import default_chunk_size
 from topd_megatron.config import RunConfig
 from topd_megatron.models.build import ModelConfig, padded_vocab
 from topd_megatron.plan.architecture import Architecture
-from topd_megatron.plan.layout import Layout, StepShape
+from topd_megatron.plan.layout import Attention, Layout, StepShape, attention_kind, teacher_served, time_sliced
 from topd_megatron.rollout.sglang.server import ServerConfig
 
 GIB = float(1 << 30)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "auto": 2}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "auto": 2}
 
 FRAMEWORK_OVERHEAD_GIB = 4.0
 """Per training GPU: CUDA context (~0.6 GiB), NCCL communicator buffers, cuBLAS/TE workspaces, allocator
@@ -130,7 +130,6 @@ intermediates, measured at 1.1-1.25 layers' worth of activations on the tiny CPU
 EMBEDDED_ROWS_PER_MICROBATCH = 4
 """The embedded rollout engine generates train.micro_batch_size * 4 rows per forward (train.py)."""
 
-Attention = Literal["local", "te"]
 Stage = Literal["only", "first", "last"]
 
 
@@ -148,20 +147,9 @@ def dtype_bytes(name: str) -> int:
     return DTYPE_BYTES[name]
 
 
-def attention_kind(model: ModelConfig, device: str) -> Attention:
-    """'te' on GPUs unless TransformerEngine is switched off (model.transformer_engine=False), else 'local'."""
-    return "te" if device == "cuda" and model.transformer_engine is not False else "local"
-
-
 def teacher_fp8(cfg: RunConfig) -> bool:
     """Whether the teacher's GEMMs run in FP8 (teacher.fp8 set; a teacher served by SGLang only is not built)."""
     return cfg.teacher.fp8 is not None and not teacher_served(cfg)
-
-
-def teacher_served(cfg: RunConfig) -> bool:
-    """Whether the teacher is only served by SGLang (teacher_source='sglang'): no Megatron teacher on the training
-    ranks, per-position reports instead of logits."""
-    return cfg.teacher_source == "sglang"
 
 
 def offloads_teacher_logits(cfg: RunConfig, device: str) -> bool:
@@ -313,7 +301,7 @@ def training_activation_bytes(
 ) -> dict[str, float]:
     """Activations the training pass keeps for backward on a rank of `stage` at its peak (bytes): layers in
     flight and what lives outside the layers (the recompute transient is `recompute_transient_bytes`)."""
-    b, s, cp = shape.micro_batch, shape.seq, layout.cp
+    b, s, cp = shape.micro_batch, shape.train_seq, layout.cp  # packed windows widen the training rows
     tokens = b * s / cp
     wb = dtype_bytes(model.dtype)
     per_layer = mean_layer_elems(arch, layout, s, attention, model.recompute) * tokens * wb
@@ -341,8 +329,8 @@ def recompute_transient_bytes(
     the backward peak holds the larger of the two, not both."""
     if model.recompute != "full":
         return 0.0
-    tokens = shape.micro_batch * shape.seq / layout.cp
-    one = mean_layer_elems(arch, layout, shape.seq, attention, "none") * tokens * dtype_bytes(model.dtype)
+    tokens = shape.micro_batch * shape.train_seq / layout.cp
+    one = mean_layer_elems(arch, layout, shape.train_seq, attention, "none") * tokens * dtype_bytes(model.dtype)
     return RECOMPUTE_TRANSIENT_LAYERS * one
 
 
@@ -361,6 +349,12 @@ def nograd_forward_bytes(layer: float, mb_logits: float, reduction: float = 0.0)
     return max(layer, NOGRAD_LOGIT_COPIES * mb_logits, mb_logits + reduction)
 
 
+def embedded_kv_bytes(arch: Architecture, layout: Layout, rows: int, seq: int, nbytes: int) -> float:
+    """The embedded engine's static KV cache on one rank: `rows` sequences of `seq` tokens, this stage's layers, the
+    rank's KV heads."""
+    return rows * seq * arch.kv_bytes_per_token(nbytes, layout.tp) / layout.pp
+
+
 def logits_bytes(rows: int, seq: int, vocab_rows: int, layout: Layout, nbytes: int) -> float:
     """[rows, seq, V_r / TP] logits."""
     return rows * seq / layout.cp * vocab_rows / layout.tp * nbytes
@@ -376,7 +370,7 @@ def loss_working_bytes(
     served: bool = False,
 ) -> float:
     """The loss of one training micro-batch (see the module docstring)."""
-    mb_logits = logits_bytes(shape.micro_batch, shape.seq, vocab_rows, layout, 1)
+    mb_logits = logits_bytes(shape.micro_batch, shape.train_seq, vocab_rows, layout, 1)
     return (
         LOSS_LOGIT_BUFFERS * mb_logits * dtype_bytes(student.dtype)
         + (0.0 if served else mb_logits * dtype_bytes(teacher.dtype))
@@ -388,7 +382,8 @@ def chunk_buffer_bytes(shape: StepShape, vocab_rows: int, layout: Layout, device
     """CHUNK_BUFFERS [chunk, V_r/t] fp32 buffers of loss.py's chunked divergence."""
     v_local = vocab_rows // layout.tp
     chunk = min(
-        default_chunk_size(v_local, "cuda" if device == "cuda" else "cpu", layout.tp), shape.micro_batch * shape.seq
+        default_chunk_size(v_local, "cuda" if device == "cuda" else "cpu", layout.tp),
+        shape.micro_batch * shape.train_seq,
     )
     return CHUNK_BUFFERS * chunk * v_local * 4
 
@@ -549,6 +544,8 @@ def training_role(
         static["teacher FP8 weight copies (TE)"] = fp8_copy_bytes(t_params, cfg.teacher, training=False)
     static["CUDA context and framework"] = FRAMEWORK_OVERHEAD_GIB * GIB
     for who, server in colocated_servers(cfg):
+        if who == "student" and time_sliced(cfg):
+            continue  # released while Megatron trains (its weights come back for the sync: the "sync" phase)
         static[f"SGLang {who} server share (mem_fraction {server.mem_fraction:g} + runtime)"] = (
             server.mem_fraction * cfg.cluster.gpu_memory_gib + SGLANG_RUNTIME_OVERHEAD_GIB
         ) * GIB
@@ -587,7 +584,8 @@ def training_role(
             "student generation forward (in-process, no grad)": nograd_forward_bytes(
                 forward_working_bytes(student, layout, gen_rows, shape.seq, cfg.student, s_att),
                 on_last(logits_bytes(gen_rows, shape.seq, rows, layout, sb)),
-            )
+            ),
+            "student KV cache (in-process)": embedded_kv_bytes(student, layout, gen_rows, shape.seq, sb),
         }
     if not served:
         # kept: the transposed copy is what is kept, so one more [b, S, V_r/t] is alive; offload: both until copied
@@ -606,6 +604,8 @@ def training_role(
             }
         )
     in_process_windows = cfg.rollout == "embedded" or cfg.sglang.teacher is None
+    # a rollout's cache holds its S tokens and K - 1 blocks of one token per window (rollout/windows.py)
+    window_seq = shape.seq + (shape.window - 1) * -(-shape.candidates // max(shape.rollouts, 1))
     if obj.detection.detector == "window_ot" and in_process_windows and not served:
         phases["detect"] = (
             kept
@@ -614,7 +614,8 @@ def training_role(
                 "teacher window generation forward (in-process, no grad)": nograd_forward_bytes(
                     forward_working_bytes(teacher, layout, gen_rows, shape.seq, cfg.teacher, t_att),
                     on_last(logits_bytes(gen_rows, shape.seq, rows, layout, tb)),
-                )
+                ),
+                "teacher KV cache (in-process windows)": embedded_kv_bytes(teacher, layout, gen_rows, window_seq, tb),
             }
         )
     if shape.branches and not served:
@@ -642,6 +643,9 @@ def training_role(
     largest = max(transients, key=lambda k: transients[k])
     backward[largest] = transients[largest]
     phases["backward"] = backward
+    if time_sliced(cfg):  # the server's weights are resumed next to Megatron's states to receive the new ones
+        weights = server_memory(student, cfg.sglang.student, cfg.cluster.gpu_memory_gib).weights
+        phases["sync"] = {"SGLang student server weights (resumed for the weight sync)": weights}
 
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
@@ -661,13 +665,22 @@ def server_role(
     """One GPU of an SGLang server: weights and KV pool inside mem_fraction, plus the runtime outside it."""
     gpu = cfg.cluster.gpu_memory_gib
     mem = server_memory(arch, server, gpu)
-    name = f"{who} server GPU" + (" (share of a training GPU)" if colocated else "")
-    budget = server.mem_fraction * gpu if colocated else gpu
+    sliced = colocated and who == "student" and time_sliced(cfg)
+    where = " (time-sliced with training)" if sliced else (" (share of a training GPU)" if colocated else "")
+    name = f"{who} server GPU{where}"
+    budget = server.mem_fraction * gpu if colocated and not sliced else gpu
     role = RoleMemory(role=name, budget_gib=budget)
     pool = max(mem.kv_pool, 0.0)
     weights = f"{who} weights (server TP={server.tp}{', FP8' if mem.fp8 else ''})"
     role.components = _gib({weights: mem.weights, "KV-cache pool": pool})
-    if not colocated:
+    if sliced:  # Megatron's states wait in host memory; its CUDA context and framework stay, and other servers
+        role.components["training rank's CUDA context and framework (states offloaded)"] = FRAMEWORK_OVERHEAD_GIB
+        for other, share in colocated_servers(cfg):
+            if other != who:
+                role.components[f"SGLang {other} server share (mem_fraction {share.mem_fraction:g} + runtime)"] = (
+                    share.mem_fraction * gpu + SGLANG_RUNTIME_OVERHEAD_GIB
+                )
+    if not colocated or sliced:
         role.components["SGLang runtime (outside mem_fraction)"] = SGLANG_RUNTIME_OVERHEAD_GIB
     role.peak_phase = "serving"
     seqs = mem.kv_tokens / seq if seq else 0.0

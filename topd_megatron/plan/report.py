@@ -16,6 +16,7 @@ from rich.table import Table
 from topd_megatron.plan.architecture import Architecture
 from topd_megatron.plan.feasibility import Plan
 from topd_megatron.plan.memory import GIB, RoleMemory, human_count
+from topd_megatron.plan.search import Candidate
 
 
 def _model_line(role: str, arch: Architecture | None, source: str) -> str:
@@ -55,9 +56,10 @@ def render(plan: Plan, console: Console) -> None:
         f"{cfg.cluster.gpu_memory_gib:g} GiB), TP={lay.tp} PP={lay.pp} VPP={lay.vpp} CP={lay.cp} EP={lay.ep}"
         f" DP={lay.dp} expert-DP={lay.edp} SP={'on' if lay.sequence_parallel else 'off'}; rollout={cfg.rollout}"
     )
+    rows = f"packed after their rollouts: rows of {sh.branch_seq} tokens" if sh.packed else f"{sh.branch_rows} rows"
     console.print(
         f"step per DP rank: {sh.rollouts} rollouts in {sh.microbatches} micro-batches of {sh.micro_batch} x {sh.seq}"
-        f" tokens; {sh.candidates} candidates, {sh.branches} branch sequences ({sh.branch_rows} rows)"
+        f" tokens; {sh.candidates} candidates, {sh.branches} branch sequences ({rows})"
     )
     for role in plan.roles:
         console.print(role_table(role))
@@ -126,4 +128,40 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         if st is None
         else {"total_s": st.total_s, "seconds": st.seconds, "flops": st.flops, "notes": st.notes},
         "preflight": [dataclasses.asdict(c) for c in plan.checks],
+    }
+
+
+def render_layouts(layouts: list[Candidate], current: Plan, console: Console) -> None:
+    """The best node splits of the cluster (plan/search.py), with the recipe's own layout for comparison."""
+    now = current.step_time.total_s if current.step_time is not None else float("nan")
+    total = current.cfg.cluster.total_nodes
+    table = Table(
+        title=f"best layouts on the same {total} nodes (recipe's layout: {now:,.0f} s per step)", title_justify="left"
+    )
+    for col in ("step s", "OPD s", "TOPD / OPD", "worst GPU GiB", "layout"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for c in layouts:
+        worst = max((r.total_gib for r in c.plan.roles), default=0.0)
+        table.add_row(f"{c.step_s:,.0f}", f"{c.opd_s:,.0f}", f"{c.ratio:.2f}", f"{worst:.1f}", c.name)
+    table.caption = (
+        "OPD s: the same layout with the detector and guidance off; set a layout with its cluster.*, sglang.* and"
+        " student.* fields (docs/scale.md)"
+    )
+    console.print(table)
+
+
+def layout_to_json(c: Candidate) -> dict[str, Any]:
+    cfg = c.cfg
+    return {
+        "name": c.name,
+        "step_s": c.step_s,
+        "opd_s": c.opd_s,
+        "ratio": c.ratio,
+        "cluster": dataclasses.asdict(cfg.cluster),
+        "student_servers": cfg.sglang.student.servers,
+        "teacher_servers": cfg.sglang.teacher.servers if cfg.sglang.teacher is not None else 0,
+        "colocate": cfg.sglang.colocate,
+        "student_attention": "local" if cfg.student.transformer_engine is False else "recipe",
+        "student_recompute": cfg.student.recompute,
+        "seconds": c.plan.step_time.seconds if c.plan.step_time is not None else {},
     }

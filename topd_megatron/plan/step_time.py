@@ -13,24 +13,36 @@ token):
     student scoring             F(T) when a detector needs the whole step's d_t
     FP8 (model.fp8)             that model's 2 N T GEMM FLOPs run at FP8_SPEEDUP times the peak (attention stays
                                 bf16); an SGLang server with an FP8 --quantization prefills its GEMMs at FP8_SPEEDUP
-    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server) there is no KV cache, every
-                                new token is a forward over the padded prefix, C K F(S); with a teacher server, a
-                                prefill of every rollout once (its candidates share the prefix in SGLang's radix
-                                cache) + K decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context
-    branches (teacher_window)   teacher F(T_b) + student training of T_b (with its recompute: the branch pass runs
-                                the same modules) over R rows of S_b tokens (whole prefixes)
+    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server, rollout/windows.py) each
+                                rollout with windows prefilled once into the KV cache, F(min(B, C) S), then K decode
+                                forwards of the C windows' next tokens over about S cached keys; with teacher
+                                servers, per rollout (SGLangEngine.generate_windows): a prefill of every rollout once
+                                (`window_prefill_tokens`; nothing when a served teacher's KV caches, over all its
+                                servers, still hold the step's rollouts from scoring) + K decode steps of C sequences
+                                with S * WINDOW_PREFIX_FRACTION of context
+    branches (teacher_window)   per-branch rows: teacher F(T_b) + student training of T_b over R rows of S_b tokens
+                                (whole prefixes); packed (StepShape.packed): the teacher's forward over the packed
+                                rows (B x S_p) and the student's training of the B x (S_p - S) window columns;
+                                objective.guidance_budget caps the branches per rollout
     PP bubble                   pipelined passes take (1 + (PP - 1) / (VPP * M)) longer (M micro-batches)
-A teacher served by SGLang only (teacher_source='sglang') scores on its server's GPUs at MFU: F(T) for the rollouts,
+A teacher served by SGLang only (teacher_source='sglang') scores on its servers' GPUs at MFU: F(T) for the rollouts,
 and only the window tokens of the branches (their prefixes are in the server's radix cache).
 Rollouts: with SGLang, prefill at MFU on the server GPUs, then max_new_tokens decode steps, each bound by HBM
 bandwidth: (weights per GPU + concurrent sequences * S / 2 * KV bytes per token per GPU) / (DECODE_HBM_TBPS *
 DECODE_BANDWIDTH_EFFICIENCY), in waves when the KV pool cannot hold every sequence at once; with the embedded engine
-(no KV cache) max_new_tokens forwards over the padded rows, F(B (P + j)) at step j (P = S - max_new_tokens).
+(KV-cached, at MFU) a prefill F(B P) of the prompts (P = S - response) and one forward of B tokens per response token
+over the cached prefix (P + response / 2 keys on average). `decode_flops`: T new tokens attending to c cached keys.
 Offloaded teacher logits (train.offload_teacher_logits): each last-stage rank copies its B S V_r/t teacher logits
 to the host once and back once per pass that reads them (d_t with a detector, the backward), at PCIE_GBPS, not
 overlapped with compute (an upper bound).
-Not estimated: weight sync to the servers, evaluation, checkpoints, the optimizer step (memory-bound, small), the
-detector's OT solve (CPU). Every phase runs after the previous one (the loop is synchronous), so times add up.
+SGLang servers: a role's `servers` x TP x DP GPUs prefill together and split the sequences between them.
+Weight sync (rollout=sglang, every step): the student's HF weights (P x bytes) gathered to global rank 0's host
+memory (export, PCIE_GBPS), then pushed: 'distributed' one broadcast to every server (host -> GPU at PCIE_GBPS, then
+NETWORK_GBPS), 'tensor' one host -> GPU copy per server, 'disk' a write and one read per server at DISK_GBPS.
+Time-sliced colocation (sglang.colocate='time_slice'): each step offloads the student's Megatron states (weights,
+fp32 gradients, optimizer shard) to host memory before the rollouts and reloads them after (2 x states / PCIE_GBPS).
+Not estimated: evaluation, checkpoints, the optimizer step (memory-bound, small), the detector's OT solve (CPU).
+Every phase runs after the previous one (the loop is synchronous), so times add up.
 """
 
 from __future__ import annotations
@@ -40,12 +52,14 @@ from dataclasses import dataclass, field
 from topd_megatron.config import RunConfig
 from topd_megatron.models.build import padded_vocab
 from topd_megatron.plan.architecture import Architecture
-from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape
+from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape, time_sliced
 from topd_megatron.plan.memory import (
     GIB,
     dtype_bytes,
     offloads_teacher_logits,
+    rank_params,
     server_memory,
+    student_state_bytes,
     teacher_fp8,
     teacher_served,
 )
@@ -63,6 +77,17 @@ WINDOW_PREFIX_FRACTION = 0.5
 PCIE_GBPS = 25.0
 """Host <-> GPU copy rate per GPU in GB/s (pinned memory over PCIe Gen5 x16, about half its peak, as 8 GPUs share
 the host's links)."""
+NETWORK_GBPS = 40.0
+"""Node-to-node rate of one NCCL broadcast in GB/s (a 400 Gb/s InfiniBand NIC at 80%)."""
+DISK_GBPS = 2.0
+"""Shared-filesystem write or read rate of one process in GB/s (the 'disk' weight sync)."""
+
+
+def window_prefill_tokens(rollout_prefix_tokens: float, windows: float, *, cached_rollouts: bool) -> float:
+    """Prompt tokens a server computes for windows sampled per rollout (SGLangEngine.generate_windows): each
+    rollout's longest needed prefix once (nothing when the rollouts are still in its radix cache from scoring), then
+    one token per window request (SGLang matches at most all but the last prompt token in its cache)."""
+    return (0.0 if cached_rollouts else rollout_prefix_tokens) + windows
 
 
 @dataclass(slots=True)
@@ -92,6 +117,11 @@ def gemm_flops(arch: Architecture, tokens: float) -> float:
 def forward_seconds(arch: Architecture, tokens: float, seq: int, rate: float, fp8: bool) -> float:
     """A forward's time at `rate` FLOP/s: its GEMMs at FP8_SPEEDUP times the rate with FP8."""
     return gemm_flops(arch, tokens) / (rate * (FP8_SPEEDUP if fp8 else 1.0)) + attention_flops(arch, tokens, seq) / rate
+
+
+def decode_flops(arch: Architecture, tokens: float, context: float) -> float:
+    """A KV-cached forward of `tokens` new tokens, each attending to `context` cached keys (no causal halving)."""
+    return forward_flops(arch, tokens, int(context / CAUSAL_FRACTION))
 
 
 def attention_flops(arch: Architecture, tokens: float, seq: int) -> float:
@@ -128,10 +158,10 @@ def _decode_seconds(
     server = cfg.sglang.student if role == "student" else cfg.sglang.teacher
     assert server is not None
     c = cfg.cluster
-    gpus = server.tp * server.dp
+    gpus = server.tp * server.dp * server.servers
     mem = server_memory(arch, server, c.gpu_memory_gib)
     prefill = forward_seconds(arch, prefill_tokens, prefix, gpus * c.gpu_peak_tflops * 1e12 * c.mfu, mem.fp8)
-    per_replica = -(-sequences // server.dp)
+    per_replica = -(-sequences // (server.dp * server.servers))
     context = prefix + new / 2
     capacity = max(int(mem.kv_tokens // max(kv_per_sequence, 1.0)), 1)
     waves = -(-per_replica // capacity)
@@ -166,11 +196,12 @@ def estimate_step_time(
             student, cfg, "student", rollouts, prompt, response, rollouts * prompt, prompt + response
         )
     else:
-        width = prompt + response / 2  # the padded rows grow from the prompt to the full response
-        flops = response * forward_flops(student, rollouts * width, int(width))
-        est.flops["rollout (in-process, no KV cache)"] = flops
-        est.seconds["rollout (in-process, no KV cache)"] = response * forward_seconds(
-            student, rollouts * width, int(width), rate, s_fp8
+        name, context = "rollout (in-process, KV cache)", prompt + response / 2
+        est.flops[name] = forward_flops(student, rollouts * prompt, prompt) + response * decode_flops(
+            student, rollouts, context
+        )
+        est.seconds[name] = forward_seconds(student, rollouts * prompt, prompt, rate, s_fp8) + response * (
+            forward_seconds(student, rollouts, int(context / CAUSAL_FRACTION), rate, s_fp8)
         )
 
     def forward(name: str, arch: Architecture, n: float, seq: int, fp8: bool) -> None:
@@ -186,7 +217,8 @@ def estimate_step_time(
     server_fp8 = False
     if served:
         assert cfg.sglang.teacher is not None
-        server_rate = cfg.sglang.teacher.tp * cfg.sglang.teacher.dp * c.gpu_peak_tflops * 1e12 * c.mfu
+        t_server = cfg.sglang.teacher
+        server_rate = t_server.servers * t_server.tp * t_server.dp * c.gpu_peak_tflops * 1e12 * c.mfu
         server_fp8 = server_memory(teacher, cfg.sglang.teacher, c.gpu_memory_gib).fp8
         name = "teacher scoring (SGLang prefill)"
         est.flops[name] = forward_flops(teacher, tokens, s)
@@ -203,42 +235,84 @@ def estimate_step_time(
     if det.detector == "window_ot":
         candidates = shape.candidates * dp
         if cfg.rollout == "sglang" and cfg.sglang.teacher is not None:
-            # RadixAttention shares the prefixes of one rollout's candidates: each rollout is prefilled and cached
-            # once, a candidate adds its K window tokens
+            # windows per rollout: each rollout's prefix prefilled once (or still cached from scoring), then a
+            # candidate adds its K window tokens
             per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
-            est.seconds["teacher windows (SGLang)"] = _decode_seconds(
+            cached = served and rollouts_stay_cached(cfg, teacher, tokens)
+            est.seconds["teacher windows (SGLang, per rollout)"] = _decode_seconds(
                 teacher,
                 cfg,
                 "teacher",
                 candidates,
                 int(s * WINDOW_PREFIX_FRACTION),
                 det.window,
-                rollouts * s,
+                int(window_prefill_tokens(rollouts * s, candidates, cached_rollouts=cached)),
                 det.window + s / per_rollout,
             )
+            if cached:
+                est.notes.append("the teacher servers' KV caches hold the step's rollouts: windows reuse scoring's")
         else:
-            name = "teacher windows (in-process, no KV cache)"
-            est.flops[name] = candidates * det.window * forward_flops(teacher, s, s)
-            est.seconds[name] = candidates * det.window * forward_seconds(teacher, s, s, rate, t_fp8)
+            name, rows = "teacher windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
+            est.flops[name] = forward_flops(teacher, rows * s, s) + det.window * decode_flops(teacher, candidates, s)
+            est.seconds[name] = forward_seconds(teacher, rows * s, s, rate, t_fp8) + det.window * forward_seconds(
+                teacher, candidates, int(s / CAUSAL_FRACTION), rate, t_fp8
+            )
             est.notes.append(
-                "window_ot without a teacher SGLang server generates the windows in-process without a KV cache;"
-                " set sglang.teacher to serve them"
+                "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs' own"
+                " forward passes); set sglang.teacher to serve them"
             )
     if shape.branches:
-        bt = shape.branch_tokens * dp
+        packed = " (packed after the rollouts)" if shape.packed else ""
         if served:  # only the window tokens are new to the server: the prefixes are in its radix cache
             name = "branch scoring (SGLang, window tokens)"
             window_tokens = shape.branches * dp * det.window
-            est.flops[name] = forward_flops(teacher, window_tokens, shape.branch_seq)
-            est.seconds[name] = forward_seconds(teacher, window_tokens, shape.branch_seq, server_rate, server_fp8)
+            est.flops[name] = forward_flops(teacher, window_tokens, s)
+            est.seconds[name] = forward_seconds(teacher, window_tokens, s, server_rate, server_fp8)
         else:
-            forward("branch scoring (teacher forward)", teacher, bt, shape.branch_seq, t_fp8)
-        train("branch training (student forward + backward)", bt, shape.branch_seq, cfg.student.recompute)
+            forward(f"branch scoring (teacher forward{packed})", teacher, shape.branch_score_tokens * dp, s, t_fp8)
+        name = f"branch training (student forward + backward{packed})"
+        train(name, shape.branch_tokens * dp, s, cfg.student.recompute)
     train("train (student forward + backward)", tokens, s, cfg.student.recompute)
+    if cfg.rollout == "sglang":
+        est.seconds["weight sync (student servers)"] = weight_sync_seconds(cfg, student)
+    if time_sliced(cfg):
+        states = layout_state_bytes(cfg, student, layout)
+        est.seconds["time slicing (Megatron states to host and back)"] = 2 * states / (PCIE_GBPS * 1e9)
     if layout.pp > 1:
         est.notes.append(f"pipeline bubble factor {bubble:.3f} on pipelined passes")
     est.notes.append(
         f"{tokens:,} rollout tokens per step ({shape.rows * dp} rows x {s}), {shape.branch_tokens * dp:,} branch"
-        f" tokens; weights sync of {student.params() * dtype_bytes(cfg.student.dtype) / GIB:.1f} GiB not estimated"
+        f" training tokens ({shape.branch_tokens / max(shape.tokens, 1):.2f} x the rollouts'"
+        f"{', packed' if shape.packed else ''}); weight sync of"
+        f" {student.params() * dtype_bytes(cfg.student.dtype) / GIB:.1f} GiB"
     )
     return est
+
+
+def rollouts_stay_cached(cfg: RunConfig, teacher: Architecture, rollout_tokens: float) -> bool:
+    """Whether the teacher servers' KV caches, together, hold every rollout of the step (scored before the windows
+    are sampled, so the windows' prefixes are still cached)."""
+    server = cfg.sglang.teacher
+    if server is None:
+        return False
+    mem = server_memory(teacher, server, cfg.cluster.gpu_memory_gib)
+    return mem.kv_tokens * server.dp * server.servers >= rollout_tokens
+
+
+def weight_sync_seconds(cfg: RunConfig, student: Architecture) -> float:
+    """One weight sync to every student server (module docstring)."""
+    nbytes = student.params() * dtype_bytes(cfg.student.dtype)
+    n = cfg.sglang.student.servers
+    export = nbytes / (PCIE_GBPS * 1e9)
+    if cfg.sglang.sync_mode == "distributed":
+        return export + nbytes / (PCIE_GBPS * 1e9) + nbytes / (NETWORK_GBPS * 1e9)
+    if cfg.sglang.sync_mode == "tensor":
+        return export + n * nbytes / (PCIE_GBPS * 1e9)
+    return export + (1 + n) * nbytes / (DISK_GBPS * 1e9)
+
+
+def layout_state_bytes(cfg: RunConfig, student: Architecture, layout: Layout) -> float:
+    """The student's Megatron states on the fullest GPU (first stage): what time slicing moves to the host."""
+    stage = "only" if layout.pp == 1 else "first"
+    params = rank_params(student, layout, padded_vocab(student.vocab, cfg.student, layout.tp), stage)
+    return sum(student_state_bytes(params, cfg.student, layout, cfg.optim.use_distributed_optimizer).values())

@@ -6,6 +6,9 @@ schedule;
 the next token is sampled on the last pipeline stage from the vocab-sharded logits (`topd_megatron.rollout.sampling`)
 and broadcast to the other stages. Meant for tiny models and tests; use SGLang at scale.
 
+Windows after prefixes of a step's rollout rows (`generate_windows`, the WindowSampler protocol) decode per rollout:
+each row is prefilled once and its windows continue side by side in its cache (rollout/windows.py).
+
 All ranks of the model-parallel group must call `generate` with the same prompts and parameters (data-parallel
 replicas pass their own prompts); every rank returns the same generations.
 """
@@ -16,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
+from torch import Tensor
 
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.rollout.engine import Generation, SamplingParams
-from topd_megatron.rollout.sampling import sample_next
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams
+from topd_megatron.rollout.windows import cache_chunk, next_tokens, sample_windows_packed
 from topd_megatron.seeds import embedded_generator_seed
-from topd_megatron.training.forward import MicroBatch, causal_mask, forward_logits
+from topd_megatron.training.forward import MicroBatch, causal_mask
 
 
 class EmbeddedEngine:
@@ -53,6 +56,23 @@ class EmbeddedEngine:
             m.eval()
         try:
             return self._generate(lm, prompts, params)
+        finally:
+            for m, mode in zip(lm.modules, was_training, strict=True):
+                m.train(mode)
+
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
+    ) -> list[Generation]:
+        """Windows after prefixes of `rows`, each rollout row prefilled once into the KV cache for all its windows
+        (rollout/windows.py)."""
+        lm = self.models[model]
+        if lm is None:
+            raise ValueError(f"EmbeddedEngine: no {model} model was given")
+        was_training = [m.training for m in lm.modules]
+        for m in lm.modules:
+            m.eval()
+        try:
+            return sample_windows_packed(lm, rows, positions, params, micro_batch_size=self.micro_batch_size)
         finally:
             for m, mode in zip(lm.modules, was_training, strict=True):
                 m.train(mode)
@@ -111,13 +131,7 @@ class _Decoder:
         cache = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
         start, end = 0, width
         while True:
-            chunk = MicroBatch(
-                tokens=tokens[:, start:end],
-                position_ids=positions[:, start:end],
-                loss_mask=torch.ones(b, end - start, device=device),
-                attention_mask=mask[..., start:end, :end],
-                inference_context=cache,
-            )
+            chunk = cache_chunk(tokens, positions, mask, cache, start, end)
             ids, logps = self._sample(chunk)
             cache.increment_sequence_len_offset(end - start)
             self._advance(tokens, end, ids, logps)
@@ -131,27 +145,7 @@ class _Decoder:
 
     def _sample(self, chunk: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token of every row and its log-prob (sampled on the last stage, broadcast over the pipeline)."""
-        from megatron.core import parallel_state as ps
-
-        b = chunk.tokens.shape[0]
-        ids, logps = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.float32)
-        logits = forward_logits(self.lm.modules, [chunk])
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            tok, lp = sample_next(
-                logits[0][:, -1],
-                temperature=self.params.temperature,
-                top_p=self.params.top_p,
-                generator=self.gen,
-                vocab_size=self.lm.vocab_size,
-                group=ps.get_tensor_model_parallel_group(),
-            )
-            ids, logps = tok.cpu(), lp.float().cpu()
-        pp_group = ps.get_pipeline_model_parallel_group()
-        if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
-            payload = torch.stack([ids.double(), logps.double()]).to(chunk.tokens.device)
-            dist.broadcast(payload, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
-            ids, logps = payload[0].long().cpu(), payload[1].float().cpu()
-        return ids, logps
+        return next_tokens(self.lm, chunk, lambda logits: logits[:, -1], len(self.prompts), self.params, self.gen)
 
     def _advance(self, tokens: torch.Tensor, pos: int, ids: torch.Tensor, logps: torch.Tensor) -> None:
         """Write position `pos` of every row: its new sampled token, or padding once it is done."""

@@ -12,7 +12,10 @@ embedded engine (every rank passes the same prompts, every rank gets the same re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,6 +53,7 @@ class Generation:
     finished: bool
     """True when a stop token ended it, False when max_new_tokens did."""
     meta: dict = field(default_factory=dict)
+    """Engine-specific facts (SGLang: finish_reason, prompt_tokens, cached_tokens)."""
 
 
 class RolloutEngine(Protocol):
@@ -80,6 +84,10 @@ class TokenScores:
     """[n][k] the k most likely tokens at each of those positions (when asked)."""
     top_logprobs: list[list[float]] | None = None
     """[n][k] their log-probs."""
+    prompt_tokens: int = 0
+    """Tokens the server read for this request (a served scorer's count; 0 when unknown)."""
+    cached_tokens: int = 0
+    """Of them, how many its prefix cache held (SGLang's meta_info.cached_tokens)."""
 
 
 @runtime_checkable
@@ -96,4 +104,23 @@ class TeacherScorer(Protocol):
     ) -> list[TokenScores]:
         """log p(seq[i] | seq[:i]) for i >= starts[j] of each sequence j, with the top-k ids and log-probs at those
         positions when top_k > 0 (collective over the model-parallel group, like `generate`)."""
+        ...
+
+
+Role = Literal["student", "teacher"]
+"""Which model an engine call is for."""
+
+
+@runtime_checkable
+class WindowSampler(Protocol):
+    """Near-future windows sampled per rollout: every prefix (x, y_<=j) of a rollout row is a prefix of the row, so an
+    engine can compute the row once for all its windows (the embedded engine packs them after the row, SGLang serves
+    them from its radix cache); engines without it get one independent `generate` call per prefix."""
+
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
+    ) -> list[Generation]:
+        """One continuation of `params.max_new_tokens` tokens after rows[p // (S - 1), : p % (S - 1) + 1] for each
+        flat target position p of `positions` (ascending) in the [B, S] token rows, in that order (collective over
+        the model-parallel group, like `generate`); `prompt_ids` of each generation is its prefix."""
         ...

@@ -17,6 +17,7 @@ tensor in place: metrics must hold a copy (`loss.detach().clone()`), not a view 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from megatron.core.inference.contexts import BaseInferenceContext
+from topd_megatron.models.positions import WindowMask, positioned
 
 
 @dataclass(slots=True)
@@ -43,6 +45,13 @@ class MicroBatch:
     inference_context: BaseInferenceContext | None = None
     """Megatron's KV cache for incremental decoding (`tokens` are then the next chunk of every sequence, the mask
     [1, 1, s, offset + s] covers the cached positions too); None for a plain forward."""
+    window_mask: WindowMask | None = None
+    """Packed rows (algorithm.packing): the mask is built from this when the micro-batch runs, and RoPE is applied at
+    `position_ids` instead of 0..s-1 (models.positions)."""
+    rope_positions: torch.Tensor | None = None
+    """[b, L] RoPE position of every column of the KV cache (`inference_context`, L its max_sequence_length) when the
+    cached tokens do not sit at positions 0..L-1 (windows decoded after their rollout, rollout.windows); Megatron
+    slices it per forward. None: 0..L-1."""
 
 
 def causal_mask(seq_len: int, device: torch.device | str) -> torch.Tensor:
@@ -94,10 +103,14 @@ def run_pipeline(
 
     def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
-        if mb.inference_context is None:
-            logits = model(mb.tokens, mb.position_ids, mb.attention_mask)
-        else:
-            logits = model(mb.tokens, mb.position_ids, mb.attention_mask, inference_context=mb.inference_context)
+        mask, placed = mb.attention_mask, nullcontext()
+        if mb.window_mask is not None:
+            mask, placed = mb.window_mask.dense(), positioned(model, mb.position_ids)
+        elif mb.rope_positions is not None:
+            placed = positioned(model, mb.rope_positions)
+        cache = {} if mb.inference_context is None else {"inference_context": mb.inference_context}
+        with placed:
+            logits = model(mb.tokens, mb.position_ids, mask, **cache)
 
         def reduce(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             return loss_fn(mb, output)

@@ -37,6 +37,7 @@ from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sglang.engine import SGLangEngine
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
 from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
+from topd_megatron.training.colocation import MegatronStates, TimeSlicedEngine, check_time_slicing
 from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.training.preemption import StopSignals, clear_marker, write_marker
@@ -267,6 +268,9 @@ def open_run(
 ) -> Run:
     """The optimizer, scheduler, metrics and step context of this rank; resumed from `ckpt` when there is one."""
     optimizer = build_optimizer(cfg.optim, session.student)
+    if cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice":
+        # the student servers and Megatron take the GPUs by turns (training/colocation.py)
+        session.engine = TimeSlicedEngine(session.engine, MegatronStates(session.student, optimizer))
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     start, bad_steps, eval_pending = 0, 0, False
     if ckpt is not None:
@@ -296,6 +300,7 @@ def open_run(
         pad_id=session.tokenizer.pad_token_id,
         offload_teacher_logits=cfg.train.offload_teacher_logits,
         choices=ChoiceLabeller(task=task, tokenizer=session.tokenizer) if isinstance(task, LabelsChoices) else None,
+        pack_guidance=cfg.train.pack_guidance,
     )
     ctx = StepContext(scoring=scoring, optimizer=optimizer, scheduler=scheduler)
     return Run(
@@ -316,12 +321,14 @@ def check_served_models(run: Run) -> None:
     """The served-model self-test (rollout/sglang/selftest.py) of a run with SGLang servers, before any rollout
     (collective); its metrics go to the "selftest" split at the step the run starts from. SelfTestError aborts."""
     cfg, s = run.cfg, run.session
-    if not isinstance(s.engine, SGLangEngine) or not cfg.sglang.selftest.enabled:
+    # time-sliced student servers start whole, beside Megatron's states: the self-test runs on them as they are
+    engine = s.engine.engine if isinstance(s.engine, TimeSlicedEngine) else s.engine
+    if not isinstance(engine, SGLangEngine) or not cfg.sglang.selftest.enabled:
         return
     prompts = [encode_prompt(s.tokenizer, p.prompt) for p in run.pool[: cfg.sglang.selftest.probes]]
     metrics = served_selftest(
         cfg.sglang.selftest,
-        s.engine,
+        engine,
         prompts,
         expected={"student": Path(s.student.tokenizer_dir), "teacher": Path(teacher_hf_dir(cfg.teacher, s.student))},
         colocated={"student": s.student, "teacher": s.teacher},
@@ -362,6 +369,8 @@ def run_loop(run: Run, stop: StopSignals) -> dict[str, Any]:
 def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
     task = load_task(cfg.task)
+    if cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice":
+        check_time_slicing()  # before anything is read, any model built or any server started
     pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
     check_prompt_lengths(cfg, task, pool)
     layout = training_layout(cfg, world)

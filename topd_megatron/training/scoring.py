@@ -14,6 +14,8 @@ after (x, y_<t) at each candidate through the rollout engine (and K student toke
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,16 +25,20 @@ from torch import Tensor
 
 from topd_megatron.algorithm import detection, objective
 from topd_megatron.algorithm.batch import StepBatch, prefixes, windows_from_generations
+from topd_megatron.algorithm.budget import within_budget
 from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
-from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer
+from topd_megatron.models.positions import packing_unsupported_reason
+from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer, WindowSampler
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
 from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 TeacherScores = list[Tensor] | ServedTeacher
 """The teacher's side of a step: its vocab-sharded logits per micro-batch, or a served teacher's report."""
@@ -59,6 +65,9 @@ class ScoringContext:
     """Keep the step's teacher logits in host memory until each micro-batch's loss needs them (GPU only)."""
     choices: ChoiceLabeller | None = None
     """The task's labels of its choices (the oracle detector); None when the task cannot label them."""
+    pack_guidance: bool = False
+    """teacher_window guidance: pack each rollout's windows after it (algorithm/packing.py) instead of one whole-prefix
+    row per window; `scoring_context` sets it only where the models can (models.positions)."""
 
     @property
     def vocab_size(self) -> int:
@@ -103,9 +112,11 @@ def scoring_context(
     pad_id: int,
     offload_teacher_logits: bool = False,
     choices: ChoiceLabeller | None = None,
+    pack_guidance: bool = True,
 ) -> ScoringContext:
     """A ScoringContext on this rank's parallel groups. A served teacher (teacher=None) needs an engine that scores;
-    the oracle detector needs `choices`."""
+    the oracle detector needs `choices`. `pack_guidance` is kept only when the student (and a colocated teacher) can
+    run packed rows; otherwise a warning says why and the per-branch rows are used (the same numbers, more compute)."""
     from megatron.core import parallel_state as ps
 
     if cfg.detection.detector == "oracle" and choices is None:
@@ -122,6 +133,12 @@ def scoring_context(
                 " teacher needs rollout=sglang with sglang.teacher set"
             )
         scorer = engine
+    if pack_guidance and cfg.guidance == "teacher_window":
+        modules = student.modules + (teacher.modules if teacher is not None else [])
+        reason = packing_unsupported_reason(modules)
+        if reason is not None:
+            log.warning("packed guidance windows are off: %s; training on one whole-prefix row per window", reason)
+            pack_guidance = False
     return ScoringContext(
         objective=cfg,
         student=student,
@@ -134,6 +151,7 @@ def scoring_context(
         dp_group=ps.get_data_parallel_group(),
         offload_teacher_logits=offload_teacher_logits,
         choices=choices,
+        pack_guidance=pack_guidance and cfg.guidance == "teacher_window",
     )
 
 
@@ -156,6 +174,8 @@ class Detected:
     """None without a detector."""
     teacher_windows: Windows | None
     """window_ot: one teacher window per candidate (in candidate order); else None."""
+    window_seconds: float = 0.0
+    """Wall time of the window sampling (teacher, and fresh student windows) through the engine."""
 
 
 def teacher_view(
@@ -236,7 +256,12 @@ def sample_windows(ctx: ScoringContext, step: StepBatch, positions: Tensor, mode
     """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher."""
     k = ctx.objective.detection.window
     params = SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
-    gens = ctx.engine.generate(prefixes(step, positions), params, model=model) if positions.numel() else []
+    if not positions.numel():
+        return windows_from_generations([], k)
+    if isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
+        gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model)
+    else:
+        gens = ctx.engine.generate(prefixes(step, positions), params, model=model)
     return windows_from_generations(gens, k)
 
 
@@ -271,18 +296,20 @@ def random_anchors(tokens: TokenBatch, counts: Tensor, seed: int) -> Tensor:
 def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int) -> Detected:
     """Phase 2 (collective: window_ot samples windows through the engine): candidates over the whole step and the
     detector's decisions, with the teacher windows it sampled. With guidance_at='random', guidance then acts at as
-    many random response positions of each rollout as it has divergent candidates."""
+    many random response positions of each rollout as it has divergent candidates (`place_guidance`)."""
     cfg = ctx.objective.detection
     if cfg.detector == "none":
         return Detected(detection=None, teacher_windows=None)
     assert scores.divergence is not None, "score() computes d_t whenever a detector is configured"
     cands = detection.select_candidates(cfg, scores.tokens, scores.divergence)
     u = student_windows = embedding = kinds = None
+    t0 = time.perf_counter()
     if cfg.detector == "window_ot":
         u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         if cfg.student_window == "fresh":
             student_windows = sample_windows(ctx, step, cands.positions, "student", window_seed)
         embedding = student_embedding_shard(ctx.student)
+    seconds = time.perf_counter() - t0
     if cfg.detector == "oracle":
         assert ctx.choices is not None, "scoring_context() refuses the oracle detector without choice labels"
         kinds = ctx.choices.kinds(step, cands.positions)
@@ -298,9 +325,25 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
         vocab_size=ctx.vocab_size,
         group=ctx.tp_group,
     )
+    det = place_guidance(ctx.objective, scores.tokens, det, window_seed)
     if ctx.objective.guidance != "none" and ctx.objective.guidance_at == "random":
-        seq = scores.tokens.seq_ids[cands.positions[det.divergent]]
-        counts = torch.bincount(seq, minlength=int(scores.tokens.seq_ids.max()) + 1)
-        det = det.with_guided(random_anchors(scores.tokens, counts, window_seed))
         u = None  # the detection's windows belong to other positions
-    return Detected(detection=det, teacher_windows=u)
+    return Detected(detection=det, teacher_windows=u, window_seconds=seconds)
+
+
+def place_guidance(cfg: objective.Config, tokens: TokenBatch, det: Detection, seed: int) -> Detection:
+    """Where guidance acts (`Detection.guidance_positions`): the divergent candidates, or with guidance_at='random' as
+    many random response positions of each rollout; with a guidance budget (teacher_window) at most that many of
+    each rollout, the most divergent ones (algorithm/budget.py)."""
+    if cfg.guidance == "none":
+        return det
+    if cfg.guidance_at == "random":
+        seq = tokens.seq_ids[det.candidates.positions[det.divergent]]
+        counts = torch.bincount(seq, minlength=int(tokens.seq_ids.max()) + 1)
+        if cfg.guidance_budget is not None:
+            counts = counts.clamp(max=cfg.guidance_budget)
+        return det.with_guided(random_anchors(tokens, counts, seed))
+    if cfg.guidance_budget is not None:
+        keep = within_budget(det, tokens.seq_ids, cfg.guidance_budget)
+        return det.with_guided(det.guidance_positions()[keep.to(det.divergent.device)])
+    return det

@@ -9,6 +9,7 @@ Raises `SelfTestError` on every rank (the same message) when a check fails; retu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,22 @@ def _on_rank0(
     failures: list[str] = []
     probes = {}
     for role in sorted(engine.endpoints):
-        scfg = engine.server_cfgs[role]
+        first, *others = engine.server_clients(role)  # every server of the role directly, not through its router
         model = ServedModel(
             role=role,
-            client=engine.clients[role],
+            client=first,
             expected_dir=expected[role],
             vocab_size=engine.vocab_sizes[role],
-            dp=scfg.dp,
+            dp=engine.server_cfgs[role].dp,
+            others=tuple(others),
         )
-        found, problems = check_identity(model)
+        for one in (first, *others):
+            found, problems = check_identity(dataclasses.replace(model, client=one, others=()))
+            metrics |= found
+            failures += [f"sglang.{role} ({one.url}): {p}" for p in problems]
         probes[role], more, inconsistent = check_consistency(cfg, model, prompts)
-        metrics |= found | more
-        failures += [f"sglang.{role} ({engine.endpoints[role][0]}): {p}" for p in problems + inconsistent]
+        metrics |= more
+        failures += [f"sglang.{role} ({first.url}): {p}" for p in inconsistent]
     return {"metrics": metrics, "failures": failures, "probes": probes}
 
 

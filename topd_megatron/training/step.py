@@ -9,6 +9,10 @@
                                                                        the branch micro-batches; DP-reduced once
     update   = apply_update(ctx, grads)                             5. skip a non-finite step, else clip + step + LR
 
+Packed guidance (`ctx.scoring.pack_guidance`, the default where the models can: algorithm/packing.py): phase 3 packs
+each rollout's windows after it, the teacher scores the packed rows in one forward, and phase 4 is a single pass over
+them; the loss and every gradient equal the two passes' (tests/distributed/test_packing.py).
+
 Phases 1-2 live in `training.scoring` (the oracle reuses them without an optimizer).
 
 Normalisation spans the step: the per-position weights n_t are computed on the whole step (all micro-batches and
@@ -40,7 +44,9 @@ from torch import Tensor
 from topd_megatron.algorithm import objective
 from topd_megatron.algorithm.batch import BranchBatch, StepBatch, build_branch_batch
 from topd_megatron.algorithm.objective import ServedTeacher
+from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
+from topd_megatron.models.positions import width_multiple
 from topd_megatron.training.forward import MicroBatch, run_pipeline
 from topd_megatron.training.scoring import (
     Detected,
@@ -77,11 +83,14 @@ class Branches:
     """[G] ascending flat positions t of the branches (the divergent candidates)."""
     windows: Windows
     """[G, K] the teacher windows u, in `positions` order."""
-    batch: BranchBatch | None
-    """The padded branch rows in micro-batches (None when G = 0)."""
+    batch: BranchBatch | PackedBatch | None
+    """The branch rows in micro-batches: one whole-prefix row per branch (BranchBatch), or the windows packed after
+    their rollouts (PackedBatch, `ctx.pack_guidance`: one pass trains rollouts and windows); None when G = 0."""
     teacher: list[Tensor] | ServedTeacher | None
     """Per branch micro-batch the teacher's window rows [sum K', V_local], a served report on all window tokens
     (packed window after window), or None (cross-entropy guidance needs nothing from the teacher)."""
+    window_seconds: float = 0.0
+    """Wall time of sampling the windows here (0 when the detector's windows were reused)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -111,13 +120,21 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
         return None
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
     positions = found.detection.guidance_positions()
+    t0 = time.perf_counter()
     if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
         windows = found.detection.guidance_windows(found.teacher_windows)
     else:
         windows = sample_windows(ctx, step, positions, "teacher", seed)
+    sampled = time.perf_counter() - t0 if found.teacher_windows is None else 0.0
     if not positions.numel():
-        return Branches(positions=positions, windows=windows, batch=None, teacher=None)
-    batch = build_branch_batch(step, positions, windows, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
+        return Branches(positions=positions, windows=windows, batch=None, teacher=None, window_seconds=sampled)
+    if ctx.pack_guidance:
+        multiple = width_multiple(ctx.student.modules)
+        batch: BranchBatch | PackedBatch = pack_windows(
+            step, positions, windows, pad_id=ctx.pad_id, width_multiple=multiple
+        )
+    else:
+        batch = build_branch_batch(step, positions, windows, pad_id=ctx.pad_id, micro_batch_size=step.micro_batch_size)
     if ctx.teacher is not None:  # [sum K', V_local] per branch micro-batch
         teacher = teacher_logits(ctx.teacher, batch.microbatches(), lambda mb, t: batch.window_logits(mb.index, t))
     elif ctx.objective.guidance_divergence == "cross_entropy":  # the cross-entropy on u_j needs no teacher
@@ -125,7 +142,7 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     else:
         assert ctx.scorer is not None
         teacher = served_branch_scores(ctx.scorer, step, positions, windows, ctx.top_k)
-    return Branches(positions=positions, windows=windows, batch=batch, teacher=teacher)
+    return Branches(positions=positions, windows=windows, batch=batch, teacher=teacher, window_seconds=sampled)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,6 +214,22 @@ class BranchLoss:
         return value * self.scale, {"value": value.detach().clone()}
 
 
+@dataclass(kw_only=True, slots=True)
+class PackedLoss:
+    """The one pass over packed rows (algorithm/packing.py): pass 1's OPD term on the rollout columns plus pass 2's
+    guidance on the window rows of the same logits; both scaled as their own passes were."""
+
+    rollout: RolloutLoss
+    guidance: BranchLoss
+    width: int
+    """S: the rollout columns of a packed row."""
+
+    def __call__(self, mb: MicroBatch, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        value, out = self.rollout(mb, logits[:, : self.width])
+        g_value, g_out = self.guidance(mb, logits)
+        return value + g_value, {"value": out["value"], "guidance": g_out["value"]}
+
+
 def rollout_objective(
     cfg: objective.Config, weights: Tensor, detection: Detection | None
 ) -> tuple[objective.Config, Tensor]:
@@ -207,7 +240,7 @@ def rollout_objective(
     if cfg.guidance_replaces_opd and detection is not None:
         weights = weights.clone()
         weights[detection.guidance_positions().to(weights.device)] = 0.0
-    return dataclasses.replace(cfg, guidance="none", guidance_replaces_opd=False), weights
+    return dataclasses.replace(cfg, guidance="none", guidance_budget=None, guidance_replaces_opd=False), weights
 
 
 def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
@@ -217,8 +250,8 @@ def _sum_values(outputs: list[dict[str, Tensor]]) -> Tensor:
 def backward(
     ctx: StepContext, step: StepBatch, scores: Scores, found: Detected, branches: Branches | None, *, inject_nan: bool
 ) -> Gradients:
-    """Phase 4 (collective): both passes through get_forward_backward_func; gradients add up in the DDP buffers and
-    are reduced once by `finalize_model_grads`."""
+    """Phase 4 (collective): both passes through get_forward_backward_func (one pass over packed rows when the
+    branches are packed); gradients add up in the DDP buffers and are reduced once by `finalize_model_grads`."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -242,12 +275,18 @@ def backward(
         ctx=sc,
         inject_nan=inject_nan,
     )
-    out1 = run_pipeline(student.modules, mbs, rollout_loss, forward_only=False)
     out2: list[dict[str, Tensor]] = []
-    if branches is not None and branches.batch is not None:
-        branch_mbs = branches.batch.microbatches()
-        branch_loss = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(branch_mbs) * dp, ctx=sc)
-        out2 = run_pipeline(student.modules, branch_mbs, branch_loss, forward_only=False)
+    if branches is not None and isinstance(branches.batch, PackedBatch):  # one pass: rollouts and their windows
+        guidance = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(mbs) * dp, ctx=sc)
+        packed = PackedLoss(rollout=rollout_loss, guidance=guidance, width=branches.batch.rollout_width)
+        out1 = run_pipeline(student.modules, branches.batch.microbatches(), packed, forward_only=False)
+        out2 = [{"value": o["guidance"]} for o in out1]
+    else:
+        out1 = run_pipeline(student.modules, mbs, rollout_loss, forward_only=False)
+        if branches is not None and branches.batch is not None:
+            branch_mbs = branches.batch.microbatches()
+            branch_loss = BranchLoss(cfg=cfg, branches=branches, weights=weights, scale=len(branch_mbs) * dp, ctx=sc)
+            out2 = run_pipeline(student.modules, branch_mbs, branch_loss, forward_only=False)
     finalize_model_grads(student.modules)  # DP all-reduce / reduce-scatter, SP norms, tied embeddings: once
     return Gradients(
         opd_value=_sum_values(out1), guidance_value=_sum_values(out2), diagnostics=rollout_loss.diagnostics
@@ -291,7 +330,9 @@ def train_step(ctx: StepContext, step: StepBatch, *, window_seed: int, inject_na
     t0 = time.perf_counter()
     update = apply_update(ctx, grads)
     times["time/update_s"] = time.perf_counter() - t0
-    return step_metrics(ctx, grads, update, found, branches) | times
+    times["time/windows_s"] = found.window_seconds + (branches.window_seconds if branches is not None else 0.0)
+    shape = {"step/rollout_tokens": float(step.tokens.numel())}  # B x S: what guidance/train_tokens compares to
+    return step_metrics(ctx, grads, update, found, branches) | times | shape
 
 
 def step_metrics(
@@ -313,6 +354,11 @@ def step_metrics(
     if branches is not None:
         metrics["guidance/windows"] = float(branches.positions.numel())
         metrics["guidance/tokens"] = float(branches.windows.lengths.sum())
+        if branches.batch is not None:  # tokens the branch training processes, padding included
+            b = branches.batch
+            width = b.width - b.rollout_width if isinstance(b, PackedBatch) else b.tokens.shape[1]
+            metrics["guidance/train_tokens"] = float(b.tokens.shape[0] * width)
+            metrics["guidance/packed"] = float(isinstance(b, PackedBatch))
     return metrics
 
 

@@ -21,6 +21,11 @@ class SGLangUnavailable(RuntimeError):
     """The server could not be reached within the retry budget (it may have died: restart and resync)."""
 
 
+def _cache_counts(meta: dict[str, Any]) -> dict[str, int]:
+    """SGLang's own per-request counts: prompt tokens, and how many of them came from its radix (prefix) cache."""
+    return {"prompt_tokens": int(meta.get("prompt_tokens") or 0), "cached_tokens": int(meta.get("cached_tokens") or 0)}
+
+
 class SGLangClient:
     """Talks to one server. Not thread-safe per request body; safe to share across threads otherwise."""
 
@@ -103,7 +108,14 @@ class SGLangClient:
         }
         payload: dict[str, Any] = {
             "input_ids": prompts,
-            "sampling_params": [dict(sampling, sampling_seed=s) for s in seeds] if seeds else sampling,
+            # one prompt: one object (what sglang-router's schema takes); several: one object per prompt
+            "sampling_params": (
+                [dict(sampling, sampling_seed=s) for s in seeds]
+                if len(seeds or ()) > 1
+                else dict(sampling, sampling_seed=seeds[0])
+                if seeds
+                else sampling
+            ),
             "return_logprob": True,
             "logprob_start_len": -1,
         }
@@ -130,7 +142,7 @@ class SGLangClient:
                     output_ids=[int(t) for t in ids],
                     output_logprobs=[float(lp[0]) for lp in lps],
                     finished=finished,
-                    meta={"finish_reason": reason},
+                    meta={"finish_reason": reason, **_cache_counts(meta)},
                 )
             )
         return gens
@@ -161,7 +173,7 @@ class SGLangClient:
             "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
             "return_logprob": True,
             # SGLang scores tokens after logprob_start_len (the token at it gets None): start one earlier.
-            "logprob_start_len": [s - 1 for s in start],
+            "logprob_start_len": [s - 1 for s in start] if len(start) > 1 else start[0] - 1,
             "top_logprobs_num": top_k,
         }
         if dp_rank is not None:
@@ -188,7 +200,7 @@ class SGLangClient:
                     f"score: output {j}, token {s + bad} of {len(seq)}: expected id {seq[s + bad]} with a log-prob,"
                     f" the server reported {lps[bad][:2]}"
                 )
-            scores = TokenScores(logprobs=[float(lp[0]) for lp in lps])
+            scores = TokenScores(logprobs=[float(lp[0]) for lp in lps], **_cache_counts(meta))
             if top_k:
                 tops = (meta.get("input_top_logprobs") or [])[1:]
                 if len(tops) != want or any(t is None or len(t) < top_k for t in tops):

@@ -5,9 +5,17 @@ group calls `generate` with the same prompts and gets the same generations. Insi
 replica (TP rank 0, first pipeline stage) sends the HTTP requests and broadcasts the answers to its group.
 
 Servers: global rank 0 launches them (or attaches to URLs) when the engine is built and stops them by PID in
-`close()`. When a server dies mid-request, every rank learns it (one all-reduce of a failure flag), rank 0 restarts
-it, the student's weights are pushed again, and the same `generate` call is retried: the step goes on with the same
-prompts and the same weights; restarts are counted in the metrics (`sglang/restarts`).
+`close()`; a role may have several servers (`ServerConfig.servers` / `urls`) behind an sglang-router
+(rollout/sglang/pool.py), every one of which receives the student's weights. When a server dies mid-request, every
+rank learns it (one all-reduce of a failure flag), rank 0 restarts the dead servers (only those), the student's
+weights are pushed again, and the same `generate` call is retried: the step goes on with the same prompts and the
+same weights; restarts are counted in the metrics (`sglang/restarts`).
+
+Windows (`generate_windows`, the WindowSampler protocol) go out rollout by rollout, in chunks that fit the servers'
+KV caches: first each rollout's longest needed prefix (a prefill without new tokens: it enters the radix cache once,
+or is already there when the teacher server scored the rollout), then its windows, which find their prefix cached.
+SGLang reports per request how many prompt tokens its cache held; `sync_weights` returns the step's shares
+(`sglang/cached_token_share` over all requests, `sglang/window_cached_token_share` over window requests).
 """
 
 from __future__ import annotations
@@ -15,20 +23,30 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from topd_megatron.choices import check_choices
-from topd_megatron.rollout.engine import Generation, SamplingParams, TokenScores
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams, TokenScores
 from topd_megatron.rollout.sglang.client import SGLangClient, SGLangUnavailable
+from topd_megatron.rollout.sglang.pool import Endpoint, ServerPool, start_pool
+from topd_megatron.rollout.sglang.router import POLICIES
 from topd_megatron.rollout.sglang.selftest import SelfTestConfig
-from topd_megatron.rollout.sglang.server import ServerConfig, SGLangServer, launch_server
+from topd_megatron.rollout.sglang.server import ServerConfig
 from topd_megatron.rollout.sglang.weight_sync import SyncMode, WeightSync
 from topd_megatron.seeds import server_request_seeds
+
+MEMORY_SAVER_ARGS = ("--enable-memory-saver", "--enable-weights-cpu-backup")
+"""Launch arguments of a time-sliced student server (training/colocation.py releases and resumes its memory)."""
+FAN_OUT = 64
+"""Concurrent HTTP requests to a router: it balances requests, not the prompts inside one request."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,6 +65,17 @@ class SGLangConfig:
     server runs on another node; 'disk' then needs a filesystem both see, 'tensor' the same machine)."""
     max_restarts: int = 3
     """Server restarts allowed per generate call before the run fails."""
+    router_policy: str = "cache_aware"
+    """sglang-router policy in front of a role's servers when it has several ('cache_aware': a request goes where
+    its prefix is cached; 'round_robin', 'random', 'power_of_two')."""
+    colocate: Literal["share", "time_slice"] = "share"
+    """How a student server on the training GPUs (cluster.student_server_nodes = 0) shares them: 'share' (its
+    mem_fraction of every GPU the whole run) or 'time_slice' (the server releases its weights and KV cache while
+    Megatron trains, Megatron's weights, gradients and optimizer state wait in host memory while the server samples:
+    SGLang's release/resume_memory_occupation, training/colocation.py; CUDA only, checked at start)."""
+    window_cache_share: float = 0.5
+    """Share of a role's KV-cache tokens one chunk of per-rollout window requests may take (prefixes + windows), so
+    that a chunk's prefixes stay cached until its windows are served."""
     kill_student_at_call: int | None = None
     """Fault injection (tests): SIGKILL the student server as this (1-based) call for student samples goes out."""
     selftest: SelfTestConfig = field(default_factory=SelfTestConfig)
@@ -59,13 +88,17 @@ class SGLangConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "sglang")
+        if self.router_policy not in POLICIES:
+            raise ValueError(f"sglang.router_policy={self.router_policy!r}: choose one of {POLICIES}")
+        if not 0.0 < self.window_cache_share <= 1.0:
+            raise ValueError(f"sglang.window_cache_share must be in (0, 1], got {self.window_cache_share}")
 
 
 def _resolve(cfg: ServerConfig, model_dir: Path) -> ServerConfig:
     """Fill in the model's own HF directory. For the student, one without weights (a topd checkpoint's hf/) starts
     the server with dummy weights, replaced by the first weight sync; the teacher is never synced, so it needs real
     HF weights."""
-    if cfg.url or (cfg.model_path and not cfg.model_path.startswith("<")):
+    if cfg.url or cfg.urls or (cfg.model_path and not cfg.model_path.startswith("<")):
         return cfg
     cfg = dataclasses.replace(cfg, model_path=str(model_dir))
     if not any(model_dir.glob("*.safetensors")):
@@ -109,83 +142,149 @@ class SGLangEngine:
         self.work_dir = Path(run_dir) / "sglang"
         self.restarts = 0
         self.calls = {"student": 0, "teacher": 0}
+        self.cache_counts: dict[str, list[int]] = {}
+        """kind -> [prompt tokens, cached tokens] of the requests since the last `sync_weights`."""
         self._killed = False
         mp_group = ps.get_model_parallel_group()
         self.mp_group = mp_group
         self.mp_src = dist.get_global_rank(mp_group, 0)
         self.leader = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
-        self.server_cfgs = {"student": _resolve(cfg.student, student.tokenizer_dir)}
+        student_cfg = cfg.student
+        if cfg.colocate == "time_slice" and not (student_cfg.url or student_cfg.urls):
+            student_cfg = dataclasses.replace(student_cfg, extra_args=(*student_cfg.extra_args, *MEMORY_SAVER_ARGS))
+        self.server_cfgs = {"student": _resolve(student_cfg, student.tokenizer_dir)}
         if cfg.teacher is not None:
             model_dir = teacher.tokenizer_dir if teacher is not None else teacher_dir
-            if model_dir is None and not (cfg.teacher.url or not cfg.teacher.model_path.startswith("<")):
+            attached = cfg.teacher.url or cfg.teacher.urls or not cfg.teacher.model_path.startswith("<")
+            if model_dir is None and not attached:
                 raise ValueError("sglang.teacher is set but there is no teacher model path to serve")
             self.server_cfgs["teacher"] = _resolve(cfg.teacher, Path(model_dir) if model_dir is not None else Path())
         self.vocab_sizes = {"student": student.vocab_size}
         if cfg.teacher is not None:
             self.vocab_sizes["teacher"] = teacher.vocab_size if teacher is not None else _hf_vocab_size(model_dir)
-        self.servers: dict[str, SGLangServer] = {}
+        self.pools: dict[str, ServerPool] = {}
+        self.endpoints: dict[str, Endpoint] = self._start_servers()
+        self.clients = {r: self._client(r) for r in self.endpoints} if self.leader or dist.get_rank() == 0 else {}
+        scfg = self.server_cfgs["student"]
+        self.sync = WeightSync(
+            cfg.sync_mode,
+            student,
+            self.server_clients("student"),
+            server_ranks=scfg.tp * scfg.dp,
+            work_dir=self.work_dir,
+            bucket_mb=cfg.bucket_mb,
+            group_address=cfg.sync_address,
+        )
+        if "--load-format" in scfg.extra_args or scfg.url or scfg.urls:
+            # a server started without real weights, or one we attach to: whatever it holds (dummy weights, another
+            # run's), it must sample from this student from the first rollout on
+            self.sync.sync()
+
+    def _start_servers(self) -> dict[str, Endpoint]:
+        """Collective: rank 0 launches (or attaches to) every role's servers; everyone gets their endpoints."""
+        failure: BaseException | None = None
+        endpoints: list[Any] = [None]
         if dist.get_rank() == 0:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            failure: BaseException | None = None
             try:
                 for role, scfg in self.server_cfgs.items():
-                    self.servers[role] = launch_server(scfg, log_dir=self.work_dir)
+                    self.pools[role] = start_pool(scfg, log_dir=self.work_dir, policy=self.cfg.router_policy)
             except BaseException as e:
                 failure = e
-            endpoints = [None if failure else {r: (s.url, s.api_key) for r, s in self.servers.items()}]
-        else:
-            failure, endpoints = None, [None]
+            endpoints = [None if failure else {r: pool.endpoint() for r, pool in self.pools.items()}]
         dist.broadcast_object_list(endpoints, src=0)
         if failure is not None:
             self.close()
             raise failure
         if endpoints[0] is None:
             raise RuntimeError("the SGLang servers failed to start on rank 0 (see its error)")
-        self.endpoints: dict[str, tuple[str, str | None]] = endpoints[0]
-        self.clients = {r: self._client(r) for r in self.endpoints} if self.leader or dist.get_rank() == 0 else {}
-        scfg = self.server_cfgs["student"]
-        self.sync = WeightSync(
-            cfg.sync_mode,
-            student,
-            self.clients.get("student") if dist.get_rank() == 0 else None,
-            server_ranks=scfg.tp * scfg.dp,
-            work_dir=self.work_dir,
-            bucket_mb=cfg.bucket_mb,
-            group_address=cfg.sync_address,
-        )
-        if "--load-format" in scfg.extra_args or scfg.url:
-            # a server started without real weights, or one we attach to: whatever it holds (dummy weights, another
-            # run's), it must sample from this student from the first rollout on
-            self.sync.sync()
+        return endpoints[0]
 
-    def _client(self, role: str) -> SGLangClient:
-        url, key = self.endpoints[role]
+    def _client(self, role: str, url: str | None = None, key: str | None = None) -> SGLangClient:
         scfg = self.server_cfgs[role]
+        if url is None:
+            url, key = self.endpoints[role].url, self.endpoints[role].api_key
         return SGLangClient(url, api_key=key, timeout_s=scfg.request_timeout_s, max_retries=scfg.max_retries)
+
+    def server_clients(self, role: str) -> list[SGLangClient]:
+        """One client per server of the role (global rank 0, which pushes the weights; [] elsewhere)."""
+        if dist.get_rank() != 0:
+            return []
+        return [self._client(role, url, key) for url, key in self.endpoints[role].servers]
 
     # -- RolloutEngine -----------------------------------------------------------------------------------------------
     def sync_weights(self) -> dict[str, float]:
-        """Push the student's weights to its server (collective). A server lost during the push is restarted and the
-        push repeated (every rank sees the same outcome of a push, so all take the same branch)."""
+        """Push the student's weights to its servers (collective). A server lost during the push is restarted and
+        the push repeated (every rank sees the same outcome of a push, so all take the same branch). Also returns
+        the prefix-cache shares of the requests since the last call."""
         for attempt in range(self.cfg.max_restarts + 1):
             try:
                 calls = {f"sglang/{role}_calls": float(n) for role, n in self.calls.items()}
-                return self.sync.sync() | {"sglang/restarts": float(self.restarts)} | calls
+                synced = self.sync.sync() | {"sglang/restarts": float(self.restarts)} | calls
+                return synced | self._cache_metrics()
             except SGLangUnavailable:
                 if attempt == self.cfg.max_restarts:
                     raise
                 self._recover(resync=False)
         raise AssertionError("unreachable")
 
+    def _count(self, kind: str, prompt_tokens: int, cached_tokens: int) -> None:
+        counts = self.cache_counts.setdefault(kind, [0, 0])
+        counts[0] += prompt_tokens
+        counts[1] += cached_tokens
+
+    def release_memory(self, tags: tuple[str, ...]) -> None:
+        """Collective: every student server frees these GPU memory regions ('weights', 'kv_cache'; time slicing)."""
+        self._memory_occupation("/release_memory_occupation", tags)
+
+    def resume_memory(self, tags: tuple[str, ...]) -> None:
+        """Collective: every student server takes these GPU memory regions back (weights from their host backup)."""
+        self._memory_occupation("/resume_memory_occupation", tags)
+
+    def _memory_occupation(self, path: str, tags: tuple[str, ...]) -> None:
+        outcome: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                for client in self.server_clients("student"):
+                    client.post(path, {"tags": list(tags)}, retry=False)
+            except Exception as e:  # every rank raises it
+                outcome = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise RuntimeError(
+                f"SGLang {path} failed: {outcome[0]} (time-sliced servers need {' '.join(MEMORY_SAVER_ARGS)})"
+            )
+
+    def _cache_metrics(self) -> dict[str, float]:
+        """sglang/<kind>_cached_token_share per request kind and sglang/cached_token_share over all (then reset)."""
+        out: dict[str, float] = {}
+        total = [0, 0]
+        for kind, (prompt, cached) in self.cache_counts.items():
+            out[f"sglang/{kind}_cached_token_share"] = cached / prompt if prompt else 0.0
+            out[f"sglang/{kind}_prompt_tokens"] = float(prompt)
+            total = [total[0] + prompt, total[1] + cached]
+        if total[0]:
+            out["sglang/cached_token_share"] = total[1] / total[0]
+        self.cache_counts = {}
+        return out
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, *, model: Literal["student", "teacher"] = "student"
+    ) -> list[Generation]:
+        return self._generate(prompts, params, model=model, kind=f"{model}_generate")
+
+    def _generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, model: str, kind: str, seeds: list[int] | None = None
     ) -> list[Generation]:
         if model not in self.endpoints:
             if model == "teacher" and self.fallback is not None:
                 return self.fallback.generate(prompts, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
-        return self._collective(model, lambda: self._request(model, prompts, params))
+        gens = self._collective(model, lambda: self._request(model, prompts, params, seeds))
+        for g in gens:
+            self._count(kind, g.meta.get("prompt_tokens", 0), g.meta.get("cached_tokens", 0))
+        return gens
 
     def score(
         self,
@@ -201,9 +300,50 @@ class SGLangEngine:
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
         vocab = self.vocab_sizes.get(model)
-        return self._collective(
-            model, lambda: self.clients[model].score(sequences, starts, top_k=top_k, vocab_size=vocab)
-        )
+        client = self.clients.get(model)
+
+        def one(items: list[tuple[list[int], int]]) -> list[TokenScores]:
+            return client.score([q for q, _ in items], [s for _, s in items], top_k=top_k, vocab_size=vocab)
+
+        scores = self._collective(model, lambda: self._fan_out(model, one, list(zip(sequences, starts, strict=True))))
+        for sc in scores:
+            self._count(f"{model}_score", sc.prompt_tokens, sc.cached_tokens)
+        return scores
+
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
+    ) -> list[Generation]:
+        """Windows rollout by rollout (WindowSampler): per chunk of rollouts that fits `window_cache_share` of the
+        role's KV cache, first each rollout's longest needed prefix (prefill only), then its windows."""
+        if model not in self.endpoints:
+            if model == "teacher" and self.fallback is not None:
+                return self.fallback.generate_windows(rows, positions, params, model="teacher")
+            raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
+        ep = self.endpoints[model]
+        budget = int(ep.kv_tokens * max(len(ep.servers), 1) * self.cfg.window_cache_share) or None
+        seeds = server_request_seeds(params.seed, positions.numel())
+        out: list[Generation] = []
+        for chunk in window_chunks(rows, positions, params.max_new_tokens, budget):
+            warm = [rows[r, : j + 1].tolist() for r, j in longest_prefixes(rows, positions[chunk])]
+            self._prefill(model, warm)
+            prefixes = [rows[int(p) // (rows.shape[1] - 1), : int(p) % (rows.shape[1] - 1) + 1].tolist()
+                        for p in positions[chunk]]  # fmt: skip
+            out += self._generate(prefixes, params, model=model, kind="window", seeds=seeds[chunk.start : chunk.stop])
+        return out
+
+    def _prefill(self, model: str, sequences: list[list[int]]) -> None:
+        """Compute and cache the KV of `sequences` (no new token; SGLang inserts finished requests in its cache)."""
+        self.calls[model] += 1
+
+        def one(items: list[list[int]]) -> list[dict]:
+            answer = self.clients[model].post(
+                "/generate", {"input_ids": items, "sampling_params": {"max_new_tokens": 0}}
+            )
+            return answer if isinstance(answer, list) else [answer]
+
+        for out in self._collective(model, lambda: self._fan_out(model, one, sequences)):
+            meta = out.get("meta_info") or {}
+            self._count("window_prefix", int(meta.get("prompt_tokens") or 0), int(meta.get("cached_tokens") or 0))
 
     def _collective(self, model: str, request: Any) -> Any:
         """Run `request()` on the leaders, restart a lost server and retry (everyone agrees through one all-reduce of
@@ -229,34 +369,45 @@ class SGLangEngine:
             self._recover()
         raise AssertionError("unreachable")
 
-    def _request(self, model: str, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _request(
+        self, model: str, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Generation]:
         client = self.clients[model]
         if model == "student" and self.cfg.kill_student_at_call == self.calls["student"] and not self._killed:
             self._killed = True  # once: the retries of this call must reach the restarted server
             if dist.get_rank() == 0:
                 self._kill("student")
-        seeds = server_request_seeds(params.seed, len(prompts))
-        return client.generate(prompts, params, seeds=seeds)
+        seeds = seeds if seeds is not None else server_request_seeds(params.seed, len(prompts))
+
+        def one(items: list[tuple[list[int], int]]) -> list[Generation]:
+            return client.generate([p for p, _ in items], params, seeds=[s for _, s in items])
+
+        return self._fan_out(model, one, list(zip(prompts, seeds, strict=True)))
+
+    def _fan_out(self, model: str, call: Callable[[list], list], items: Sequence) -> list:
+        """`call(items)` as one batched request to a role with one server; one request per item, FAN_OUT at a time
+        and in order, when a router spreads them over several servers."""
+        if len(self.endpoints[model].servers) <= 1 or len(items) <= 1:
+            return call(list(items))
+        with ThreadPoolExecutor(max_workers=min(len(items), FAN_OUT)) as pool:
+            parts = list(pool.map(lambda item: call([item]), items))
+        return [x for part in parts for x in part]
 
     def _kill(self, role: str) -> None:
-        """Fault injection: SIGKILL the server's process group as the rollout request goes out."""
-        server = self.servers[role]
+        """Fault injection: SIGKILL the role's first server's process group as the rollout request goes out."""
+        server = self.pools[role].servers[0]
         if server.process is not None and server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
 
     def _recover(self, *, resync: bool = True) -> None:
-        """Collective: rank 0 restarts every dead launched server; the student's weights are pushed again."""
+        """Collective: rank 0 restarts the dead launched servers (only those); the student's weights are pushed
+        again to every student server."""
         status: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
-                for role, server in list(self.servers.items()):
-                    client = self.clients[role]
-                    if server.alive() and client.healthy():
-                        continue
-                    self.servers[role] = server.restart()
-                    self.restarts += 1
-                status = [{r: (s.url, s.api_key) for r, s in self.servers.items()}]
+                self.restarts += sum(pool.restart_dead() for pool in self.pools.values())
+                status = [{r: pool.endpoint() for r, pool in self.pools.items()}]
             except Exception as e:
                 status = [f"{type(e).__name__}: {e}"]
         dist.broadcast_object_list(status, src=0)
@@ -265,14 +416,47 @@ class SGLangEngine:
         self.endpoints = status[0]
         if self.clients:
             self.clients = {r: self._client(r) for r in self.endpoints}
-        self.sync.reset(self.clients.get("student") if dist.get_rank() == 0 else None)
+        self.sync.reset(self.server_clients("student"))
         if resync:
             self.sync.sync()
 
     def close(self) -> None:
-        """Stop the servers this engine launched (rank 0; attached servers are left running)."""
+        """Stop the routers and servers this engine launched (rank 0; attached servers are left running)."""
         if getattr(self, "sync", None) is not None:
             self.sync.close()
-        for server in self.servers.values():
-            server.stop()
-        self.servers = {}
+        for pool in getattr(self, "pools", {}).values():
+            pool.stop()
+        self.pools = {}
+
+
+def longest_prefixes(rows: torch.Tensor, positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, j) of the longest prefix rows[row, : j + 1] each rollout's windows need (positions flat, ascending)."""
+    s1 = rows.shape[1] - 1
+    last: dict[int, int] = {}
+    for p in positions.tolist():
+        last[p // s1] = max(last.get(p // s1, -1), p % s1)
+    return sorted(last.items())
+
+
+def window_chunks(rows: torch.Tensor, positions: torch.Tensor, window: int, budget: int | None) -> list[slice]:
+    """Consecutive slices of `positions` that never split a rollout, each needing at most `budget` KV tokens
+    (longest prefix of each of its rollouts + `window` per window); a rollout larger than the budget is a chunk of
+    its own. None: one chunk."""
+    if budget is None or positions.numel() == 0:
+        return [slice(0, positions.numel())]
+    s1 = rows.shape[1] - 1
+    chunks, start, used = [], 0, 0
+    i, n = 0, positions.numel()
+    while i < n:
+        row = int(positions[i]) // s1
+        end = i
+        while end < n and int(positions[end]) // s1 == row:
+            end += 1
+        need = int(positions[end - 1]) % s1 + 1 + window * (end - i)
+        if used and used + need > budget:
+            chunks.append(slice(start, i))
+            start, used = i, 0
+        used += need
+        i = end
+    chunks.append(slice(start, n))
+    return chunks

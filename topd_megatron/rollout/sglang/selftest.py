@@ -22,6 +22,7 @@ mismatch aborts the run with one error listing every failed check, before any ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ class ServedModel:
     vocab_size: int
     dp: int
     """Data-parallel replicas behind the URL (each is checked)."""
+    others: tuple[SGLangClient, ...] = ()
+    """The role's other servers (behind its router): each scores the probe batch too, compared with this one."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -141,6 +144,8 @@ def check_consistency(
     comparisons = {"repeat": _score(model, probes)}
     for r in range(1, model.dp):
         comparisons[f"replica{r}"] = _score(model, probes, dp_rank=r)
+    for i, other in enumerate(model.others, start=1):
+        comparisons[f"server{i}"] = _score(dataclasses.replace(model, client=other, others=()), probes)
     tempered = model.client.generate(prompts, SamplingParams(temperature=cfg.temperature, max_new_tokens=8, seed=1))
     sampled = Probes(
         sequences=[g.prompt_ids + g.output_ids for g in tempered],

@@ -46,6 +46,11 @@ class ServerConfig:
     """'student' (weights updated every step) or 'teacher' (static); names the log file."""
     url: str | None = None
     """Attach to this already-running server instead of launching one (e.g. 'http://10.0.0.5:30000')."""
+    urls: tuple[str, ...] = ()
+    """Attach to these already-running servers of the role (behind an sglang-router rank 0 starts); instead of url."""
+    servers: int = 1
+    """Servers of this role rank 0 launches (each tp x dp GPUs, ports port, port + 1, ...); more than one sit behind
+    an sglang-router (rollout/sglang/pool.py)."""
     host: str = "127.0.0.1"
     port: int = 0
     """0: a free port is chosen."""
@@ -73,8 +78,12 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "sglang server")
-        if not self.url and not self.model_path:
-            raise ValueError("an SGLang server needs model_path (to launch it) or url (to attach to it)")
+        if not self.url and not self.urls and not self.model_path:
+            raise ValueError("an SGLang server needs model_path (to launch it) or url / urls (to attach to it)")
+        if self.url and self.urls:
+            raise ValueError("sglang: set url (one server) or urls (several), not both")
+        if self.servers < 1:
+            raise ValueError(f"sglang servers must be >= 1, got {self.servers}")
         if self.tp < 1 or self.dp < 1:
             raise ValueError(f"sglang tp and dp must be >= 1, got tp={self.tp}, dp={self.dp}")
         if not 0.0 < self.mem_fraction <= 1.0:
@@ -199,15 +208,32 @@ def launch_server(cfg: ServerConfig, *, log_dir: str | Path) -> SGLangServer:
         server = SGLangServer(cfg, cfg.url.rstrip("/"), cfg.read_api_key(), None, None)
         wait_healthy(server, cfg.startup_timeout_s)
         return server
-    api_key = cfg.read_api_key()
+    return _healthy_or_stopped(start_server(cfg, log_dir=log_dir))
+
+
+def _healthy_or_stopped(server: SGLangServer) -> SGLangServer:
+    """Wait for a server we started; stop it if it does not become healthy."""
+    try:
+        wait_healthy(server, server.cfg.startup_timeout_s)
+    except BaseException:
+        server.stop(grace_s=5.0)
+        raise
+    return server
+
+
+def start_server(cfg: ServerConfig, *, log_dir: str | Path, api_key: str | None = None) -> SGLangServer:
+    """Start the server process of `cfg` without waiting for it (see `wait_healthy`); several start in parallel.
+    `api_key`: the key it requires (default: the configured one, or a generated one when it listens beyond loopback)."""
     if not (Path(cfg.model_path) / "config.json").is_file():
         raise ValueError(f"sglang {cfg.role}: {cfg.model_path} is not an HF checkpoint directory (no config.json)")
+    if api_key is None:
+        api_key = cfg.read_api_key()
     if api_key is None and cfg.host not in LOOPBACK:
         api_key = secrets.token_urlsafe(24)  # never serve beyond loopback without a key
     port = cfg.port or free_port(cfg.host if cfg.host in LOOPBACK else "0.0.0.0")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    return _launch(cfg, port, api_key, log_dir / f"sglang-{cfg.role}-{port}.log")
+    return _launch(cfg, port, api_key, log_dir / f"sglang-{cfg.role}-{port}.log", wait=False)
 
 
 def start_process(cfg: ServerConfig, port: int, api_key: str | None, log: Path) -> subprocess.Popen:
@@ -237,17 +263,12 @@ def start_process(cfg: ServerConfig, port: int, api_key: str | None, log: Path) 
     return proc
 
 
-def _launch(cfg: ServerConfig, port: int, api_key: str | None, log: Path | None) -> SGLangServer:
+def _launch(cfg: ServerConfig, port: int, api_key: str | None, log: Path | None, *, wait: bool = True) -> SGLangServer:
     assert log is not None
     proc = start_process(cfg, port, api_key, log)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     server = SGLangServer(cfg, f"http://{host}:{port}", api_key, proc, log)
-    try:
-        wait_healthy(server, cfg.startup_timeout_s)
-    except BaseException:
-        server.stop(grace_s=5.0)
-        raise
-    return server
+    return _healthy_or_stopped(server) if wait else server
 
 
 def wait_healthy(server: SGLangServer, timeout_s: float) -> None:

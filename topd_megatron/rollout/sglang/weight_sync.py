@@ -1,4 +1,4 @@
-"""Weight sync from the Megatron student (TP/PP sharded) to an SGLang server, in three modes.
+"""Weight sync from the Megatron student (TP/PP sharded) to every SGLang server of the student, in three modes.
 
 Megatron-Bridge's mapping turns the student's shards into full Hugging Face tensors (`export_hf_weights`, collective
 over the replica's TP/PP group); the first replica's ranks take part, global rank 0 pushes:
@@ -6,8 +6,12 @@ over the replica's TP/PP group); the first replica's ranks take part, global ran
     disk         write an HF checkpoint (config + safetensors, atomic rename) and POST /update_weights_from_disk;
     tensor       buckets of tensors handed over by shared memory (CUDA IPC on GPUs): /update_weights_from_tensor;
                  the server must run on the same machine;
-    distributed  a process group between rank 0 and the server's ranks (NCCL on GPU, gloo on CPU), one broadcast
+    distributed  a process group between rank 0 and the servers' ranks (NCCL on GPU, gloo on CPU), one broadcast
                  per tensor in the order announced by /update_weights_from_distributed, bucket by bucket.
+
+With several student servers (behind a router) the weights are exported once and reach every server: one checkpoint
+and one /update_weights_from_disk per server, each tensor bucket handed to each server, or one process group holding
+all servers' ranks (server i at rank offset 1 + i * ranks), so that one broadcast per tensor updates them all.
 
 `tensor` and `distributed` updates sit between /begin_weight_update and /end_weight_update. Every sync returns
 `sync/seconds`, `sync/bytes`, `sync/tensors` and `sync/buckets`.
@@ -60,13 +64,13 @@ def buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Ite
 
 
 class WeightSync:
-    """Pushes the student's weights to one SGLang server. Construct on every rank; `sync` is collective."""
+    """Pushes the student's weights to its SGLang servers. Construct on every rank; `sync` is collective."""
 
     def __init__(
         self,
         mode: SyncMode,
         lm: Any,
-        client: SGLangClient | None,
+        client: SGLangClient | list[SGLangClient] | None,
         *,
         server_ranks: int,
         work_dir: Path,
@@ -77,9 +81,11 @@ class WeightSync:
     ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"unknown weight sync mode {mode!r}; choose from {SYNC_MODES}")
-        self.mode, self.lm, self.client = mode, lm, client
+        self.mode, self.lm = mode, lm
+        self.clients = _as_list(client)
+        """One client per student server (global rank 0 only; [] elsewhere)."""
         self.server_ranks = server_ranks
-        """Ranks of the server (its tp * dp): members of the distributed-mode group after rank 0."""
+        """Ranks of each server (its tp * dp): members of the distributed-mode group after rank 0."""
         self.work_dir = Path(work_dir)
         self.bucket_bytes = bucket_mb << 20
         self.group_port = group_port
@@ -90,19 +96,20 @@ class WeightSync:
         self._groups_formed = 0
         self.version = 0
 
-    def reset(self, client: SGLangClient | None) -> None:
-        """After a server restart: a new client, and the distributed group must be formed again."""
-        self.client = client
-        self._group = None
+    def reset(self, client: SGLangClient | list[SGLangClient] | None) -> None:
+        """After a server restart: new clients, and the distributed group must be formed again (by every server)."""
+        self.close()
+        self.clients = _as_list(client)
 
     def close(self) -> None:
-        """Leave the distributed-mode group (the server forgets it; best effort: the server may be gone)."""
-        if self._group is None or self.client is None:
+        """Leave the distributed-mode group (the servers forget it; best effort: a server may be gone)."""
+        if self._group is None:
             return
-        try:
-            self.client.post("/destroy_weights_update_group", {"group_name": self.group_name}, retry=False)
-        except Exception:  # the server is stopping or gone: nothing to leave
-            pass
+        for client in self.clients:
+            try:
+                client.post("/destroy_weights_update_group", {"group_name": self.group_name}, retry=False)
+            except Exception:  # the server is stopping or gone: nothing to leave
+                pass
         self._group = None
 
     def sync(self) -> dict[str, float]:
@@ -133,7 +140,7 @@ class WeightSync:
     def _push_disk(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
         from safetensors.torch import save_file
 
-        assert self.client is not None
+        assert self.clients
         tensors = {name: t.contiguous() for name, t in named}
         final = self.work_dir / "student-weights"
         tmp = self.work_dir / ".student-weights.tmp"
@@ -150,25 +157,31 @@ class WeightSync:
         shutil.rmtree(old, ignore_errors=True)
         # the format is named: a server started with --load-format dummy would otherwise reuse its dummy loader
         payload = {"model_path": str(final.resolve()), "load_format": "safetensors", "flush_cache": True}
-        self.client.post("/update_weights_from_disk", payload)
+        for client in self.clients:
+            client.post("/update_weights_from_disk", payload)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return {"sync/bytes": float(nbytes), "sync/tensors": float(len(tensors)), "sync/buckets": 1.0}
 
     def _push_buckets(self, named: Iterator[tuple[str, torch.Tensor]], send: Any) -> dict[str, float]:
-        """`send(bucket)` for every bucket, between /begin_weight_update and /end_weight_update; then flush the
-        server's prefix cache (it holds KV of the old weights)."""
-        assert self.client is not None
+        """`send(bucket)` for every bucket, between /begin_weight_update and /end_weight_update on every server;
+        then flush their prefix caches (they hold KV of the old weights)."""
+        assert self.clients
         nbytes = count = n_buckets = 0
-        self.client.post("/begin_weight_update", {})
+        begun: list[SGLangClient] = []
         try:
+            for client in self.clients:
+                client.post("/begin_weight_update", {})
+                begun.append(client)
             for bucket in buckets(named, self.bucket_bytes):
                 send(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 count += len(bucket)
                 n_buckets += 1
         finally:
-            self.client.post("/end_weight_update", {}, retry=False)
-        self.client.flush_cache()
+            for client in begun:
+                client.post("/end_weight_update", {}, retry=False)
+        for client in self.clients:
+            client.flush_cache()
         return {"sync/bytes": float(nbytes), "sync/tensors": float(count), "sync/buckets": float(n_buckets)}
 
     def _push_tensor(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
@@ -179,45 +192,41 @@ class WeightSync:
 
         def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
             payload = MultiprocessingSerializer.serialize([(n, t.contiguous()) for n, t in bucket], output_str=True)
-            self.client.post(
-                "/update_weights_from_tensor",
-                {"serialized_named_tensors": [payload] * self.server_ranks, "flush_cache": False},
-                retry=False,
-            )
+            for client in self.clients:
+                client.post(
+                    "/update_weights_from_tensor",
+                    {"serialized_named_tensors": [payload] * self.server_ranks, "flush_cache": False},
+                    retry=False,
+                )
 
         return self._push_buckets(named, send)
 
     def _ensure_group(self) -> Any:
-        """Form the update group: rank 0 of it is this process (it hosts the rendezvous store), then the server's."""
+        """Form the update group: rank 0 of it is this process (it hosts the rendezvous store), then each server's
+        ranks in turn."""
         if self._group is not None:
             return self._group
         from sglang.srt.utils.common import init_custom_process_group
 
-        assert self.client is not None
+        assert self.clients
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         port = self.group_port or free_port("0.0.0.0" if self.group_address != "127.0.0.1" else "127.0.0.1")
-        world = 1 + self.server_ranks
+        world = 1 + self.server_ranks * len(self.clients)
         # a fresh name every time: a server keeps the groups of trainers that died, and refuses a name twice
         self._groups_formed += 1
         self.group_name = f"topd_weight_sync_{os.getpid()}_{self._groups_formed}_{time.time_ns()}"
         request = {
             "master_address": self.group_address,
             "master_port": port,
-            "rank_offset": 1,
             "world_size": world,
             "group_name": self.group_name,
             "backend": backend,
         }
-        answer: dict[str, Any] = {}
-
-        def ask() -> None:
-            try:
-                answer["body"] = self.client.post("/init_weights_update_group", request, retry=False)
-            except Exception as e:  # reported below, on the main thread
-                answer["error"] = e
-
-        thread = threading.Thread(target=ask, daemon=True)
-        thread.start()
+        calls = [
+            (client, "/init_weights_update_group", request | {"rank_offset": 1 + i * self.server_ranks})
+            for i, client in enumerate(self.clients)
+        ]
+        threads, answers = _post_in_threads(calls)
         self._group = init_custom_process_group(
             backend=backend,
             init_method=f"tcp://{self.group_address}:{port}",
@@ -226,14 +235,16 @@ class WeightSync:
             group_name=self.group_name,
             timeout=timedelta(seconds=self.group_timeout_s),
         )
-        thread.join()
-        if "error" in answer:
+        for thread in threads:
+            thread.join()
+        errors = [a["error"] for a in answers if "error" in a]
+        if errors:
             self._group = None
-            raise answer["error"]
+            raise errors[0]
         return self._group
 
     def _push_distributed(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        assert self.client is not None
+        assert self.clients
         group = self._ensure_group()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
@@ -245,20 +256,39 @@ class WeightSync:
                 "group_name": self.group_name,
                 "flush_cache": False,
             }
-            answer: dict[str, Any] = {}
-
-            def announce() -> None:  # the server blocks in this request until it has received every broadcast
-                try:
-                    answer["body"] = self.client.post("/update_weights_from_distributed", request, retry=False)
-                except Exception as e:
-                    answer["error"] = e
-
-            thread = threading.Thread(target=announce, daemon=True)
-            thread.start()
+            # every server blocks in this request until it has received every broadcast of the bucket
+            threads, answers = _post_in_threads(
+                [(c, "/update_weights_from_distributed", request) for c in self.clients]
+            )
             for _, t in bucket:
                 dist.broadcast(t.contiguous() if device is None else t.to(device), group_src=0, group=group)
-            thread.join()
-            if "error" in answer:
-                raise SGLangResponseError(f"distributed weight update failed: {answer['error']}")
+            for thread in threads:
+                thread.join()
+            errors = [a["error"] for a in answers if "error" in a]
+            if errors:
+                raise SGLangResponseError(f"distributed weight update failed: {errors[0]}")
 
         return self._push_buckets(named, send)
+
+
+def _as_list(client: SGLangClient | list[SGLangClient] | None) -> list[SGLangClient]:
+    if client is None:
+        return []
+    return list(client) if isinstance(client, list) else [client]
+
+
+def _post_in_threads(calls: list[tuple[SGLangClient, str, dict]]) -> tuple[list[threading.Thread], list[dict]]:
+    """POST each (client, path, payload) on its own thread (requests that block until a collective completes);
+    answers[i] gets 'body' or 'error'. Join the threads, then read the answers."""
+    answers: list[dict[str, Any]] = [{} for _ in calls]
+
+    def post(i: int, client: SGLangClient, path: str, payload: dict) -> None:
+        try:
+            answers[i]["body"] = client.post(path, payload, retry=False)
+        except Exception as e:  # reported by the caller, on the main thread
+            answers[i]["error"] = e
+
+    threads = [threading.Thread(target=post, args=(i, *call), daemon=True) for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    return threads, answers

@@ -1,0 +1,116 @@
+"""Time-sliced colocation (training/colocation.py). The swaps themselves need CUDA (SGLang's memory saver, Megatron's
+GPU <-> host offload) and are not run here; these tests check the capability check and the order of the swaps around
+sampling and weight sync, with recording stand-ins for the two CUDA-only sides (the GPU boundary)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from topd_megatron.rollout.engine import Generation, SamplingParams
+from topd_megatron.training.colocation import TimeSlicedEngine, check_time_slicing
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+class _Servers:
+    """The engine side: sampling, weight sync and memory release / resume, recorded."""
+
+    def __init__(self, log: _Log, fail: bool = False) -> None:
+        self.log, self.fail = log, fail
+
+    def release_memory(self, tags: tuple[str, ...]) -> None:
+        self.log.calls.append("release " + ",".join(tags))
+
+    def resume_memory(self, tags: tuple[str, ...]) -> None:
+        self.log.calls.append("resume " + ",".join(tags))
+
+    def generate(self, prompts, params, *, model="student"):
+        self.log.calls.append(f"generate {model}")
+        if self.fail:
+            raise RuntimeError("server lost")
+        return [Generation(prompt_ids=p, output_ids=[1], output_logprobs=[0.0], finished=True) for p in prompts]
+
+    def sync_weights(self) -> dict[str, float]:
+        self.log.calls.append("sync")
+        return {"sync/bytes": 1.0}
+
+    def score(self, *a, **k):
+        self.log.calls.append("score")
+        return []
+
+    def generate_windows(self, rows, positions, params, *, model):
+        self.log.calls.append(f"windows {model}")
+        return []
+
+
+class _States:
+    def __init__(self, log: _Log) -> None:
+        self.log = log
+
+    def offload(self) -> None:
+        self.log.calls.append("offload megatron")
+
+    def reload(self) -> None:
+        self.log.calls.append("reload megatron")
+
+
+def test_capability_check_refuses_without_cuda() -> None:
+    with pytest.raises(ValueError, match="time_slice' needs CUDA.*colocate='share'"):
+        check_time_slicing(cuda=False)
+    check_time_slicing(cuda=True)
+
+
+def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
+    log = _Log()
+    engine = TimeSlicedEngine(_Servers(log), _States(log))
+    params = SamplingParams(max_new_tokens=1)
+    engine.generate([[1, 2]], params)  # the step's rollouts
+    engine.generate([[3]], params, model="teacher")  # teacher requests are not sliced
+    engine.score([[1, 2]], [1])
+    engine.generate_windows(None, None, params, model="teacher")  # teacher windows: not sliced
+    engine.sync_weights()  # after the update
+    engine.generate([[1, 2]], params)  # the next step
+    assert log.calls == [
+        "offload megatron",
+        "generate student",
+        "release kv_cache,weights",
+        "reload megatron",
+        "generate teacher",
+        "score",
+        "windows teacher",
+        "resume weights",
+        "sync",
+        "offload megatron",
+        "resume kv_cache",
+        "generate student",
+        "release kv_cache,weights",
+        "reload megatron",
+    ]
+    log.calls.clear()
+    engine.generate_windows(None, None, params, model="student")  # fresh student windows sample from its servers
+    assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows student", "release kv_cache,weights",
+                         "reload megatron"]  # fmt: skip
+
+
+def test_megatron_comes_back_when_sampling_fails() -> None:
+    log = _Log()
+    engine = TimeSlicedEngine(_Servers(log, fail=True), _States(log))
+    with pytest.raises(RuntimeError, match="server lost"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=1))
+    assert log.calls[-2:] == ["release kv_cache,weights", "reload megatron"]
+
+
+def test_training_refuses_time_slicing_before_building_anything(tmp_path) -> None:
+    from tests.distributed.test_train import make_config
+    from topd_megatron.rollout.sglang.engine import SGLangConfig
+    from topd_megatron.training.loop import train
+
+    cfg = make_config(("no-student", "no-teacher"), tmp_path, "opd")
+    cfg = dataclasses.replace(cfg, rollout="sglang", sglang=SGLangConfig(colocate="time_slice"))
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train(0, 1, cfg)

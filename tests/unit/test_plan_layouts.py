@@ -1,0 +1,149 @@
+"""The planner's new phases and the layout search: packed guidance, the per-rollout guidance budget, several servers
+per role, per-rollout window prefills, weight sync, time-sliced colocation, and `topd plan`'s search of node splits
+(the recipes adopt the best feasible one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from topd_megatron import recipes
+from topd_megatron.overrides import apply_overrides
+from topd_megatron.plan import plan
+from topd_megatron.plan.architecture import resolve
+from topd_megatron.plan.layout import layout_of, step_shape
+from topd_megatron.plan.memory import GIB, rank_params, server_memory, student_state_bytes
+from topd_megatron.plan.search import opd_variant, search_layouts, split
+from topd_megatron.plan.step_time import (
+    DISK_GBPS,
+    NETWORK_GBPS,
+    PCIE_GBPS,
+    weight_sync_seconds,
+    window_prefill_tokens,
+)
+
+GPU_RECIPES = ("qwen3_4b_from_30b_a3b", "llama3_8b_from_70b", "topd_70b")
+
+
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOPD_OUT", str(tmp_path / "runs"))
+
+
+def test_packed_shape_widens_rows_instead_of_adding_branch_rows() -> None:
+    cfg = recipes.get("qwen3_4b_from_30b_a3b")
+    lay = layout_of(cfg)
+    packed = step_shape(cfg, lay, "cuda")
+    assert packed.packed and packed.branch_rows == 0
+    per_rollout = -(-packed.branches // packed.rollouts)
+    assert packed.branch_seq == packed.seq + per_rollout * (packed.window - 1)
+    assert packed.branch_tokens == packed.rows * (packed.branch_seq - packed.seq)
+    assert packed.train_seq == packed.branch_seq and packed.branch_score_tokens == packed.rows * packed.branch_seq
+    te = step_shape(apply_overrides(cfg, ["student.transformer_engine=none"]), lay, "cuda")  # TE cannot pack
+    assert not te.packed and te.branch_rows >= te.branches and te.branch_seq == te.seq and te.train_seq == te.seq
+    assert te.branch_tokens > 30 * packed.branch_tokens
+
+
+def test_branch_training_tokens_stay_within_one_and_a_half_rollouts_in_every_gpu_recipe() -> None:
+    for name in GPU_RECIPES:
+        shape = plan(recipes.get(name), run_preflight=False).shape
+        assert shape.packed, name
+        assert shape.branch_tokens <= 1.5 * shape.tokens, (name, shape.branch_tokens / shape.tokens)
+
+
+def test_guidance_budget_caps_the_branches_per_rollout() -> None:
+    cfg = recipes.get("qwen3_4b_from_30b_a3b")
+    lay = layout_of(cfg)
+    free = step_shape(cfg, lay)
+    capped = step_shape(apply_overrides(cfg, ["objective.guidance_budget=8"]), lay)
+    assert free.branches > 8 * free.rollouts and capped.branches == 8 * capped.rollouts
+    assert capped.branch_seq == capped.seq + 8 * (capped.window - 1)
+    t_free = plan(cfg, run_preflight=False).step_time
+    t_capped = plan(apply_overrides(cfg, ["objective.guidance_budget=8"]), run_preflight=False).step_time
+    branch = [k for k in t_free.seconds if k.startswith("branch")]
+    assert branch and all(t_capped.seconds[k] < t_free.seconds[k] for k in branch)
+
+
+def test_window_prefill_counts_each_rollout_once() -> None:
+    assert window_prefill_tokens(1000, 40, cached_rollouts=False) == 1040
+    assert window_prefill_tokens(1000, 40, cached_rollouts=True) == 40
+
+
+def test_weight_sync_time_by_hand() -> None:
+    cfg = recipes.get("topd_70b")
+    student = resolve(cfg.student.path)[0]
+    nbytes = student.params() * 2
+    export = nbytes / (PCIE_GBPS * 1e9)
+    assert weight_sync_seconds(cfg, student) == pytest.approx(
+        export + nbytes / (PCIE_GBPS * 1e9) + nbytes / (NETWORK_GBPS * 1e9)
+    )
+    disk = apply_overrides(cfg, ["sglang.sync_mode=disk"])
+    assert weight_sync_seconds(disk, student) == pytest.approx(export + 9 * nbytes / (DISK_GBPS * 1e9))  # 8 servers
+    tensor = apply_overrides(cfg, ["sglang.sync_mode=tensor"])
+    assert weight_sync_seconds(tensor, student) == pytest.approx(export + 8 * nbytes / (PCIE_GBPS * 1e9))
+    assert "weight sync (student servers)" in plan(cfg, run_preflight=False).step_time.seconds
+
+
+def test_more_teacher_servers_score_faster() -> None:
+    cfg = recipes.get("topd_70b")
+    one = plan(
+        apply_overrides(cfg, ["sglang.teacher.servers=5", "cluster.teacher_server_nodes=5"]), run_preflight=False
+    )
+    two = plan(cfg, run_preflight=False)  # 10 servers on 10 nodes
+    name = "teacher scoring (SGLang prefill)"
+    assert two.step_time.seconds[name] == pytest.approx(one.step_time.seconds[name] / 2)
+    too_many = plan(apply_overrides(cfg, ["sglang.teacher.servers=11"]), run_preflight=False)
+    assert any("servers*TP*DP = 11*8*1 = 88 GPUs; 80 are available" in r for r in too_many.reasons())
+
+
+def test_time_slicing_frees_the_training_gpus_of_the_student_server() -> None:
+    cfg = recipes.get("topd_70b")
+    sliced = plan(cfg, run_preflight=False)
+    training = sliced.roles[0]
+    assert not any("SGLang student server share" in k for k in training.components)
+    student = resolve(cfg.student.path)[0]
+    weights = server_memory(student, cfg.sglang.student, cfg.cluster.gpu_memory_gib).weights
+    assert training.phases["sync"] == pytest.approx(weights / GIB)  # the resumed weights next to Megatron's states
+    server = next(r for r in sliced.roles if r.role.startswith("student server GPU (time-sliced"))
+    assert server.budget_gib == cfg.cluster.gpu_memory_gib and server.fits
+    lay = layout_of(cfg)
+    states = sum(
+        student_state_bytes(rank_params(student, lay, student.vocab, "first"), cfg.student, lay, True).values()
+    )
+    swap = sliced.step_time.seconds["time slicing (Megatron states to host and back)"]
+    assert swap == pytest.approx(2 * states / (PCIE_GBPS * 1e9))
+    shared = plan(apply_overrides(cfg, ["sglang.colocate=share"]), run_preflight=False)
+    assert not shared.feasible  # a 0.85 share of every training GPU next to training does not fit
+
+
+def test_search_finds_splits_and_the_recipes_adopt_the_best() -> None:
+    for name in GPU_RECIPES:
+        cfg = recipes.get(name)
+        found = search_layouts(cfg)
+        assert found and all(c.plan.feasible for c in found)
+        assert [c.step_s for c in found] == sorted(c.step_s for c in found)
+        best, mine = found[0], plan(cfg, run_preflight=False)
+        assert mine.feasible and mine.step_time.total_s <= 1.05 * best.step_s, (name, mine.step_time.total_s)
+        assert all(c.cfg.cluster.total_nodes == cfg.cluster.total_nodes for c in found)
+        opd = plan(opd_variant(cfg), run_preflight=False).step_time.total_s
+        assert opd < mine.step_time.total_s and math.isfinite(best.ratio)
+
+
+def test_topd_70b_plans_within_600_s_on_its_18_nodes() -> None:
+    cfg = recipes.get("topd_70b")
+    p = plan(cfg, run_preflight=False)
+    assert cfg.cluster.total_nodes == 18 and p.feasible and p.step_time.total_s <= 600
+
+
+def test_split_refuses_what_does_not_tile() -> None:
+    cfg = recipes.get("topd_70b")
+    assert split(cfg, 18, 1) is None  # no training node left
+    odd = dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, student=dataclasses.replace(
+        cfg.sglang.student, tp=3)))  # fmt: skip
+    assert split(odd, 1, 1) is None  # 8 GPUs do not hold whole servers of 3
+    variant = split(cfg, 2, 4, "full", "share")
+    assert variant is not None and variant.cluster.nodes == 12 and variant.sglang.teacher.servers == 4
+    assert variant.sglang.student.servers == 2 and variant.student.transformer_engine is False

@@ -1,0 +1,139 @@
+"""Time-sliced colocation (sglang.colocate='time_slice'): the student's SGLang servers and Megatron take the same GPUs
+by turns, so that every training GPU also samples rollouts between steps.
+
+    engine = TimeSlicedEngine(session.engine, MegatronStates(student, optimizer))   # training/loop.py
+    engine.generate(prompts, params)     # Megatron's states -> host memory, servers' memory resumed, sample,
+                                         # servers' memory released, Megatron's states back on the GPUs
+    engine.sync_weights()                # the servers' weights resumed (not their KV cache) to receive the new ones
+
+Megatron's side uses Megatron-Core's RL offload (`_ParamAndGradBuffer.offload_to_cpu` / `reload_from_cpu` for the
+weights and fp32 gradient buffers, `MegatronOptimizer.offload_to_cpu` / `restore_from_cpu` for the optimizer state);
+SGLang's side its `/release_memory_occupation` and `/resume_memory_occupation` (tags 'weights', 'kv_cache'), which
+need the servers started with `--enable-memory-saver --enable-weights-cpu-backup` (torch_memory_saver; the released
+weights wait in host memory, so a resumed server holds the weights of the last sync). The peak of a step is the
+weight sync: Megatron's states plus the servers' weights (the planner's "sync" phase). Teacher servers are not
+sliced.
+
+Capability checks (`check_time_slicing`, before anything is built): CUDA, and servers that were launched with the
+memory saver. Not run here (no GPU on the machines this was written on): the unit tests check the order of the
+swaps with stand-ins for the CUDA-only operations; the planner and `TOPD_DRY_RUN=1 bash slurm/topd_70b.sh` cover the
+layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from topd_megatron.models.build import MegatronLM
+from topd_megatron.rollout.engine import Generation, Role, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+
+
+class ServerMemory(Protocol):
+    """What the time slicer needs from the engine (SGLangEngine): release / resume its student servers' memory."""
+
+    def release_memory(self, tags: tuple[str, ...]) -> None: ...
+
+    def resume_memory(self, tags: tuple[str, ...]) -> None: ...
+
+
+class StateSwap(Protocol):
+    """Moves the trainer's GPU state out of the way and back (`MegatronStates`)."""
+
+    def offload(self) -> None: ...
+
+    def reload(self) -> None: ...
+
+
+def check_time_slicing(cuda: bool | None = None) -> None:
+    """Raise ValueError when time slicing cannot run here (checked before any model is built)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        raise ValueError(
+            "sglang.colocate='time_slice' needs CUDA: SGLang releases and resumes GPU memory (torch_memory_saver) and"
+            " Megatron's states move between GPU and host; on this machine use sglang.colocate='share' (topd plan"
+            " models the time-sliced layout)"
+        )
+
+
+class MegatronStates:
+    """The student's weights, fp32 gradient buffers and optimizer state on the GPU or in host memory (Megatron-Core's
+    own offload of its DDP buffers and optimizer)."""
+
+    def __init__(self, student: MegatronLM, optimizer: MegatronOptimizer) -> None:
+        self.student, self.optimizer = student, optimizer
+
+    def _buffers(self) -> list[Any]:
+        return [b for m in self.student.modules for b in (m.buffers + m.expert_parallel_buffers)]
+
+    def offload(self) -> None:
+        torch.cuda.synchronize()
+        for buffer in self._buffers():
+            buffer.offload_to_cpu(move_params=True, move_grads=True)
+        self.optimizer.offload_to_cpu()
+        torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        for buffer in self._buffers():
+            buffer.reload_from_cpu(move_params=True, move_grads=True)
+        self.optimizer.restore_from_cpu()
+        torch.cuda.synchronize()
+
+
+class TimeSlicedEngine:
+    """A RolloutEngine whose student servers sample only while Megatron's states are in host memory (module
+    docstring). Teacher requests (scoring, windows) and the rest of the engine pass through unchanged. A student
+    request runs inside `serving` (with its swaps each time: one per call)."""
+
+    def __init__(self, engine: Any, states: StateSwap) -> None:
+        self.engine, self.states = engine, states
+        self.resumed: set[str] = {"weights", "kv_cache"}
+        """What the student servers hold on the GPUs now (they start whole; the first `serving` keeps them so)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)  # score, generate_windows, close, ...: the wrapped engine's own
+
+    def _resume(self, tags: tuple[str, ...]) -> None:
+        missing = tuple(t for t in tags if t not in self.resumed)
+        if missing:
+            self.engine.resume_memory(missing)
+            self.resumed |= set(missing)
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Megatron's states in host memory and the servers whole while the body runs; the other way round after."""
+        self.states.offload()
+        try:
+            self._resume(("weights", "kv_cache"))
+            yield
+        finally:
+            self.engine.release_memory(tuple(sorted(self.resumed)))
+            self.resumed = set()
+            self.states.reload()
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, model: Literal["student", "teacher"] = "student"
+    ) -> list[Generation]:
+        if model != "student":
+            return self.engine.generate(prompts, params, model=model)
+        with self.serving():
+            return self.engine.generate(prompts, params, model="student")
+
+    def generate_windows(self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role) -> Any:
+        """Fresh student windows (detection.student_window='fresh') need the student servers too."""
+        if model != "student":
+            return self.engine.generate_windows(rows, positions, params, model=model)
+        with self.serving():
+            return self.engine.generate_windows(rows, positions, params, model="student")
+
+    def sync_weights(self) -> dict[str, float]:
+        """The servers' weights come back next to Megatron's states (no KV cache) to receive the new weights."""
+        self._resume(("weights",))
+        return self.engine.sync_weights()
