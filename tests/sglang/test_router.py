@@ -6,6 +6,7 @@ Default suite, two servers of the student's model behind a router:
   router serves requests again.
 - The student servers require an API key (read from a 0600 file): the router presents it to them (it gets it on its
   stdin), and no process holds it on its command line or in its environment, before or after a restart.
+- The served-model self-test checks each server of the role (identity, and the probe batch scored on each).
 - Windows go out per rollout (first each rollout's prefix, then its windows): SGLang's own cached-token counts show
   the prefixes reused, as much as the planner's prefix-reuse model says (plan/step_time.py `window_prefill_tokens`).
 Slow (`-m slow`; four servers start, about 6 minutes): a TOPD run attached to two student and two teacher servers
@@ -142,6 +143,36 @@ def test_one_server_restarts_while_the_other_keeps_serving(student_pool, pool_ke
     body = {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 1}}
     assert requests.post(f"{second.url}/generate", json=body, timeout=60).status_code == 401  # keyed, the router not
     assert processes_holding(key) == [], "the restarted server, or the router, holds the key in argv or environ"
+
+
+def _selftest_body(rank: int, world: int, student_dir: str, urls: list[str], work: str, key_file: str) -> dict:
+    """TP=world: an engine attached to the role's servers (behind its router), then the served-model self-test."""
+    from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
+    from topd_megatron.rollout.sglang.selftest import SelfTestConfig
+    from topd_megatron.training.served_selftest import served_selftest
+
+    par = ParallelConfig(tp=world)
+    init_model_parallel(par)
+    student = build_model(ModelConfig(path=student_dir, dtype="float32"), par, role="student")
+    cfg = SGLangConfig(student=ServerConfig(urls=tuple(urls), api_key_file=key_file), teacher=None, sync_mode="disk")
+    engine = SGLangEngine(cfg, student, None, run_dir=work)  # attaching pushes the student's weights to both
+    try:
+        prompts = [[1, 5, 7, 9, 11], [1, 5, 8], [3, 4, 6, 2, 9, 12], [2, 2, 7]]
+        return served_selftest(
+            SelfTestConfig(), engine, prompts, expected={"student": Path(student_dir)}, colocated={"student": student}
+        )
+    finally:
+        engine.close()
+
+
+def test_the_self_test_checks_every_server_of_a_role(synthetic_pair, student_pool, pool_key_file: Path, tmp_path):
+    urls = [s.url for s in student_pool.servers]
+    args = (str(synthetic_pair[0]), urls, str(tmp_path), str(pool_key_file))
+    metrics = spawn(_selftest_body, 2, args, timeout=900)[0]
+    assert metrics["student/selftest_server1_max"] <= 1e-5, metrics  # the second server, scored directly
+    assert metrics["student/selftest_repeat_max"] <= 1e-5 and metrics["student/selftest_colocated_max"] <= PARITY_TOL
 
 
 def _windows_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str, key_file: str) -> dict | None:
