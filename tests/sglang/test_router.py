@@ -4,8 +4,9 @@ Default suite, two servers of the student's model behind a router:
 - Weight sync reaches every student server: after each sync mode both servers give the Megatron student's log-probs.
 - Restarts work per server: one of two killed servers is restarted (same port), the other keeps running, and the
   router serves requests again.
-- The student servers require an API key (read from a 0600 file): the router presents it to them (it gets it on its
-  stdin), and no process holds it on its command line or in its environment, before or after a restart.
+- The student servers require an API key (read from a 0600 file): the router presents it to them and requires it of
+  its clients (it gets it on its stdin), and no process holds it on its command line or in its environment, before
+  or after a restart.
 - The served-model self-test checks each server of the role (identity, and the probe batch scored on each).
 - Windows go out per rollout (first each rollout's prefix, then its windows): SGLang's own cached-token counts show
   the prefixes reused, as much as the planner's prefix-reuse model says (plan/step_time.py `window_prefill_tokens`).
@@ -136,7 +137,8 @@ def test_one_server_restarts_while_the_other_keeps_serving(student_pool, pool_ke
     first.process.wait()
     assert pool.restart_dead() == 1
     assert pool.servers[1].pid == pid_second and pool.servers[0].url == first.url and pool.servers[0].alive()
-    router = SGLangClient(pool.router.url)
+    assert requests.get(f"{pool.router.url}/workers", timeout=60).status_code == 401  # the router wants the key too
+    router = SGLangClient(pool.router.url, api_key=key)
     for i in range(4):  # round the router's workers: every request is answered
         (g,) = router.generate([[1, 5, 7, 9 + i]], SamplingParams(max_new_tokens=3, seed=i))
         assert len(g.output_ids) == 3

@@ -31,7 +31,7 @@ class Endpoint:
     url: str
     """The router when the role has several servers, else its one server."""
     api_key: str | None
-    """What a client of `url` presents (the router, on loopback, takes none)."""
+    """What a client of `url` presents (a router in front of keyed servers requires their key too)."""
     servers: list[tuple[str, str | None]] = field(default_factory=list)
     """Every server of the role: (url, API key), for weight updates and health checks."""
     kv_tokens: int = 0
@@ -46,9 +46,8 @@ class ServerPool:
     kv_tokens: int = 0
 
     def endpoint(self) -> Endpoint:
-        url, key = (
-            (self.router.url, None) if self.router is not None else (self.servers[0].url, self.servers[0].api_key)
-        )
+        url = self.router.url if self.router is not None else self.servers[0].url
+        key = self.servers[0].api_key  # the role's one key: its servers', and the router's in front of keyed ones
         return Endpoint(
             url=url, api_key=key, servers=[(s.url, s.api_key) for s in self.servers], kv_tokens=self.kv_tokens
         )

@@ -7,8 +7,9 @@ the windows of a rollout land where the rollout's prefix lives.
     router.stop()                                   # only the process this object started
 
 The router binds to 127.0.0.1 (the trainer's rank 0 is its only client). Servers that require an API key get it from
-the router: the key reaches the router process (`python -m topd_megatron.rollout.sglang.router --api-key-stdin`) on
-its stdin, as a launched server's does (rollout/sglang/launch.py), never on its command line or in its environment.
+the router, and the router then requires the same key of its own clients (sglang-router's one `api_key` does both).
+The key reaches the router process (`python -m topd_megatron.rollout.sglang.router --api-key-stdin`) on its stdin, as
+a launched server's does (rollout/sglang/launch.py), never on its command line or in its environment.
 Weight updates and restarts address every server directly (the router only forwards generation).
 """
 
@@ -103,12 +104,14 @@ def launch_router(
         finally:
             proc.stdin.close()
     router = RouterProcess(url=f"http://127.0.0.1:{port}", process=proc, log_path=log)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         if not router.alive():
             raise RouterStartError(f"the sglang-router for the {role} servers exited (log {log}):\n{_tail(log)}")
         try:
-            workers = requests.get(f"{router.url}/workers", timeout=5).json().get("workers", [])
+            answer = requests.get(f"{router.url}/workers", headers=headers, timeout=5)
+            workers = answer.json().get("workers", []) if answer.status_code == 200 else []
             if len(workers) >= len(worker_urls):
                 return router
             last = f"{len(workers)} of {len(worker_urls)} workers registered"
