@@ -261,12 +261,12 @@ def _teacher_killed_while_scoring_body(rank: int, world: int, pair: tuple[str, s
     try:
         seqs = [[1, 5, 7, 9, 11, 13, 4], [3, 4, 6, 2, 9]]
         before = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
-        pid = engine.servers["teacher"].pid if rank == 0 else None
+        pid = engine.pools["teacher"].servers[0].pid if rank == 0 else None
         if rank == 0:  # the teacher server dies between two scoring calls of a step, as in a crash
             os.killpg(pid, signal.SIGKILL)
-            engine.servers["teacher"].process.wait()
+            engine.pools["teacher"].servers[0].process.wait()
         after = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
-        new_pid = engine.servers["teacher"].pid if rank == 0 else None
+        new_pid = engine.pools["teacher"].servers[0].pid if rank == 0 else None
         return {"before": before, "after": after, "restarts": engine.restarts, "pids": (pid, new_pid)}
     finally:
         engine.close()

@@ -224,10 +224,10 @@ def _healthy_or_stopped(server: SGLangServer) -> SGLangServer:
 def start_server(cfg: ServerConfig, *, log_dir: str | Path, api_key: str | None = None) -> SGLangServer:
     """Start the server process of `cfg` without waiting for it (see `wait_healthy`); several start in parallel.
     `api_key`: the key it requires (default: the configured one, or a generated one when it listens beyond loopback)."""
+    if api_key is None:
+        api_key = cfg.read_api_key()  # an unusable key source is refused first: nothing else is read before it
     if not (Path(cfg.model_path) / "config.json").is_file():
         raise ValueError(f"sglang {cfg.role}: {cfg.model_path} is not an HF checkpoint directory (no config.json)")
-    if api_key is None:
-        api_key = cfg.read_api_key()
     if api_key is None and cfg.host not in LOOPBACK:
         api_key = secrets.token_urlsafe(24)  # never serve beyond loopback without a key
     port = cfg.port or free_port(cfg.host if cfg.host in LOOPBACK else "0.0.0.0")
