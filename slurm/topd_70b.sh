@@ -285,6 +285,8 @@ wait_healthy() {
 }
 
 run mkdir -p "$work"
+# a marker left by the previous start is stale from here on: only this start's training may ask for a requeue
+run rm -f "$RUN_DIR/requeue.json"  # written by training only when it stops on a signal with a checkpoint
 student_urls=()
 teacher_urls=()
 sliced=0
@@ -309,7 +311,6 @@ for url in "${teacher_urls[@]}"; do wait_healthy teacher "$url" "${server_pids[i
 
 # ---- (b) training: one srun task per training node, each running torchrun; c10d rendezvous on the first ----------
 # torchrun passes SIGUSR1 (and SIGTERM) on to its ranks and waits TOPD_STOP_GRACE s for them to checkpoint and exit.
-run rm -f "$RUN_DIR/requeue.json"  # written by training only when it stops on a signal with a checkpoint
 log "training: run dir $RUN_DIR (restart ${SLURM_RESTART_COUNT:-0})"
 train_shared=()
 ((sliced)) && train_shared=(--overlap)  # the training nodes also run the time-sliced student servers

@@ -122,6 +122,8 @@ from topd_megatron import recipes
 cfg = recipes.get("tiny", sys.argv[1:])
 print(cfg.student.path, cfg.cluster.gpus_per_node, cfg.run_dir)' "${user_overrides[@]}")
 nproc="${TOPD_NPROC_PER_NODE:-$nproc}"
+# a marker left by the previous start is stale from here on: only this start's training may ask for a requeue
+rm -f "$run_dir/requeue.json"  # written by training only when it stops on a signal with a checkpoint
 port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 rm -f "$work/student.pid"
 log "starting the SGLang student server on 127.0.0.1:$port ($student); log in $work"
@@ -146,7 +148,6 @@ MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 nodes="${SLURM_JOB_NUM_NODES:-1}"
 log "training: $nodes node(s) x $nproc ranks, rendezvous $MASTER_ADDR:$TOPD_MASTER_PORT, run dir $run_dir" \
     "(restart ${SLURM_RESTART_COUNT:-0})"
-rm -f "$run_dir/requeue.json"  # written by training only when it stops on a signal with a checkpoint
 # torchrun passes SIGUSR1 (and SIGTERM) on to its ranks and waits TOPD_STOP_GRACE s for them to checkpoint and exit.
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     "$PY" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$nproc" \

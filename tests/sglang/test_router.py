@@ -7,6 +7,7 @@ Default suite, two servers of the student's model behind a router:
 - The student servers require an API key (read from a 0600 file): the router presents it to them and requires it of
   its clients (it gets it on its stdin), and no process holds it on its command line or in its environment, before
   or after a restart.
+- A router for a trainer on several nodes (sglang.sync_address) listens on that address and requires the key.
 - The served-model self-test checks each server of the role (identity, and the probe batch scored on each).
 - Windows go out per rollout (first each rollout's prefix, then its windows): SGLang's own cached-token counts show
   the prefixes reused, as much as the planner's prefix-reuse model says (plan/step_time.py `window_prefill_tokens`).
@@ -22,6 +23,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from topd_megatron.distributed.launch import spawn
 from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.rollout.sglang.client import SGLangClient
 from topd_megatron.rollout.sglang.pool import start_pool
+from topd_megatron.rollout.sglang.router import launch_router
 from topd_megatron.rollout.sglang.server import ServerConfig
 
 PARITY_TOL = 1e-4
@@ -175,6 +178,41 @@ def test_the_self_test_checks_every_server_of_a_role(synthetic_pair, student_poo
     metrics = spawn(_selftest_body, 2, args, timeout=900)[0]
     assert metrics["student/selftest_server1_max"] <= 1e-5, metrics  # the second server, scored directly
     assert metrics["student/selftest_repeat_max"] <= 1e-5 and metrics["student/selftest_colocated_max"] <= PARITY_TOL
+
+
+def _node_address() -> str:
+    """This machine's address on its default route (not loopback): what another node would connect to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        address = probe.getsockname()[0]
+    assert not address.startswith("127."), "this test needs a non-loopback IPv4 address"
+    return address
+
+
+def test_a_router_for_a_trainer_on_several_nodes_listens_on_its_address_and_requires_the_key(
+    student_pool, pool_key_file: Path, tmp_path
+) -> None:
+    """With sglang.sync_address set (rank 0's node address), a role's router listens there, where the data-parallel
+    leaders on other nodes reach it, and never without a key."""
+    address = _node_address()
+    urls = tuple(s.url for s in student_pool.servers)
+    attached = start_pool(
+        ServerConfig(urls=urls, api_key_file=str(pool_key_file)), log_dir=tmp_path, router_host=address
+    )
+    try:
+        endpoint = attached.endpoint()
+        assert endpoint.url.startswith(f"http://{address}:") and endpoint.api_key == pool_key_file.read_text().strip()
+        assert "api_key" not in repr(endpoint)
+        assert requests.get(f"{endpoint.url}/workers", timeout=60).status_code == 401
+        (g,) = SGLangClient(endpoint.url, api_key=endpoint.api_key).generate(
+            [[1, 5, 7]], SamplingParams(max_new_tokens=2)
+        )
+        assert len(g.output_ids) == 2
+    finally:
+        attached.stop()
+    assert all(s.alive() for s in student_pool.servers), "attached servers are left running"
+    with pytest.raises(ValueError, match="needs an API key"):
+        launch_router(list(urls), role="student", log_dir=tmp_path, host=address)
 
 
 def _windows_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str, key_file: str) -> dict | None:

@@ -61,8 +61,9 @@ class SGLangConfig:
     """How the student's weights reach its server after every step: 'disk', 'tensor' or 'distributed'."""
     bucket_mb: int = 256
     sync_address: str = "127.0.0.1"
-    """Where the student server's ranks reach global rank 0 for the 'distributed' sync (this node's address when the
-    server runs on another node; 'disk' then needs a filesystem both see, 'tensor' the same machine)."""
+    """Global rank 0's node address, as the servers and the trainer's other nodes reach it: where the student server's
+    ranks join the 'distributed' sync, and where a role's sglang-router listens (set it when the servers or the
+    trainer span nodes; 'disk' then needs a filesystem both see, 'tensor' the same machine)."""
     max_restarts: int = 3
     """Server restarts allowed per generate call before the run fails."""
     router_policy: str = "cache_aware"
@@ -188,7 +189,9 @@ class SGLangEngine:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             try:
                 for role, scfg in self.server_cfgs.items():
-                    self.pools[role] = start_pool(scfg, log_dir=self.work_dir, policy=self.cfg.router_policy)
+                    self.pools[role] = start_pool(
+                        scfg, log_dir=self.work_dir, policy=self.cfg.router_policy, router_host=self.cfg.sync_address
+                    )
             except BaseException as e:
                 failure = e
             endpoints = [None if failure else {r: pool.endpoint() for r, pool in self.pools.items()}]

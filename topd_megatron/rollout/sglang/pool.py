@@ -30,7 +30,7 @@ class Endpoint:
 
     url: str
     """The router when the role has several servers, else its one server."""
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     """What a client of `url` presents (a router in front of keyed servers requires their key too)."""
     servers: list[tuple[str, str | None]] = field(default_factory=list)
     """Every server of the role: (url, API key), for weight updates and health checks."""
@@ -44,10 +44,13 @@ class ServerPool:
     servers: list[SGLangServer]
     router: RouterProcess | None
     kv_tokens: int = 0
+    router_key: str | None = field(default=None, repr=False)
+    """The key the router requires of its clients: the servers' key, or one of its own when it listens beyond
+    loopback in front of servers without one."""
 
     def endpoint(self) -> Endpoint:
         url = self.router.url if self.router is not None else self.servers[0].url
-        key = self.servers[0].api_key  # the role's one key: its servers', and the router's in front of keyed ones
+        key = self.router_key if self.router is not None else self.servers[0].api_key
         return Endpoint(
             url=url, api_key=key, servers=[(s.url, s.api_key) for s in self.servers], kv_tokens=self.kv_tokens
         )
@@ -91,8 +94,11 @@ def _server_configs(cfg: ServerConfig) -> list[tuple[ServerConfig, str | None]]:
     return [(dataclasses.replace(cfg, port=port, servers=1), key) for port in ports]
 
 
-def start_pool(cfg: ServerConfig, *, log_dir: str | Path, policy: str = "cache_aware") -> ServerPool:
-    """Launch (or attach to) the role's servers, wait for every one of them, then start the router over them."""
+def start_pool(
+    cfg: ServerConfig, *, log_dir: str | Path, policy: str = "cache_aware", router_host: str = "127.0.0.1"
+) -> ServerPool:
+    """Launch (or attach to) the role's servers, wait for every one of them, then start the router over them, on
+    `router_host` (an address every rank of the trainer reaches: rank 0's node address when it spans nodes)."""
     servers: list[SGLangServer] = []
     try:
         for one, key in _server_configs(cfg):
@@ -104,12 +110,20 @@ def start_pool(cfg: ServerConfig, *, log_dir: str | Path, policy: str = "cache_a
         for server in servers:
             wait_healthy(server, cfg.startup_timeout_s)
         kv = kv_tokens(SGLangClient(servers[0].url, api_key=servers[0].api_key).get("/server_info"))
-        router = None
+        router, router_key = None, servers[0].api_key
         if len(servers) > 1:
+            if router_key is None and router_host not in LOOPBACK:
+                router_key = secrets.token_urlsafe(24)  # reachable from other nodes: never without a key
             router = launch_router(
-                [s.url for s in servers], role=cfg.role, log_dir=log_dir, policy=policy, api_key=servers[0].api_key
+                [s.url for s in servers],
+                role=cfg.role,
+                log_dir=log_dir,
+                policy=policy,
+                api_key=router_key,
+                host=router_host,
+                strip_env=(cfg.api_key_env,) if cfg.api_key_env else (),
             )
-        return ServerPool(role=cfg.role, servers=servers, router=router, kv_tokens=kv)
+        return ServerPool(role=cfg.role, servers=servers, router=router, kv_tokens=kv, router_key=router_key)
     except BaseException:
         for server in servers:
             server.stop(grace_s=5.0)

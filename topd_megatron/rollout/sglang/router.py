@@ -6,7 +6,9 @@ the windows of a rollout land where the rollout's prefix lives.
     SGLangClient(router.url).generate(...)          # as if it were one server
     router.stop()                                   # only the process this object started
 
-The router binds to 127.0.0.1 (the trainer's rank 0 is its only client). Servers that require an API key get it from
+The router binds to 127.0.0.1 on one node; when the trainer spans nodes it binds to rank 0's node address
+(`sglang.sync_address`), which every data-parallel leader reaches, and then always requires a key (generated when
+the servers have none). Servers that require an API key get it from
 the router, and the router then requires the same key of its own clients (sglang-router's one `api_key` does both).
 The key reaches the router process (`python -m topd_megatron.rollout.sglang.router --api-key-stdin`) on its stdin, as
 a launched server's does (rollout/sglang/launch.py), never on its command line or in its environment.
@@ -60,15 +62,21 @@ class RouterProcess:
 
 
 def router_command(
-    worker_urls: list[str], port: int, policy: str, metrics_port: int, *, with_key: bool = False
+    worker_urls: list[str],
+    port: int,
+    policy: str,
+    metrics_port: int,
+    *,
+    with_key: bool = False,
+    host: str = "127.0.0.1",
 ) -> list[str]:
-    """The router's argv (no secret in it: with `with_key` it reads the key from stdin). Its Prometheus exporter gets
-    a port of its own (the default one is shared by every router on a machine)."""
+    """The router's argv (no secret in it: with `with_key` it reads the key from stdin), listening on `host`. Its
+    Prometheus exporter gets a port of its own on loopback (the default one is shared by every router on a machine)."""
     if policy not in POLICIES:
         raise ValueError(f"sglang router policy {policy!r}: choose one of {POLICIES}")
     return [
         sys.executable, "-m", "topd_megatron.rollout.sglang.router", *([KEY_FLAG] if with_key else []),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
         "--policy", policy, "--log-level", "warn", "--prometheus-host", "127.0.0.1",
         "--prometheus-port", str(metrics_port), "--worker-urls", *worker_urls,
     ]  # fmt: skip
@@ -81,17 +89,23 @@ def launch_router(
     log_dir: str | Path,
     policy: str = "cache_aware",
     api_key: str | None = None,
+    host: str = "127.0.0.1",
+    strip_env: tuple[str, ...] = (),
     timeout_s: float = 120.0,
 ) -> RouterProcess:
-    """Start a router over `worker_urls` and return once it answers /health with every worker registered."""
+    """Start a router over `worker_urls`, listening on `host` (an address the trainer's other nodes reach, or
+    loopback), and return once it lists every worker. `strip_env`: variables (API keys) left out of its environment."""
     import requests
 
-    port = free_port("127.0.0.1")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        raise ValueError(f"an sglang-router listening on {host} needs an API key")
+    port = free_port(host)
     log = Path(log_dir) / f"sglang-router-{role}-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            router_command(worker_urls, port, policy, free_port("127.0.0.1"), with_key=bool(api_key)),
+            router_command(worker_urls, port, policy, free_port("127.0.0.1"), with_key=bool(api_key), host=host),
+            env={k: v for k, v in os.environ.items() if k not in strip_env},
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if api_key else subprocess.DEVNULL,
@@ -103,7 +117,7 @@ def launch_router(
             proc.stdin.write(api_key.encode() + b"\n")
         finally:
             proc.stdin.close()
-    router = RouterProcess(url=f"http://127.0.0.1:{port}", process=proc, log_path=log)
+    router = RouterProcess(url=f"http://{host}:{port}", process=proc, log_path=log)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
