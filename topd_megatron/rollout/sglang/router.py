@@ -27,6 +27,7 @@ from pathlib import Path
 
 from topd_megatron.distributed.env import free_port
 from topd_megatron.rollout.sglang.launch import KEY_FLAG, read_key
+from topd_megatron.rollout.sglang.server import LOOPBACK
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 
@@ -97,7 +98,7 @@ def launch_router(
     loopback), and return once it lists every worker. `strip_env`: variables (API keys) left out of its environment."""
     import requests
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key:
         raise ValueError(f"an sglang-router listening on {host} needs an API key")
     port = free_port(host)
     log = Path(log_dir) / f"sglang-router-{role}-{port}.log"
