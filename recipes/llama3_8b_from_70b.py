@@ -17,10 +17,10 @@ candidates, 70% of them divergent):
 - 32 prompts x 4 samples per step: the teacher's window rows kept for the branches ([sum K', V/TP], 8.6 GiB per GPU
   here) grow with the rollouts per GPU.
 Per GPU at the peak (the backward): 70.6 of 80 GiB (student states 16.8, teacher 16.4, the teacher server share 14.2,
-activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.8 GiB. About 271 s per
-step (branch scoring by the teacher's packed forward 72, teacher windows 63, teacher scoring 57, rollouts 40, train
-20; the OPD step on this layout: 123 s, TOPD / OPD 2.21); the previous layout (one whole-prefix row per window) planned
-3,967 s, 2,540 s of it the teacher scoring those rows.
+activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.8 GiB. About 273 s per
+step (branch scoring by the teacher's packed forward 72, windows 63: the teacher's, with the student's (18) beside them,
+teacher scoring 57, rollouts 40, train 20; the OPD step on this layout: 123 s, TOPD / OPD 2.22); the previous layout
+(one whole-prefix row per window) planned 3,967 s, 2,540 s of it the teacher scoring those rows.
 """
 
 from __future__ import annotations

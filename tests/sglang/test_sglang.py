@@ -130,6 +130,72 @@ def test_top_k_scores_match_the_models_own_ranking(student_server, synthetic_pai
     assert torch.allclose(torch.tensor(scores.logprobs, dtype=torch.float64), want, atol=PARITY_TOL)
 
 
+def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str) -> dict | None:
+    """Rollouts from the student server, then the teacher's and the student's windows at the same positions in one
+    call (generate_window_pair), from empty prefix caches; each window scored again by both servers."""
+    from topd_megatron.algorithm.batch import build_step_batch
+    from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.rollout.engine import PairedWindowSampler
+    from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
+
+    par = ParallelConfig(tp=world)
+    init_model_parallel(par)
+    student = build_model(ModelConfig(path=pair[0], dtype="float32"), par, role="student")
+    cfg = SGLangConfig(
+        student=ServerConfig(url=urls["student"]), teacher=ServerConfig(role="teacher", url=urls["teacher"])
+    )
+    engine = SGLangEngine(cfg, student, None, run_dir=work, teacher_dir=pair[1])
+    assert isinstance(engine, PairedWindowSampler)
+    prompts = [[1, 5, 7, 9, 11, 3, 4], [1, 5, 8, 6], [3, 4, 6, 2, 9, 12], [7, 7, 8, 9, 10]]
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=16, seed=3))
+    step = build_step_batch(gens, pad_id=0, micro_batch_size=4)
+    positions = step.token_batch().response_mask.nonzero().flatten()[::3]
+    if rank == 0:
+        for role in ("student", "teacher"):
+            SGLangClient(urls[role]).flush_cache()
+    torch.distributed.barrier()
+    engine._cache_metrics()  # reads and resets the counters: the next read covers the pair only
+    both = engine.generate_window_pair(step.tokens, positions, SamplingParams(temperature=1.0, max_new_tokens=5))
+    metrics = engine._cache_metrics()
+    s1 = step.tokens.shape[1] - 1
+    report: dict = {"metrics": metrics, "positions": positions.numel()}
+    for role, windows in both.items():
+        report[role] = {
+            "count": len(windows),
+            "prefixes_in_order": [g.prompt_ids for g in windows]
+            == [step.tokens[p // s1, : p % s1 + 1].tolist() for p in positions.tolist()],
+            "lengths": sorted({len(g.output_ids) for g in windows}),
+        }
+        seqs = [g.prompt_ids + g.output_ids for g in windows]
+        starts = [len(g.prompt_ids) for g in windows]
+        sampled = torch.tensor([x for g in windows for x in g.output_logprobs], dtype=torch.float64)
+        for scorer in ("teacher", "student"):
+            scored = engine.score(seqs, starts, model=scorer)
+            again = torch.tensor([x for sc in scored for x in sc.logprobs], dtype=torch.float64)
+            report[role][f"vs {scorer}"] = (again - sampled).abs().max().item()
+    engine.close()
+    return None if rank else report
+
+
+def test_both_roles_windows_at_once_come_from_their_own_servers(
+    synthetic_pair, student_server, teacher_server, tmp_path
+) -> None:
+    urls = {"student": student_server.url, "teacher": teacher_server.url}
+    pair = (str(synthetic_pair[0]), str(synthetic_pair[1]))
+    r = spawn(_window_pair_body, 2, (pair, urls, str(tmp_path)), timeout=900)[0]
+    assert r["positions"] >= 8
+    other = {"teacher": "student", "student": "teacher"}
+    for role in ("teacher", "student"):
+        assert r[role]["count"] == r["positions"] and r[role]["prefixes_in_order"], r[role]
+        assert r[role]["lengths"][-1] == 5, r[role]
+        # each window's log-probs are its own model's (scored again by that server), not the other model's
+        assert r[role][f"vs {role}"] <= PARITY_TOL, r[role]
+        assert r[role][f"vs {other[role]}"] > 0.1, r[role]
+    m = r["metrics"]  # each role's windows found their rollout's prefix in that server's cache (prefilled first)
+    assert m["sglang/window_cached_token_share"] > 0.5 and m["sglang/window_prefix_prompt_tokens"] > 0, m
+
+
 def test_attaching_leaves_the_server_running(student_server, tmp_path) -> None:
     attached = launch_server(ServerConfig(url=student_server.url), log_dir=tmp_path)
     assert attached.pid is None and attached.url == student_server.url
@@ -204,9 +270,9 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
             student=ServerConfig(model_path="<student>", **keyed),
             teacher=ServerConfig(role="teacher", model_path="<teacher>", **keyed),
             sync_mode="distributed",
-            # call 1: step-0 evaluation; 2: step 1's rollouts; 3, 4: its fresh student windows (each rollout's prefix
-            # prefilled, then the windows: one chunk here); 5: step 2's rollouts
-            kill_student_at_call=5,
+            # call 1: step-0 evaluation; 2: step 1's rollouts; 3: its teacher and fresh student windows (one call
+            # for both roles, each prefilling its rollouts' prefixes, then sampling the windows); 4: step 2's rollouts
+            kill_student_at_call=4,
         ),
     )
     leaks: list[str] = []
@@ -415,9 +481,9 @@ def test_training_with_a_teacher_served_only_by_sglang(
         assert r["teacher/top_k"] == (8.0 if signal == "top_k" else 0.0)
         assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
-    # per step: teacher windows (each rollout's prefix prefilled, then the windows: one chunk here), the rollouts'
-    # scores and the branches' scores all went to the teacher server
-    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 4
+    # per step: the teacher's windows (one call, with the student's windows beside it), the rollouts' scores and the
+    # branches' scores all went to the teacher server
+    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
     assert all(r["sglang/window_cached_token_share"] > 0.5 for r in rows)  # the windows found their prefixes cached
     (check,) = read_metrics(tmp_path / "run", "selftest")  # the served-model self-test ran before step 1
     assert check["step"] == 0 and check["teacher/selftest_repeat_max"] <= 1e-5, check

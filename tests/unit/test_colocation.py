@@ -47,6 +47,10 @@ class _Servers:
         self.log.calls.append(f"windows {model}")
         return []
 
+    def generate_window_pair(self, rows, positions, params):
+        self.log.calls.append("windows teacher and student")
+        return {"teacher": [], "student": []}
+
 
 class _States:
     def __init__(self, log: _Log) -> None:
@@ -95,6 +99,10 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
     engine.generate_windows(None, None, params, model="student")  # fresh student windows sample from its servers
     assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows student", "release kv_cache,weights",
                          "reload megatron"]  # fmt: skip
+    log.calls.clear()
+    engine.generate_window_pair(None, None, params)  # both roles' windows at once: the student's servers whole
+    assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows teacher and student",
+                         "release kv_cache,weights", "reload megatron"]  # fmt: skip
 
 
 def test_megatron_comes_back_when_sampling_fails() -> None:

@@ -114,7 +114,11 @@ def test_time_slicing_frees_the_training_gpus_of_the_student_server() -> None:
         student_state_bytes(rank_params(student, lay, student.vocab, "first"), cfg.student, lay, True).values()
     )
     swap = sliced.step_time.seconds["time slicing (Megatron states to host and back)"]
-    assert swap == pytest.approx(2 * states / (PCIE_GBPS * 1e9))
+    # twice a step: for the rollouts and for the fresh student windows; once with the rollout's own windows
+    assert swap == pytest.approx(2 * 2 * states / (PCIE_GBPS * 1e9))
+    rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
+    swap_once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]
+    assert swap_once == pytest.approx(swap / 2)
     shared = plan(apply_overrides(cfg, ["sglang.colocate=share"]), run_preflight=False)
     assert not shared.feasible  # a 0.85 share of every training GPU next to training does not fit
 
@@ -147,3 +151,22 @@ def test_split_refuses_what_does_not_tile() -> None:
     variant = split(cfg, 2, 4, "full", "share")
     assert variant is not None and variant.cluster.nodes == 12 and variant.sglang.teacher.servers == 4
     assert variant.sglang.student.servers == 2 and variant.student.transformer_engine is False
+
+
+def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
+    """window_ot samples the student's own windows too (student_window='fresh'): on the student servers at the same
+    time as the teacher's on theirs, so the windows phase is the slower of the two; without them, the teacher's only."""
+    both_name = "windows (SGLang, per rollout; teacher's and student's servers at once)"
+    for name in ("topd_70b", "qwen3_4b_from_30b_a3b"):
+        cfg = recipes.get(name)
+        fresh = plan(cfg, run_preflight=False).step_time
+        rollout = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
+        teacher_only = rollout.step_time.seconds["teacher windows (SGLang, per rollout)"]
+        assert both_name not in rollout.step_time.seconds
+        note = next(n for n in fresh.notes if n.startswith("windows: the teacher's servers"))
+        student_s = float(note.split("the student's ")[1].split(" s")[0])
+        assert student_s > 0 and fresh.seconds[both_name] == pytest.approx(max(teacher_only, student_s), abs=0.05)
+    # rollouts in-process (no servers): the student's windows are its own forward passes on the training GPUs
+    tiny = plan(recipes.get("tiny"), run_preflight=False, device="cpu").step_time.seconds
+    assert tiny["student windows (in-process, per rollout, KV cache)"] > 0
+    assert tiny["teacher windows (in-process, per rollout, KV cache)"] > 0

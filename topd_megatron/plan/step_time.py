@@ -13,13 +13,16 @@ token):
     student scoring             F(T) when a detector needs the whole step's d_t
     FP8 (model.fp8)             that model's 2 N T GEMM FLOPs run at FP8_SPEEDUP times the peak (attention stays
                                 bf16); an SGLang server with an FP8 --quantization prefills its GEMMs at FP8_SPEEDUP
-    teacher windows (window_ot) C candidates x K tokens: in-process (no teacher server, rollout/windows.py) each
-                                rollout with windows prefilled once into the KV cache, F(min(B, C) S), then K decode
-                                forwards of the C windows' next tokens over about S cached keys; with teacher
-                                servers, per rollout (SGLangEngine.generate_windows): a prefill of every rollout once
-                                (`window_prefill_tokens`; nothing when a served teacher's KV caches, over all its
-                                servers, still hold the step's rollouts from scoring) + K decode steps of C sequences
-                                with S * WINDOW_PREFIX_FRACTION of context
+    windows (window_ot)         C candidates x K tokens of the teacher, and as many of the student with
+                                student_window='fresh' (the default): in-process (no server for the role,
+                                rollout/windows.py) each rollout with windows prefilled once into the KV cache,
+                                F(min(B, C) S), then K decode forwards of the C windows' next tokens over about S
+                                cached keys; on a role's servers, per rollout (SGLangEngine.generate_windows): a
+                                prefill of every rollout once (`window_prefill_tokens`; nothing when the role's KV
+                                caches, over all its servers, still hold the step's rollouts: a served teacher's from
+                                scoring, the student's from generating them unless time slicing released them) + K
+                                decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context. Both roles on
+                                servers sample at once (SGLangEngine.generate_window_pair): the slower one counts
     branches (teacher_window)   per-branch rows: teacher F(T_b) + student training of T_b over R rows of S_b tokens
                                 (whole prefixes); packed (StepShape.packed): the teacher's forward over the packed
                                 rows (B x S_p) and the student's training of the B x (S_p - S) window columns;
@@ -40,9 +43,11 @@ Weight sync (rollout=sglang, every step): the student's HF weights (P x bytes) g
 memory (export, PCIE_GBPS), then pushed: 'distributed' one broadcast to every server (host -> GPU at PCIE_GBPS, then
 NETWORK_GBPS), 'tensor' one host -> GPU copy per server, 'disk' a write and one read per server at DISK_GBPS.
 Time-sliced colocation (sglang.colocate='time_slice'): each step offloads the student's Megatron states (weights,
-fp32 gradients, optimizer shard) to host memory before the rollouts and reloads them after (2 x states / PCIE_GBPS).
+fp32 gradients, optimizer shard) to host memory before the rollouts and reloads them after (2 x states / PCIE_GBPS);
+twice per step with fresh student windows (they need the student servers again after the d_t pass).
 Not estimated: evaluation, checkpoints, the optimizer step (memory-bound, small), the detector's OT solve (CPU).
-Every phase runs after the previous one (the loop is synchronous), so times add up.
+Every phase runs after the previous one (the loop is synchronous), so times add up; the one overlap is the two roles'
+windows on their own servers.
 """
 
 from __future__ import annotations
@@ -233,34 +238,7 @@ def estimate_step_time(
         copies = 2 + (1 if det.detector != "none" else 0)  # to the host, back for d_t, back for the backward
         est.seconds["teacher logits offload (host copies)"] = copies * per_rank / (PCIE_GBPS * 1e9)
     if det.detector == "window_ot":
-        candidates = shape.candidates * dp
-        if cfg.rollout == "sglang" and cfg.sglang.teacher is not None:
-            # windows per rollout: each rollout's prefix prefilled once (or still cached from scoring), then a
-            # candidate adds its K window tokens
-            per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
-            cached = served and rollouts_stay_cached(cfg, teacher, tokens)
-            est.seconds["teacher windows (SGLang, per rollout)"] = _decode_seconds(
-                teacher,
-                cfg,
-                "teacher",
-                candidates,
-                int(s * WINDOW_PREFIX_FRACTION),
-                det.window,
-                int(window_prefill_tokens(rollouts * s, candidates, cached_rollouts=cached)),
-                det.window + s / per_rollout,
-            )
-            if cached:
-                est.notes.append("the teacher servers' KV caches hold the step's rollouts: windows reuse scoring's")
-        else:
-            name, rows = "teacher windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
-            est.flops[name] = forward_flops(teacher, rows * s, s) + det.window * decode_flops(teacher, candidates, s)
-            est.seconds[name] = forward_seconds(teacher, rows * s, s, rate, t_fp8) + det.window * forward_seconds(
-                teacher, candidates, int(s / CAUSAL_FRACTION), rate, t_fp8
-            )
-            est.notes.append(
-                "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs' own"
-                " forward passes); set sglang.teacher to serve them"
-            )
+        _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""
         if served:  # only the window tokens are new to the server: the prefixes are in its radix cache
@@ -277,7 +255,10 @@ def estimate_step_time(
         est.seconds["weight sync (student servers)"] = weight_sync_seconds(cfg, student)
     if time_sliced(cfg):
         states = layout_state_bytes(cfg, student, layout)
-        est.seconds["time slicing (Megatron states to host and back)"] = 2 * states / (PCIE_GBPS * 1e9)
+        swaps = 2 if fresh_student_windows(cfg) else 1  # the fresh student windows need the student servers again
+        est.seconds["time slicing (Megatron states to host and back)"] = swaps * 2 * states / (PCIE_GBPS * 1e9)
+        if swaps == 2:
+            est.notes.append("time slicing swaps twice per step: for the rollouts, and for the fresh student windows")
     if layout.pp > 1:
         est.notes.append(f"pipeline bubble factor {bubble:.3f} on pipelined passes")
     est.notes.append(
@@ -289,13 +270,81 @@ def estimate_step_time(
     return est
 
 
-def rollouts_stay_cached(cfg: RunConfig, teacher: Architecture, rollout_tokens: float) -> bool:
-    """Whether the teacher servers' KV caches, together, hold every rollout of the step (scored before the windows
-    are sampled, so the windows' prefixes are still cached)."""
-    server = cfg.sglang.teacher
-    if server is None:
+def fresh_student_windows(cfg: RunConfig) -> bool:
+    """Whether window_ot samples the student's own windows at the candidates (detection.student_window='fresh')."""
+    det = cfg.objective.detection
+    return det.detector == "window_ot" and det.student_window == "fresh"
+
+
+def _window_phases(
+    est: StepTime,
+    cfg: RunConfig,
+    student: Architecture,
+    teacher: Architecture,
+    shape: StepShape,
+    dp: int,
+    tokens: float,
+    rate: float,
+    fp8: tuple[bool, bool],
+) -> None:
+    """window_ot's near-future windows: the teacher's at every candidate, and the student's with
+    student_window='fresh'. Per role on its SGLang servers (per rollout, `_decode_seconds`), or in-process on the
+    training GPUs. With both roles on their own servers, both are sampled at once (SGLangEngine.generate_window_pair):
+    the phase takes the slower of the two."""
+    det, s = cfg.objective.detection, shape.seq
+    candidates, rollouts = shape.candidates * dp, shape.rollouts * dp
+    per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
+    roles = {"teacher": (teacher, fp8[1])} | ({"student": (student, fp8[0])} if fresh_student_windows(cfg) else {})
+    on_servers: dict[str, float] = {}
+    for role, (arch, role_fp8) in roles.items():
+        server = cfg.sglang.student if role == "student" else cfg.sglang.teacher
+        if cfg.rollout == "sglang" and server is not None:
+            # per rollout: each rollout's prefix prefilled once (nothing when the role's KV caches still hold the
+            # step's rollouts), then every candidate adds its K window tokens
+            cached = rollouts_stay_cached(cfg, role, arch, tokens)
+            on_servers[role] = _decode_seconds(
+                arch,
+                cfg,
+                role,
+                candidates,
+                int(s * WINDOW_PREFIX_FRACTION),
+                det.window,
+                int(window_prefill_tokens(rollouts * s, candidates, cached_rollouts=cached)),
+                det.window + s / per_rollout,
+            )
+            if cached:
+                est.notes.append(f"the {role} servers' KV caches hold the step's rollouts: its windows reuse them")
+        else:
+            name, rows = f"{role} windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
+            est.flops[name] = forward_flops(arch, rows * s, s) + det.window * decode_flops(arch, candidates, s)
+            est.seconds[name] = forward_seconds(arch, rows * s, s, rate, role_fp8) + det.window * forward_seconds(
+                arch, candidates, int(s / CAUSAL_FRACTION), rate, role_fp8
+            )
+            if role == "teacher":
+                est.notes.append(
+                    "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs'"
+                    " own forward passes); set sglang.teacher to serve them"
+                )
+    if len(on_servers) == 2:
+        est.seconds["windows (SGLang, per rollout; teacher's and student's servers at once)"] = max(on_servers.values())
+        est.notes.append(
+            "windows: the teacher's servers {teacher:.1f} s and the student's {student:.1f} s, at the same time".format(
+                **on_servers
+            )
+        )
+    else:
+        for role, seconds in on_servers.items():
+            est.seconds[f"{role} windows (SGLang, per rollout)"] = seconds
+
+
+def rollouts_stay_cached(cfg: RunConfig, role: str, arch: Architecture, rollout_tokens: float) -> bool:
+    """Whether the role's servers' KV caches, together, still hold every rollout of the step when its windows are
+    sampled: the teacher's when it scored them (a served teacher), the student's when it generated them and kept its
+    cache (not when time slicing released it)."""
+    server = cfg.sglang.teacher if role == "teacher" else cfg.sglang.student
+    if server is None or (role == "teacher" and not teacher_served(cfg)) or (role == "student" and time_sliced(cfg)):
         return False
-    mem = server_memory(teacher, server, cfg.cluster.gpu_memory_gib)
+    mem = server_memory(arch, server, cfg.cluster.gpu_memory_gib)
     return mem.kv_tokens * server.dp * server.servers >= rollout_tokens
 
 

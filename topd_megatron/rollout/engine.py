@@ -124,3 +124,16 @@ class WindowSampler(Protocol):
         flat target position p of `positions` (ascending) in the [B, S] token rows, in that order (collective over
         the model-parallel group, like `generate`); `prompt_ids` of each generation is its prefix."""
         ...
+
+
+@runtime_checkable
+class PairedWindowSampler(Protocol):
+    """Both models' windows at the same positions in one call (detection.student_window='fresh'): an engine whose
+    teacher and student serve from different machines samples the two sets at the same time."""
+
+    def generate_window_pair(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams
+    ) -> dict[Role, list[Generation]]:
+        """{'teacher': ..., 'student': ...}, each what `WindowSampler.generate_windows` returns for that model with
+        the same `params` (the same per-window seeds); collective over the model-parallel group."""
+        ...

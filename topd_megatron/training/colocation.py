@@ -133,6 +133,11 @@ class TimeSlicedEngine:
         with self.serving():
             return self.engine.generate_windows(rows, positions, params, model="student")
 
+    def generate_window_pair(self, rows: Tensor, positions: Tensor, params: SamplingParams) -> Any:
+        """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both."""
+        with self.serving():
+            return self.engine.generate_window_pair(rows, positions, params)
+
     def sync_weights(self) -> dict[str, float]:
         """The servers' weights come back next to Megatron's states (no KV cache) to receive the new weights."""
         self._resume(("weights",))

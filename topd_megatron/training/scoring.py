@@ -30,7 +30,13 @@ from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.models.positions import packing_unsupported_reason
-from topd_megatron.rollout.engine import RolloutEngine, SamplingParams, TeacherScorer, WindowSampler
+from topd_megatron.rollout.engine import (
+    PairedWindowSampler,
+    RolloutEngine,
+    SamplingParams,
+    TeacherScorer,
+    WindowSampler,
+)
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
 from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
@@ -252,10 +258,30 @@ def score(ctx: ScoringContext, step: StepBatch) -> Scores:
     return Scores(tokens=tokens, teacher=teacher, divergence=d)
 
 
+def window_params(ctx: ScoringContext, seed: int) -> SamplingParams:
+    """K tokens at temperature 1, stopping at EOS."""
+    k = ctx.objective.detection.window
+    return SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
+
+
+def sample_window_pair(ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int) -> tuple[Windows, Windows]:
+    """The teacher's and the student's windows after (x, y_<t) at each flat position t: both at once where the engine
+    serves the two models from different servers (PairedWindowSampler), else one after the other; the same requests
+    either way (each window's seed depends on its index in `positions` only)."""
+    if positions.numel() and isinstance(ctx.engine, PairedWindowSampler):
+        gens = ctx.engine.generate_window_pair(step.tokens, positions, window_params(ctx, seed))
+        k = ctx.objective.detection.window
+        return windows_from_generations(gens["teacher"], k), windows_from_generations(gens["student"], k)
+    return (
+        sample_windows(ctx, step, positions, "teacher", seed),
+        sample_windows(ctx, step, positions, "student", seed),
+    )
+
+
 def sample_windows(ctx: ScoringContext, step: StepBatch, positions: Tensor, model: str, seed: int) -> Windows:
     """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher."""
     k = ctx.objective.detection.window
-    params = SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
+    params = window_params(ctx, seed)
     if not positions.numel():
         return windows_from_generations([], k)
     if isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
@@ -305,9 +331,10 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
     u = student_windows = embedding = kinds = None
     t0 = time.perf_counter()
     if cfg.detector == "window_ot":
-        u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         if cfg.student_window == "fresh":
-            student_windows = sample_windows(ctx, step, cands.positions, "student", window_seed)
+            u, student_windows = sample_window_pair(ctx, step, cands.positions, window_seed)
+        else:
+            u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         embedding = student_embedding_shard(ctx.student)
     seconds = time.perf_counter() - t0
     if cfg.detector == "oracle":

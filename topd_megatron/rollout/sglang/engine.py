@@ -322,21 +322,60 @@ class SGLangEngine:
             if model == "teacher" and self.fallback is not None:
                 return self.fallback.generate_windows(rows, positions, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
+        self.calls[model] += 1
+        answer = self._collective(model, lambda: self._window_requests(model, rows, positions, params))
+        return self._counted_windows(answer)
+
+    def generate_window_pair(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams
+    ) -> dict[Role, list[Generation]]:
+        """PairedWindowSampler: the teacher's and the student's windows at `positions`, both roles' requests in flight
+        at the same time (each role's servers sample on their own GPUs: the step waits for the slower of the two, not
+        for their sum), with the per-window seeds `generate_windows` gives each role. With an in-process fallback
+        teacher, one role after the other."""
+        roles: tuple[Role, Role] = ("teacher", "student")
+        if any(r not in self.endpoints for r in roles):
+            return {r: self.generate_windows(rows, positions, params, model=r) for r in roles}
+        for r in roles:
+            self.calls[r] += 1
+
+        def both() -> dict[Role, tuple[list[Generation], list[tuple[int, int]]]]:
+            with ThreadPoolExecutor(max_workers=len(roles)) as pool:
+                futures = {r: pool.submit(self._window_requests, r, rows, positions, params) for r in roles}
+                return {r: f.result() for r, f in futures.items()}
+
+        answers = self._collective("teacher and student", both)
+        return {r: self._counted_windows(answers[r]) for r in roles}
+
+    def _window_requests(
+        self, model: Role, rows: Tensor, positions: Tensor, params: SamplingParams
+    ) -> tuple[list[Generation], list[tuple[int, int]]]:
+        """On a leader: the role's window requests, chunk by chunk (each chunk's longest prefixes prefilled first);
+        the windows and the (prompt, cached) token counts of the prefills."""
         ep = self.endpoints[model]
         budget = int(ep.kv_tokens * max(len(ep.servers), 1) * self.cfg.window_cache_share) or None
         seeds = server_request_seeds(params.seed, positions.numel())
+        s1 = rows.shape[1] - 1
         out: list[Generation] = []
+        prefilled: list[tuple[int, int]] = []
         for chunk in window_chunks(rows, positions, params.max_new_tokens, budget):
             warm = [rows[r, : j + 1].tolist() for r, j in longest_prefixes(rows, positions[chunk])]
-            self._prefill(model, warm)
-            prefixes = [rows[int(p) // (rows.shape[1] - 1), : int(p) % (rows.shape[1] - 1) + 1].tolist()
-                        for p in positions[chunk]]  # fmt: skip
-            out += self._generate(prefixes, params, model=model, kind="window", seeds=seeds[chunk.start : chunk.stop])
-        return out
+            prefilled += self._prefill_requests(model, warm)
+            prefixes = [rows[int(p) // s1, : int(p) % s1 + 1].tolist() for p in positions[chunk]]
+            out += self._request(model, prefixes, params, seeds[chunk.start : chunk.stop])
+        return out, prefilled
 
-    def _prefill(self, model: str, sequences: list[list[int]]) -> None:
-        """Compute and cache the KV of `sequences` (no new token; SGLang inserts finished requests in its cache)."""
-        self.calls[model] += 1
+    def _counted_windows(self, answer: tuple[list[Generation], list[tuple[int, int]]]) -> list[Generation]:
+        gens, prefilled = answer
+        for prompt, cached in prefilled:
+            self._count("window_prefix", prompt, cached)
+        for g in gens:
+            self._count("window", g.meta.get("prompt_tokens", 0), g.meta.get("cached_tokens", 0))
+        return gens
+
+    def _prefill_requests(self, model: str, sequences: list[list[int]]) -> list[tuple[int, int]]:
+        """On a leader: compute and cache the KV of `sequences` (no new token; SGLang inserts finished requests in
+        its cache); the (prompt, cached) token counts SGLang reports per sequence."""
 
         def one(items: list[list[int]]) -> list[dict]:
             answer = self.clients[model].post(
@@ -344,9 +383,11 @@ class SGLangEngine:
             )
             return answer if isinstance(answer, list) else [answer]
 
-        for out in self._collective(model, lambda: self._fan_out(model, one, sequences)):
+        counts = []
+        for out in self._fan_out(model, one, sequences):
             meta = out.get("meta_info") or {}
-            self._count("window_prefix", int(meta.get("prompt_tokens") or 0), int(meta.get("cached_tokens") or 0))
+            counts.append((int(meta.get("prompt_tokens") or 0), int(meta.get("cached_tokens") or 0)))
+        return counts
 
     def _collective(self, model: str, request: Any) -> Any:
         """Run `request()` on the leaders, restart a lost server and retry (everyone agrees through one all-reduce of
