@@ -43,11 +43,11 @@ class _Servers:
         self.log.calls.append("score")
         return []
 
-    def generate_windows(self, rows, positions, params, *, model):
+    def generate_windows(self, rows, positions, params, *, model, first_window=0):
         self.log.calls.append(f"windows {model}")
         return []
 
-    def generate_window_pair(self, rows, positions, params):
+    def generate_window_pair(self, rows, positions, params, *, first_window=0):
         self.log.calls.append("windows teacher and student")
         return {"teacher": [], "student": []}
 

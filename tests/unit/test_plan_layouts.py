@@ -114,11 +114,15 @@ def test_time_slicing_frees_the_training_gpus_of_the_student_server() -> None:
         student_state_bytes(rank_params(student, lay, student.vocab, "first"), cfg.student, lay, True).values()
     )
     swap = sliced.step_time.seconds["time slicing (Megatron states to host and back)"]
-    # twice a step: for the rollouts and for the fresh student windows; once with the rollout's own windows
-    assert swap == pytest.approx(2 * 2 * states / (PCIE_GBPS * 1e9))
+    # for the rollouts, and for the fresh student windows of each part of the step (see the next test); once with
+    # the rollout's own windows
+    from topd_megatron.plan.step_time import window_parts
+
+    parts = window_parts(cfg, sliced.teacher, sliced.shape, sliced.layout.dp)
+    assert swap == pytest.approx((1 + parts) * 2 * states / (PCIE_GBPS * 1e9))
     rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
     swap_once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]
-    assert swap_once == pytest.approx(swap / 2)
+    assert swap_once == pytest.approx(swap / (1 + parts))
     shared = plan(apply_overrides(cfg, ["sglang.colocate=share"]), run_preflight=False)
     assert not shared.feasible  # a 0.85 share of every training GPU next to training does not fit
 
@@ -170,3 +174,35 @@ def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
     tiny = plan(recipes.get("tiny"), run_preflight=False, device="cpu").step_time.seconds
     assert tiny["student windows (in-process, per rollout, KV cache)"] > 0
     assert tiny["teacher windows (in-process, per rollout, KV cache)"] > 0
+
+
+def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_in_parts() -> None:
+    """topd_70b: the step's 4.2M rollout tokens and their windows exceed half the 10 teacher servers' pools, so
+    phases 1-2 run in parts (training/scoring.py `cache_parts`): the teacher's windows find their prefixes cached,
+    and under time slicing the student's windows of every part cost one more state swap."""
+    from topd_megatron.plan.step_time import window_parts
+
+    cfg = recipes.get("topd_70b")
+    p = plan(cfg, run_preflight=False)
+    teacher = p.teacher
+    mem = server_memory(teacher, cfg.sglang.teacher, cfg.cluster.gpu_memory_gib)
+    share = mem.kv_tokens * cfg.sglang.teacher.servers * cfg.sglang.window_cache_share / p.layout.dp
+    need = p.shape.rollouts * p.shape.seq + cfg.objective.detection.window * p.shape.candidates
+    parts = window_parts(cfg, teacher, p.shape, p.layout.dp)
+    assert parts == math.ceil(need / int(share)) > 1
+    assert any(f"in {parts} parts of the step" in n for n in p.step_time.notes)
+    note = next(n for n in p.step_time.notes if n.startswith("windows: the teacher's servers"))
+    teacher_s = float(note.split("servers ")[1].split(" s")[0])
+    # the same windows without parts, prefilling every rollout again: what the parts save
+    from topd_megatron.plan.step_time import _decode_seconds, window_prefill_tokens
+
+    dp, s, k = p.layout.dp, p.shape.seq, cfg.objective.detection.window
+    candidates = p.shape.candidates * dp
+    prefill = window_prefill_tokens(p.shape.rollouts * dp * s, candidates, cached_rollouts=False)
+    per_rollout = p.shape.candidates // p.shape.rollouts
+    args = (candidates, s // 2, k, int(prefill), k + s / per_rollout)
+    assert _decode_seconds(teacher, cfg, "teacher", *args) > 2 * teacher_s
+    states = p.step_time.seconds["time slicing (Megatron states to host and back)"]
+    rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
+    once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]
+    assert states == pytest.approx((1 + parts) * once)

@@ -57,6 +57,19 @@ class StepBatch:
             for i in range(self.num_microbatches)
         ]
 
+    def part(self, first: int, stop: int) -> StepBatch:
+        """Micro-batches [first, stop) as a step of their own (rows first * mb .. stop * mb - 1; its micro-batches
+        and positions numbered from 0): its positions are positions [first * P, stop * P) of this step's
+        `token_batch()`, P = micro_batch_size * (S - 1)."""
+        lo, hi = first * self.micro_batch_size, stop * self.micro_batch_size
+        return StepBatch(
+            tokens=self.tokens[lo:hi],
+            response_mask=self.response_mask[lo:hi],
+            rollout_logprobs=self.rollout_logprobs[lo:hi],
+            num_rollouts=min(max(self.num_rollouts - lo, 0), hi - lo),
+            micro_batch_size=self.micro_batch_size,
+        )
+
     def position_range(self, microbatch: int) -> tuple[int, int]:
         """[start, stop) of a micro-batch's positions in `token_batch()`."""
         per = self.micro_batch_size * self.targets_per_row

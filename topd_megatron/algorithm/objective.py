@@ -238,6 +238,16 @@ class ServedTeacher:
                 f" must both be [N, k] with N = {n}"
             )
 
+    @staticmethod
+    def concat(parts: list[ServedTeacher]) -> ServedTeacher:
+        """The reports of consecutive position ranges as one."""
+        top = parts[0].top_ids is not None
+        return ServedTeacher(
+            token_logprobs=torch.cat([p.token_logprobs for p in parts]),
+            top_ids=torch.cat([p.top_ids for p in parts]) if top else None,  # type: ignore[misc]
+            top_logprobs=torch.cat([p.top_logprobs for p in parts]) if top else None,  # type: ignore[misc]
+        )
+
     def slice(self, start: int, stop: int) -> ServedTeacher:
         """Positions [start, stop)."""
         top = (None, None) if self.top_ids is None else (self.top_ids[start:stop], self.top_logprobs[start:stop])

@@ -22,7 +22,9 @@ token):
                                 caches, over all its servers, still hold the step's rollouts: a served teacher's from
                                 scoring, the student's from generating them unless time slicing released them) + K
                                 decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context. Both roles on
-                                servers sample at once (SGLangEngine.generate_window_pair): the slower one counts
+                                servers sample at once (SGLangEngine.generate_window_pair): the slower one counts. A
+                                served teacher whose caches cannot hold the step scores and samples in `window_parts`
+                                parts (training/scoring.py `cache_parts`): its windows' prefixes are cached
     branches (teacher_window)   per-branch rows: teacher F(T_b) + student training of T_b over R rows of S_b tokens
                                 (whole prefixes); packed (StepShape.packed): the teacher's forward over the packed
                                 rows (B x S_p) and the student's training of the B x (S_p - S) window columns;
@@ -44,7 +46,8 @@ memory (export, PCIE_GBPS), then pushed: 'distributed' one broadcast to every se
 NETWORK_GBPS), 'tensor' one host -> GPU copy per server, 'disk' a write and one read per server at DISK_GBPS.
 Time-sliced colocation (sglang.colocate='time_slice'): each step offloads the student's Megatron states (weights,
 fp32 gradients, optimizer shard) to host memory before the rollouts and reloads them after (2 x states / PCIE_GBPS);
-twice per step with fresh student windows (they need the student servers again after the d_t pass).
+once more per part of the step with fresh student windows (they need the student servers again after each part's
+d_t pass).
 Not estimated: evaluation, checkpoints, the optimizer step (memory-bound, small), the detector's OT solve (CPU).
 Every phase runs after the previous one (the loop is synchronous), so times add up; the one overlap is the two roles'
 windows on their own servers.
@@ -255,10 +258,14 @@ def estimate_step_time(
         est.seconds["weight sync (student servers)"] = weight_sync_seconds(cfg, student)
     if time_sliced(cfg):
         states = layout_state_bytes(cfg, student, layout)
-        swaps = 2 if fresh_student_windows(cfg) else 1  # the fresh student windows need the student servers again
-        est.seconds["time slicing (Megatron states to host and back)"] = swaps * 2 * states / (PCIE_GBPS * 1e9)
-        if swaps == 2:
-            est.notes.append("time slicing swaps twice per step: for the rollouts, and for the fresh student windows")
+        # the fresh student windows need the student servers again, once per part of the step
+        windows = window_parts(cfg, teacher, shape, dp) if fresh_student_windows(cfg) else 0
+        est.seconds["time slicing (Megatron states to host and back)"] = (1 + windows) * 2 * states / (PCIE_GBPS * 1e9)
+        if windows:
+            est.notes.append(
+                f"time slicing swaps {1 + windows} times per step: for the rollouts, and for the fresh student windows"
+                + (f" of each of the {windows} parts" if windows > 1 else "")
+            )
     if layout.pp > 1:
         est.notes.append(f"pipeline bubble factor {bubble:.3f} on pipelined passes")
     est.notes.append(
@@ -301,7 +308,14 @@ def _window_phases(
         if cfg.rollout == "sglang" and server is not None:
             # per rollout: each rollout's prefix prefilled once (nothing when the role's KV caches still hold the
             # step's rollouts), then every candidate adds its K window tokens
-            cached = rollouts_stay_cached(cfg, role, arch, tokens)
+            parts = window_parts(cfg, teacher, shape, dp) if role == "teacher" else 1
+            held = rollouts_stay_cached(cfg, role, arch, tokens)
+            cached = held or parts > 1
+            if parts > 1:
+                est.notes.append(
+                    f"scoring and windows in {parts} parts of the step, each fitting the teacher servers' window-cache"
+                    " budget: every window finds its prefix cached from scoring"
+                )
             on_servers[role] = _decode_seconds(
                 arch,
                 cfg,
@@ -312,7 +326,7 @@ def _window_phases(
                 int(window_prefill_tokens(rollouts * s, candidates, cached_rollouts=cached)),
                 det.window + s / per_rollout,
             )
-            if cached:
+            if held:
                 est.notes.append(f"the {role} servers' KV caches hold the step's rollouts: its windows reuse them")
         else:
             name, rows = f"{role} windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
@@ -335,6 +349,20 @@ def _window_phases(
     else:
         for role, seconds in on_servers.items():
             est.seconds[f"{role} windows (SGLang, per rollout)"] = seconds
+
+
+def window_parts(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: int) -> int:
+    """Parts of a step that phases 1-2 run one after the other (training/scoring.py `cache_parts`): with window_ot
+    sampling from a teacher served by SGLang, as many as make each part's rollouts and window tokens fit its share
+    of the teacher servers' window-cache budget (window_cache_share of their pools, split over the data-parallel
+    replicas), at most one per micro-batch; else 1."""
+    det, server = cfg.objective.detection, cfg.sglang.teacher
+    if det.detector != "window_ot" or server is None or not teacher_served(cfg):
+        return 1
+    mem = server_memory(teacher, server, cfg.cluster.gpu_memory_gib)
+    budget = mem.kv_tokens * server.dp * server.servers * cfg.sglang.window_cache_share
+    need = shape.rollouts * shape.seq + det.window * shape.candidates
+    return int(min(max(-(-need // max(int(budget / max(dp, 1)), 1)), 1), max(shape.microbatches, 1)))
 
 
 def rollouts_stay_cached(cfg: RunConfig, role: str, arch: Architecture, rollout_tokens: float) -> bool:

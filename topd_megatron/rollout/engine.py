@@ -128,12 +128,23 @@ class WindowSampler(Protocol):
 
 @runtime_checkable
 class PairedWindowSampler(Protocol):
-    """Both models' windows at the same positions in one call (detection.student_window='fresh'): an engine whose
-    teacher and student serve from different machines samples the two sets at the same time."""
+    """Windows from servers (the SGLang engine): both models' windows at the same positions in one call
+    (detection.student_window='fresh'), each role on its own servers at the same time; a step's windows sampled in
+    parts with the seeds of one call (`first_window`); the KV-cache budget of a role's window requests."""
 
     def generate_window_pair(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
     ) -> dict[Role, list[Generation]]:
         """{'teacher': ..., 'student': ...}, each what `WindowSampler.generate_windows` returns for that model with
         the same `params` (the same per-window seeds); collective over the model-parallel group."""
+        ...
+
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
+    ) -> list[Generation]:
+        """`WindowSampler.generate_windows`, window i seeded as window `first_window + i` of one call."""
+        ...
+
+    def window_cache_budget(self, model: Role) -> int | None:
+        """KV-cache tokens of the role's servers one chunk of window requests may take (None: unknown)."""
         ...

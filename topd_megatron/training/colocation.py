@@ -126,17 +126,21 @@ class TimeSlicedEngine:
         with self.serving():
             return self.engine.generate(prompts, params, model="student")
 
-    def generate_windows(self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role) -> Any:
+    def generate_windows(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
+    ) -> Any:
         """Fresh student windows (detection.student_window='fresh') need the student servers too."""
         if model != "student":
-            return self.engine.generate_windows(rows, positions, params, model=model)
+            return self.engine.generate_windows(rows, positions, params, model=model, first_window=first_window)
         with self.serving():
-            return self.engine.generate_windows(rows, positions, params, model="student")
+            return self.engine.generate_windows(rows, positions, params, model="student", first_window=first_window)
 
-    def generate_window_pair(self, rows: Tensor, positions: Tensor, params: SamplingParams) -> Any:
+    def generate_window_pair(
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
+    ) -> Any:
         """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both."""
         with self.serving():
-            return self.engine.generate_window_pair(rows, positions, params)
+            return self.engine.generate_window_pair(rows, positions, params, first_window=first_window)
 
     def sync_weights(self) -> dict[str, float]:
         """The servers' weights come back next to Megatron's states (no KV cache) to receive the new weights."""

@@ -264,12 +264,15 @@ def window_params(ctx: ScoringContext, seed: int) -> SamplingParams:
     return SamplingParams(temperature=1.0, max_new_tokens=k, stop_token_ids=(ctx.eos_id,), seed=seed)
 
 
-def sample_window_pair(ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int) -> tuple[Windows, Windows]:
+def sample_window_pair(
+    ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int, *, first_window: int = 0
+) -> tuple[Windows, Windows]:
     """The teacher's and the student's windows after (x, y_<t) at each flat position t: both at once where the engine
     serves the two models from different servers (PairedWindowSampler), else one after the other; the same requests
     either way (each window's seed depends on its index in `positions` only)."""
     if positions.numel() and isinstance(ctx.engine, PairedWindowSampler):
-        gens = ctx.engine.generate_window_pair(step.tokens, positions, window_params(ctx, seed))
+        params = window_params(ctx, seed)
+        gens = ctx.engine.generate_window_pair(step.tokens, positions, params, first_window=first_window)
         k = ctx.objective.detection.window
         return windows_from_generations(gens["teacher"], k), windows_from_generations(gens["student"], k)
     return (
@@ -278,13 +281,18 @@ def sample_window_pair(ctx: ScoringContext, step: StepBatch, positions: Tensor, 
     )
 
 
-def sample_windows(ctx: ScoringContext, step: StepBatch, positions: Tensor, model: str, seed: int) -> Windows:
-    """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher."""
+def sample_windows(
+    ctx: ScoringContext, step: StepBatch, positions: Tensor, model: str, seed: int, *, first_window: int = 0
+) -> Windows:
+    """K tokens sampled at temperature 1 after (x, y_<t) for each flat position t, from the student or the teacher
+    (`first_window`: the windows before these in a step sampled in parts, served engines only)."""
     k = ctx.objective.detection.window
     params = window_params(ctx, seed)
     if not positions.numel():
         return windows_from_generations([], k)
-    if isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
+    if first_window and isinstance(ctx.engine, PairedWindowSampler):
+        gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model, first_window=first_window)
+    elif isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
         gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model)
     else:
         gens = ctx.engine.generate(prefixes(step, positions), params, model=model)
@@ -319,10 +327,13 @@ def random_anchors(tokens: TokenBatch, counts: Tensor, seed: int) -> Tensor:
     return torch.sort(torch.cat(chosen)).values if chosen else torch.zeros(0, dtype=torch.long)
 
 
-def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int) -> Detected:
+def detect(
+    ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed: int, sampled: SampledWindows | None = None
+) -> Detected:
     """Phase 2 (collective: window_ot samples windows through the engine): candidates over the whole step and the
-    detector's decisions, with the teacher windows it sampled. With guidance_at='random', guidance then acts at as
-    many random response positions of each rollout as it has divergent candidates (`place_guidance`)."""
+    detector's decisions, with the teacher windows it sampled (or those `score_and_detect` sampled part by part:
+    `sampled`). With guidance_at='random', guidance then acts at as many random response positions of each rollout
+    as it has divergent candidates (`place_guidance`)."""
     cfg = ctx.objective.detection
     if cfg.detector == "none":
         return Detected(detection=None, teacher_windows=None)
@@ -331,12 +342,15 @@ def detect(ctx: ScoringContext, step: StepBatch, scores: Scores, *, window_seed:
     u = student_windows = embedding = kinds = None
     t0 = time.perf_counter()
     if cfg.detector == "window_ot":
-        if cfg.student_window == "fresh":
+        if sampled is not None:  # candidates are chosen rollout by rollout: the parts' are the step's
+            assert torch.equal(sampled.positions, cands.positions), "the parts' candidates differ from the step's"
+            u, student_windows = sampled.teacher, sampled.student
+        elif cfg.student_window == "fresh":
             u, student_windows = sample_window_pair(ctx, step, cands.positions, window_seed)
         else:
             u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
         embedding = student_embedding_shard(ctx.student)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + (sampled.seconds if sampled is not None else 0.0)
     if cfg.detector == "oracle":
         assert ctx.choices is not None, "scoring_context() refuses the oracle detector without choice labels"
         kinds = ctx.choices.kinds(step, cands.positions)
@@ -374,3 +388,91 @@ def place_guidance(cfg: objective.Config, tokens: TokenBatch, det: Detection, se
         keep = within_budget(det, tokens.seq_ids, cfg.guidance_budget)
         return det.with_guided(det.guidance_positions()[keep.to(det.divergent.device)])
     return det
+
+
+@dataclass(kw_only=True, slots=True)
+class SampledWindows:
+    """window_ot's windows of a step sampled part by part (`score_and_detect`), in candidate order."""
+
+    positions: Tensor
+    """[C] the candidates the windows were sampled at (flat step positions, ascending)."""
+    teacher: Windows
+    student: Windows | None
+    """The fresh student windows (student_window='fresh'), else None."""
+    seconds: float
+    """Wall time of the sampling."""
+
+
+def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
+    """Into how many parts (of whole micro-batches) phases 1-2 split the step so that each part's rollouts, with the
+    KV of their windows, fit the served teacher's window-cache budget (`PairedWindowSampler.window_cache_budget`,
+    shared by the data-parallel replicas): 1 unless window_ot samples from a teacher served by SGLang whose caches
+    cannot hold the whole step. Collective (one MAX all-reduce over every rank): every replica makes the same engine
+    calls."""
+    det = ctx.objective.detection
+    if det.detector != "window_ot" or ctx.teacher is not None or not isinstance(ctx.engine, PairedWindowSampler):
+        return 1
+    budget = ctx.engine.window_cache_budget("teacher")
+    if budget is None:
+        return 1
+    resp = step.response_mask[:, 1:]
+    per_rollout = torch.ceil(det.q * resp.sum(dim=1).double() - 1e-9).long()  # select_candidates' count per rollout
+    if det.max_candidates is not None:
+        per_rollout = per_rollout.clamp(max=det.max_candidates)
+    # a rollout's scored tokens: up to its last response token (served_rollout_scores)
+    scored = torch.where(resp.any(dim=1), resp.shape[1] - resp.flip(1).int().argmax(dim=1), 0)
+    need = int((scored + det.window * per_rollout).sum())
+    share = budget / dist.get_world_size(ctx.dp_group)
+    parts = torch.tensor([float(-(-need // max(int(share), 1)))])
+    dist.all_reduce(parts, op=dist.ReduceOp.MAX)
+    return int(min(max(parts.item(), 1), step.num_microbatches))
+
+
+def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) -> tuple[Scores, Detected, float]:
+    """Phases 1-2 (collective): `score` then `detect`, or, where the served teacher's KV caches cannot hold the step's
+    rollouts with their windows (`cache_parts` > 1), part by part: each part's rollouts scored by the teacher, their
+    d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows (seeded as in
+    one call), while the teacher servers still cache the part's prefixes from scoring; then the detection over the
+    whole step. Same scores, candidates and window requests either way; the windows' prefixes are not computed
+    again. Returns the scores, the detection and the seconds of phase 1 (the rest is phase 2)."""
+    parts = cache_parts(ctx, step)
+    t0 = time.perf_counter()
+    if parts == 1:
+        scores = score(ctx, step)
+        scored = time.perf_counter() - t0
+        return scores, detect(ctx, step, scores, window_seed=window_seed), scored
+    cfg = ctx.objective.detection
+    bounds = [round(i * step.num_microbatches / parts) for i in range(parts + 1)]
+    reports: list[ServedTeacher] = []
+    divergence, positions, teacher_windows, student_windows = [], [], [], []
+    window_s = 0.0
+    for first, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = step.part(first, stop)
+        part_scores = score(ctx, part)
+        assert isinstance(part_scores.teacher, ServedTeacher) and part_scores.divergence is not None
+        cands = detection.select_candidates(cfg, part_scores.tokens, part_scores.divergence)
+        t1 = time.perf_counter()
+        done = sum(p.numel() for p in positions)
+        if cfg.student_window == "fresh":
+            u, s = sample_window_pair(ctx, part, cands.positions, window_seed, first_window=done)
+            student_windows.append(s)
+        else:
+            u = sample_windows(ctx, part, cands.positions, "teacher", window_seed, first_window=done)
+        window_s += time.perf_counter() - t1
+        teacher_windows.append(u)
+        reports.append(part_scores.teacher)
+        divergence.append(part_scores.divergence)
+        positions.append(cands.positions + first * step.micro_batch_size * step.targets_per_row)
+    scores = Scores(tokens=step.token_batch(), teacher=ServedTeacher.concat(reports), divergence=torch.cat(divergence))
+    sampled = SampledWindows(
+        positions=torch.cat(positions),
+        teacher=_concat_windows(teacher_windows),
+        student=_concat_windows(student_windows) if student_windows else None,
+        seconds=window_s,
+    )
+    scored = time.perf_counter() - t0 - window_s
+    return scores, detect(ctx, step, scores, window_seed=window_seed, sampled=sampled), scored
+
+
+def _concat_windows(parts: list[Windows]) -> Windows:
+    return Windows(tokens=torch.cat([w.tokens for w in parts]), lengths=torch.cat([w.lengths for w in parts]))

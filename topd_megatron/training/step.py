@@ -2,6 +2,8 @@
 
     scores   = score(ctx.scoring, step)                             1. teacher logits / served report; no-grad d_t
     found    = detect(ctx.scoring, step, scores, window_seed=s)     2. candidates, D_t, decisions, teacher windows
+               (both through `score_and_detect`, which runs 1-2 part by part when a served teacher's KV caches
+               cannot hold the step's rollouts and their windows at once)
     branches = build_branches(ctx.scoring, step, found, seed=s)     3. teacher_window guidance: branch rows (x, y_<t, u)
                                                                        at the divergent positions, teacher-scored
     grads    = backward(ctx, step, scores, found, branches)         4. pass 1 over the rollout micro-batches (OPD term
@@ -53,10 +55,9 @@ from topd_megatron.training.scoring import (
     Scores,
     ScoringContext,
     TeacherScores,
-    detect,
     microbatch_tokens,
     sample_windows,
-    score,
+    score_and_detect,
     teacher_view,
 )
 from topd_megatron.training.teacher import served_branch_scores, teacher_logits
@@ -316,11 +317,8 @@ def train_step(ctx: StepContext, step: StepBatch, *, window_seed: int, inject_na
     `window_seed` seeds this step's window sampling; `inject_nan` multiplies the loss by NaN (tests the skip path)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    scores = score(ctx.scoring, step)
-    times["time/score_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    found = detect(ctx.scoring, step, scores, window_seed=window_seed)
-    times["time/detect_s"] = time.perf_counter() - t0
+    scores, found, times["time/score_s"] = score_and_detect(ctx.scoring, step, window_seed=window_seed)
+    times["time/detect_s"] = time.perf_counter() - t0 - times["time/score_s"]
     t0 = time.perf_counter()
     branches = build_branches(ctx.scoring, step, found, seed=window_seed)
     times["time/branch_score_s"] = time.perf_counter() - t0

@@ -314,20 +314,29 @@ class SGLangEngine:
         return scores
 
     def generate_windows(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
     ) -> list[Generation]:
         """Windows rollout by rollout (WindowSampler): per chunk of rollouts that fits `window_cache_share` of the
-        role's KV cache, first each rollout's longest needed prefix (prefill only), then its windows."""
+        role's KV cache, first each rollout's longest needed prefix (prefill only), then its windows. Window i gets
+        the seed of window `first_window + i` of one call for the whole step (a step sampled in parts)."""
         if model not in self.endpoints:
             if model == "teacher" and self.fallback is not None:
                 return self.fallback.generate_windows(rows, positions, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
-        answer = self._collective(model, lambda: self._window_requests(model, rows, positions, params))
+        answer = self._collective(model, lambda: self._window_requests(model, rows, positions, params, first_window))
         return self._counted_windows(answer)
 
+    def window_cache_budget(self, model: Role) -> int | None:
+        """KV-cache tokens one chunk of the role's window requests may take (`window_cache_share` of its servers'
+        pools together); None when the servers did not report their pools."""
+        ep = self.endpoints.get(model)
+        if ep is None:
+            return None
+        return int(ep.kv_tokens * max(len(ep.servers), 1) * self.cfg.window_cache_share) or None
+
     def generate_window_pair(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
     ) -> dict[Role, list[Generation]]:
         """PairedWindowSampler: the teacher's and the student's windows at `positions`, both roles' requests in flight
         at the same time (each role's servers sample on their own GPUs: the step waits for the slower of the two, not
@@ -335,26 +344,29 @@ class SGLangEngine:
         teacher, one role after the other."""
         roles: tuple[Role, Role] = ("teacher", "student")
         if any(r not in self.endpoints for r in roles):
-            return {r: self.generate_windows(rows, positions, params, model=r) for r in roles}
+            return {
+                r: self.generate_windows(rows, positions, params, model=r, first_window=first_window) for r in roles
+            }
         for r in roles:
             self.calls[r] += 1
 
         def both() -> dict[Role, tuple[list[Generation], list[tuple[int, int]]]]:
             with ThreadPoolExecutor(max_workers=len(roles)) as pool:
-                futures = {r: pool.submit(self._window_requests, r, rows, positions, params) for r in roles}
+                futures = {
+                    r: pool.submit(self._window_requests, r, rows, positions, params, first_window) for r in roles
+                }
                 return {r: f.result() for r, f in futures.items()}
 
         answers = self._collective("teacher and student", both)
         return {r: self._counted_windows(answers[r]) for r in roles}
 
     def _window_requests(
-        self, model: Role, rows: Tensor, positions: Tensor, params: SamplingParams
+        self, model: Role, rows: Tensor, positions: Tensor, params: SamplingParams, first_window: int = 0
     ) -> tuple[list[Generation], list[tuple[int, int]]]:
         """On a leader: the role's window requests, chunk by chunk (each chunk's longest prefixes prefilled first);
         the windows and the (prompt, cached) token counts of the prefills."""
-        ep = self.endpoints[model]
-        budget = int(ep.kv_tokens * max(len(ep.servers), 1) * self.cfg.window_cache_share) or None
-        seeds = server_request_seeds(params.seed, positions.numel())
+        budget = self.window_cache_budget(model)
+        seeds = server_request_seeds(params.seed, first_window + positions.numel())[first_window:]
         s1 = rows.shape[1] - 1
         out: list[Generation] = []
         prefilled: list[tuple[int, int]] = []

@@ -1,0 +1,112 @@
+"""Phases 1-2 in parts that fit a served teacher's KV cache (training/scoring.py `score_and_detect`), against a real
+SGLang teacher server on CPU whose KV pool cannot hold a step's rollouts with their windows.
+
+Scored as one step, the teacher's cache has evicted most rollouts by the time their windows are sampled, so each
+rollout's prefix is computed again; in parts, each part's windows follow its own scoring and find their prefixes
+cached. Both ways give the same teacher report, d_t and candidates, and as many windows; two data-parallel ranks
+agree on the number of parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from topd_megatron.distributed.launch import spawn
+from topd_megatron.rollout.engine import SamplingParams
+from topd_megatron.rollout.sglang.client import SGLangClient
+from topd_megatron.rollout.sglang.server import ServerConfig, launch_server
+
+POOL_TOKENS = 512
+"""The small teacher server's KV pool: a step here (two ranks) has about 1,000 rollout tokens and 700 window tokens."""
+
+
+@pytest.fixture(scope="module")
+def small_teacher_server(synthetic_pair, tmp_path_factory: pytest.TempPathFactory):
+    server = launch_server(
+        ServerConfig(
+            role="teacher", model_path=str(synthetic_pair[1]), max_total_tokens=POOL_TOKENS, startup_timeout_s=600
+        ),
+        log_dir=tmp_path_factory.mktemp("sglang-small-teacher-logs"),
+    )
+    yield server
+    server.stop()
+
+
+def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str) -> dict:
+    """DP=world (TP=1): rollouts from the student server, then phases 1-2 of one step scored whole (score, detect)
+    and in parts (score_and_detect), each from an empty teacher cache; SGLang's counts of the window requests."""
+    from topd_megatron.algorithm import objective
+    from topd_megatron.algorithm.batch import build_step_batch
+    from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
+    from topd_megatron.models.build import ModelConfig, build_model
+    from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
+    from topd_megatron.training.scoring import cache_parts, detect, score, score_and_detect, scoring_context
+
+    par = ParallelConfig(tp=1)
+    init_model_parallel(par)
+    student = build_model(ModelConfig(path=pair[0], dtype="float32"), par, role="student")
+    cfg = SGLangConfig(
+        student=ServerConfig(url=urls["student"]), teacher=ServerConfig(role="teacher", url=urls["teacher"])
+    )
+    engine = SGLangEngine(cfg, student, None, run_dir=work, teacher_dir=pair[1])
+    topd = objective.preset("topd")
+    obj = dataclasses.replace(
+        topd,
+        teacher_signal="top_k",
+        teacher_top_k=4,
+        detection=dataclasses.replace(topd.detection, window=4, tau=None),
+    )
+    ctx = scoring_context(obj, student, None, engine, eos_id=2, pad_id=0)
+    prompts = [[1, 5, 7, 9, 11, 3], [1, 5, 8, 6], [3, 4, 6, 2, 9, 12], [7, 7, 8, 9, 10]] * 3
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=40, seed=3 + rank))
+    step = build_step_batch(gens, pad_id=0, micro_batch_size=2)
+
+    def flush() -> None:
+        if rank == 0:
+            SGLangClient(urls["teacher"]).flush_cache()
+        torch.distributed.barrier()
+
+    out: dict = {"n_parts": cache_parts(ctx, step), "budget": engine.window_cache_budget("teacher")}
+    for how in ("whole", "parts"):
+        flush()
+        engine._cache_metrics()  # reads and resets the counters: the next read covers this flow only
+        if how == "whole":
+            scores = score(ctx, step)
+            found = detect(ctx, step, scores, window_seed=7)
+        else:
+            scores, found, _ = score_and_detect(ctx, step, window_seed=7)
+        assert found.detection is not None and found.teacher_windows is not None
+        out[how] = {
+            "logprobs": scores.teacher.token_logprobs,
+            "top": scores.teacher.top_logprobs,
+            "divergence": scores.divergence,
+            "candidates": found.detection.candidates.positions,
+            "windows": found.teacher_windows.tokens.shape[0],
+            "metrics": engine._cache_metrics(),
+        }
+    engine.close()
+    return out
+
+
+def test_scoring_in_parts_that_fit_the_teachers_cache_reuses_every_prefix(
+    synthetic_pair, student_server, small_teacher_server, tmp_path
+) -> None:
+    urls = {"student": student_server.url, "teacher": small_teacher_server.url}
+    pair = (str(synthetic_pair[0]), str(synthetic_pair[1]))
+    results = spawn(_parts_body, 2, (pair, urls, str(tmp_path)), timeout=900)
+    assert results[0]["budget"] == POOL_TOKENS // 2  # window_cache_share 0.5 of the one server's pool
+    assert results[0]["n_parts"] == results[1]["n_parts"] > 1, "both data-parallel ranks split the step alike"
+    for r in results:
+        whole, parts = r["whole"], r["parts"]
+        torch.testing.assert_close(parts["logprobs"], whole["logprobs"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(parts["top"], whole["top"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(parts["divergence"], whole["divergence"], atol=1e-4, rtol=0)
+        assert torch.equal(parts["candidates"], whole["candidates"]) and parts["windows"] == whole["windows"] > 0
+    # rank 0's counters hold its own requests: in parts its windows' prefixes were cached from scoring
+    m_whole, m_parts = results[0]["whole"]["metrics"], results[0]["parts"]["metrics"]
+    share, tokens = "sglang/window_prefix_cached_token_share", "sglang/window_prefix_prompt_tokens"
+    computed = {how: m[tokens] * (1 - m[share]) for how, m in (("whole", m_whole), ("parts", m_parts))}
+    assert m_parts[share] > 0.9 and computed["parts"] < 0.3 * computed["whole"], (m_whole, m_parts)
