@@ -18,14 +18,14 @@ docs/scale.md), 8 + 10 nodes:
   behind a router: they score the rollouts, sample the near-future windows (per rollout, each prefix prefilled
   once) and score the branch windows; the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
 - the Slurm script starts every server and sets sglang.student.urls / sglang.teacher.urls and sglang.sync_address.
-About 420 s per step (train 114, rollouts 88, teacher scoring 66, windows 43: the student's fresh windows on the student
-servers, with the teacher's (24) beside them on theirs, branch training 31, student d_t 29, branch scoring 18, state
-swaps 16, weight sync 15); the step's rollouts and windows do not fit the teacher servers' KV pools at once, so scoring
-and windows run in 4 parts (training/scoring.py `score_and_detect`), each part's windows finding their prefixes cached
-from its scoring, and time slicing swaps once for the rollouts and once per part for the student's windows. The OPD step
-on this layout plans at 287 s (TOPD / OPD 1.46). The previous layout (16 training nodes, one student and one teacher
-server node, TransformerEngine attention: one whole-prefix row per window) planned 4,288 s. teacher.fp8 and
-teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
+About 427 s per step (train 114, rollouts 88, teacher scoring 66, windows 43: the student's fresh windows on the student
+servers, with the teacher's (24) beside them on theirs, branch training 31, student d_t 29, branch scoring 26, state
+swaps 16, weight sync 15); the step's rollouts and windows do not fit the teacher servers' KV pools at once, so scoring,
+windows and the teacher's scores of the windows run in 4 parts (training/scoring.py `score_and_detect`), each part
+finding its prefixes cached from its scoring, and time slicing swaps once for the rollouts and once per part for the
+student's windows. The OPD step on this layout plans at 287 s (TOPD / OPD 1.49). The previous layout (16 training nodes,
+one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window) planned 4,288 s.
+teacher.fp8 and teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
 objective.teacher_signal=logits ...`).
 """
 

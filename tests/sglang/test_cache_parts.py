@@ -44,6 +44,7 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
     from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
     from topd_megatron.training.scoring import cache_parts, detect, score, score_and_detect, scoring_context
+    from topd_megatron.training.teacher import served_branch_scores
 
     par = ParallelConfig(tp=1)
     init_model_parallel(par)
@@ -69,6 +70,20 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
             SGLangClient(urls["teacher"]).flush_cache()
         torch.distributed.barrier()
 
+    calls: list[tuple] = []  # what this rank's leader asked the servers for windows: seeds, prefill token counts
+    request, prefill = engine._request, engine._prefill_requests
+
+    def record_request(model, prompts, params, seeds=None):
+        calls.append(("seeds", model, list(seeds or ())))
+        return request(model, prompts, params, seeds)
+
+    def record_prefill(model, sequences):
+        counts = prefill(model, sequences)
+        calls.append(("prefill", model, counts))
+        return counts
+
+    engine._request, engine._prefill_requests = record_request, record_prefill
+
     out: dict = {"n_parts": cache_parts(ctx, step), "budget": engine.window_cache_budget("teacher")}
     for how in ("whole", "parts"):
         flush()
@@ -79,7 +94,21 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
         else:
             scores, found, _ = score_and_detect(ctx, step, window_seed=7)
         assert found.detection is not None and found.teacher_windows is not None
+        det, u = found.detection, found.teacher_windows
+        seeds = {
+            m: [s for kind, mm, ss in calls if kind == "seeds" and mm == m for s in ss] for m in ("teacher", "student")
+        }
+        computed = sum(p - c for kind, m, counts in calls if kind == "prefill" and m == "teacher" for p, c in counts)
+        calls.clear()
+        guided = None  # the parts' report on the guided windows, and the teacher scoring them again now
+        if found.teacher_window_scores is not None:
+            mine = found.teacher_window_scores.select_windows(u.lengths, det.guidance_rows())
+            again = served_branch_scores(engine, step, det.guidance_positions(), det.guidance_windows(u), 4)
+            guided = (mine.token_logprobs, again.token_logprobs, mine.top_logprobs, again.top_logprobs)
         out[how] = {
+            "seeds": seeds,
+            "teacher_prefill_computed": computed,
+            "guided": guided,
             "logprobs": scores.teacher.token_logprobs,
             "top": scores.teacher.top_logprobs,
             "divergence": scores.divergence,
@@ -105,8 +134,16 @@ def test_scoring_in_parts_that_fit_the_teachers_cache_reuses_every_prefix(
         torch.testing.assert_close(parts["top"], whole["top"], atol=1e-4, rtol=0)
         torch.testing.assert_close(parts["divergence"], whole["divergence"], atol=1e-4, rtol=0)
         assert torch.equal(parts["candidates"], whole["candidates"]) and parts["windows"] == whole["windows"] > 0
-    # rank 0's counters hold its own requests: in parts its windows' prefixes were cached from scoring
-    m_whole, m_parts = results[0]["whole"]["metrics"], results[0]["parts"]["metrics"]
-    share, tokens = "sglang/window_prefix_cached_token_share", "sglang/window_prefix_prompt_tokens"
-    computed = {how: m[tokens] * (1 - m[share]) for how, m in (("whole", m_whole), ("parts", m_parts))}
-    assert m_parts[share] > 0.9 and computed["parts"] < 0.3 * computed["whole"], (m_whole, m_parts)
+        # each window was requested with the seed one call for the whole step gives it, for both models
+        assert parts["seeds"] == whole["seeds"] and len(parts["seeds"]["teacher"]) == parts["windows"]
+        # the teacher's scores of the guided windows, taken in the parts, are what scoring them afterwards gives
+        assert whole["guided"] is None and parts["guided"] is not None
+        mine, again, mine_top, again_top = parts["guided"]
+        assert mine.numel() > 0
+        torch.testing.assert_close(mine, again, atol=1e-4, rtol=0)
+        torch.testing.assert_close(mine_top, again_top, atol=1e-4, rtol=0)
+        # the teacher's window prefixes: computed again when scored whole, found in its cache in parts
+        computed = (parts["teacher_prefill_computed"], whole["teacher_prefill_computed"])
+        assert computed[0] < 0.3 * computed[1], computed
+    m = results[0]["parts"]["metrics"]  # SGLang's own counts (both roles' window prefixes)
+    assert m["sglang/window_prefix_cached_token_share"] > 0.8, m

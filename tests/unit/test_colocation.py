@@ -20,8 +20,11 @@ class _Log:
 class _Servers:
     """The engine side: sampling, weight sync and memory release / resume, recorded."""
 
-    def __init__(self, log: _Log, fail: bool = False) -> None:
-        self.log, self.fail = log, fail
+    def __init__(self, log: _Log, fail: bool = False, teacher_served: bool = True) -> None:
+        self.log, self.fail, self.teacher_served = log, fail, teacher_served
+
+    def serves(self, model) -> bool:
+        return model == "student" or self.teacher_served
 
     def release_memory(self, tags: tuple[str, ...]) -> None:
         self.log.calls.append("release " + ",".join(tags))
@@ -103,6 +106,17 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
     engine.generate_window_pair(None, None, params)  # both roles' windows at once: the student's servers whole
     assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows teacher and student",
                          "release kv_cache,weights", "reload megatron"]  # fmt: skip
+    # a teacher without servers (in-process windows) samples before the swap, not next to the whole servers
+    log.calls.clear()
+    in_process = TimeSlicedEngine(_Servers(log, teacher_served=False), _States(log))
+    in_process.generate_window_pair(None, None, params)
+    assert log.calls == [
+        "windows teacher",
+        "offload megatron",
+        "windows student",
+        "release kv_cache,weights",
+        "reload megatron",
+    ]  # fmt: skip (a new engine's servers start whole)
 
 
 def test_megatron_comes_back_when_sampling_fails() -> None:

@@ -248,6 +248,16 @@ class ServedTeacher:
             top_logprobs=torch.cat([p.top_logprobs for p in parts]) if top else None,  # type: ignore[misc]
         )
 
+    def select_windows(self, lengths: Tensor, rows: Tensor) -> ServedTeacher:
+        """Of a report packed window after window (window g holds `lengths[g]` rows), windows `rows` [G] packed the
+        same way, in that order."""
+        offsets = (torch.cumsum(lengths, 0) - lengths).tolist()
+        n = lengths.tolist()
+        idx = [i for r in rows.tolist() for i in range(offsets[r], offsets[r] + n[r])]
+        index = torch.tensor(idx, dtype=torch.long)
+        top = (None, None) if self.top_ids is None else (self.top_ids[index], self.top_logprobs[index])
+        return ServedTeacher(token_logprobs=self.token_logprobs[index], top_ids=top[0], top_logprobs=top[1])
+
     def slice(self, start: int, stop: int) -> ServedTeacher:
         """Positions [start, stop)."""
         top = (None, None) if self.top_ids is None else (self.top_ids[start:stop], self.top_logprobs[start:stop])

@@ -166,11 +166,15 @@ class Detection:
         """The detection's teacher windows (one row per candidate) restricted to the guided positions: the divergent
         candidates, or the candidates `with_guided` kept (a guidance budget). Guided positions that are not
         candidates (the random control) have no window here: sample theirs."""
+        return teacher_windows.select(self.guidance_rows().to(teacher_windows.tokens.device))
+
+    def guidance_rows(self) -> Tensor:
+        """[G] the candidate index of each guided position (`guidance_positions()` order); ValueError when a guided
+        position is not a candidate (the random control)."""
         pos = self.candidates.positions
         if self.guided is None:
-            rows = self.divergent.nonzero().flatten()
-        else:
-            rows = torch.searchsorted(pos, self.guided.to(pos.device))
-            if rows.numel() and not bool((pos[rows.clamp(max=max(pos.numel() - 1, 0))] == self.guided).all()):
-                raise ValueError("guidance_windows: guided positions that are not candidates have no window")
-        return teacher_windows.select(rows.to(teacher_windows.tokens.device))
+            return self.divergent.nonzero().flatten()
+        rows = torch.searchsorted(pos, self.guided.to(pos.device))
+        if rows.numel() and not bool((pos[rows.clamp(max=max(pos.numel() - 1, 0))] == self.guided).all()):
+            raise ValueError("guidance_windows: guided positions that are not candidates have no window")
+        return rows

@@ -31,7 +31,9 @@ token):
                                 objective.guidance_budget caps the branches per rollout
     PP bubble                   pipelined passes take (1 + (PP - 1) / (VPP * M)) longer (M micro-batches)
 A teacher served by SGLang only (teacher_source='sglang') scores on its servers' GPUs at MFU: F(T) for the rollouts,
-and only the window tokens of the branches (their prefixes are in the server's radix cache).
+and the window tokens of the branches, plus the rollout prefixes its caches no longer hold by then
+(`branch_prefixes_again`); with scoring and windows in parts, each part scores all its candidates' windows while it
+caches their prefixes (C K tokens, no prefix again).
 Rollouts: with SGLang, prefill at MFU on the server GPUs, then max_new_tokens decode steps, each bound by HBM
 bandwidth: (weights per GPU + concurrent sequences * S / 2 * KV bytes per token per GPU) / (DECODE_HBM_TBPS *
 DECODE_BANDWIDTH_EFFICIENCY), in waves when the KV pool cannot hold every sequence at once; with the embedded engine
@@ -244,11 +246,27 @@ def estimate_step_time(
         _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""
-        if served:  # only the window tokens are new to the server: the prefixes are in its radix cache
+        if served:  # the window tokens, and the prefixes the servers' caches no longer hold
             name = "branch scoring (SGLang, window tokens)"
-            window_tokens = shape.branches * dp * det.window
-            est.flops[name] = forward_flops(teacher, window_tokens, s)
-            est.seconds[name] = forward_seconds(teacher, window_tokens, s, server_rate, server_fp8)
+            again = branch_prefixes_again(cfg, teacher, shape, dp, tokens)
+            windows = shape.branches * dp * det.window
+            obj = cfg.objective
+            if (
+                window_parts(cfg, teacher, shape, dp) > 1
+                and obj.guidance_divergence != "cross_entropy"
+                and obj.guidance_at != "random"
+            ):
+                # in parts (scoring.scores_windows_in_parts): every candidate's window, its prefix still cached
+                again, windows = 0.0, shape.candidates * dp * det.window
+                name = "branch scoring (SGLang, every candidate's window, in the parts)"
+            scored = windows + again * tokens
+            est.flops[name] = forward_flops(teacher, scored, s)
+            est.seconds[name] = forward_seconds(teacher, scored, s, server_rate, server_fp8)
+            if again:
+                est.notes.append(
+                    f"branch scoring computes {again:.0%} of the rollouts' prefixes again: the teacher servers' caches"
+                    " no longer hold them after the windows"
+                )
         else:
             forward(f"branch scoring (teacher forward{packed})", teacher, shape.branch_score_tokens * dp, s, t_fp8)
         name = f"branch training (student forward + backward{packed})"
@@ -363,6 +381,13 @@ def window_parts(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: in
     budget = mem.kv_tokens * server.dp * server.servers * cfg.sglang.window_cache_share
     need = shape.rollouts * shape.seq + det.window * shape.candidates
     return int(min(max(-(-need // max(int(budget / max(dp, 1)), 1)), 1), max(shape.microbatches, 1)))
+
+
+def branch_prefixes_again(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: int, tokens: float) -> float:
+    """Share of the step's rollout prefixes a served teacher computes again when it scores the branches in phase 3:
+    none when its caches hold the whole step, else all of them (with scoring and windows in parts, the parts score
+    the windows instead: `estimate_step_time`)."""
+    return 0.0 if rollouts_stay_cached(cfg, "teacher", teacher, tokens) else 1.0
 
 
 def rollouts_stay_cached(cfg: RunConfig, role: str, arch: Architecture, rollout_tokens: float) -> bool:

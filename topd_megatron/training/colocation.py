@@ -138,7 +138,12 @@ class TimeSlicedEngine:
     def generate_window_pair(
         self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
     ) -> Any:
-        """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both."""
+        """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both. A
+        teacher without servers samples in-process before the swap, not next to the whole student servers."""
+        if not self.engine.serves("teacher"):
+            teacher = self.engine.generate_windows(rows, positions, params, model="teacher", first_window=first_window)
+            student = self.generate_windows(rows, positions, params, model="student", first_window=first_window)
+            return {"teacher": teacher, "student": student}
         with self.serving():
             return self.engine.generate_window_pair(rows, positions, params, first_window=first_window)
 

@@ -39,7 +39,7 @@ from topd_megatron.rollout.engine import (
 )
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
-from topd_megatron.training.teacher import served_rollout_scores, teacher_logits
+from topd_megatron.training.teacher import served_branch_scores, served_rollout_scores, teacher_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -182,6 +182,9 @@ class Detected:
     """window_ot: one teacher window per candidate (in candidate order); else None."""
     window_seconds: float = 0.0
     """Wall time of the window sampling (teacher, and fresh student windows) through the engine."""
+    teacher_window_scores: ServedTeacher | None = None
+    """A served teacher's report on every candidate's teacher window (packed window after window, candidate order),
+    taken part by part while the teacher cached the part (`score_and_detect`); None: phase 3 scores the branches."""
 
 
 def teacher_view(
@@ -367,9 +370,10 @@ def detect(
         group=ctx.tp_group,
     )
     det = place_guidance(ctx.objective, scores.tokens, det, window_seed)
+    window_scores = sampled.teacher_scores if sampled is not None else None
     if ctx.objective.guidance != "none" and ctx.objective.guidance_at == "random":
-        u = None  # the detection's windows belong to other positions
-    return Detected(detection=det, teacher_windows=u, window_seconds=seconds)
+        u = window_scores = None  # the detection's windows belong to other positions
+    return Detected(detection=det, teacher_windows=u, window_seconds=seconds, teacher_window_scores=window_scores)
 
 
 def place_guidance(cfg: objective.Config, tokens: TokenBatch, det: Detection, seed: int) -> Detection:
@@ -400,7 +404,9 @@ class SampledWindows:
     student: Windows | None
     """The fresh student windows (student_window='fresh'), else None."""
     seconds: float
-    """Wall time of the sampling."""
+    """Wall time of the sampling (and of the teacher's scores of the windows)."""
+    teacher_scores: ServedTeacher | None = None
+    """The served teacher's report on every teacher window (`scores_windows_in_parts`), else None."""
 
 
 def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
@@ -419,13 +425,26 @@ def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
     per_rollout = torch.ceil(det.q * resp.sum(dim=1).double() - 1e-9).long()  # select_candidates' count per rollout
     if det.max_candidates is not None:
         per_rollout = per_rollout.clamp(max=det.max_candidates)
-    # a rollout's scored tokens: up to its last response token (served_rollout_scores)
-    scored = torch.where(resp.any(dim=1), resp.shape[1] - resp.flip(1).int().argmax(dim=1), 0)
+    # a rollout's scored tokens: up to its last response token (served_rollout_scores); resp's column c is token c + 1
+    scored = torch.where(resp.any(dim=1), resp.shape[1] + 1 - resp.flip(1).int().argmax(dim=1), 0)
     need = int((scored + det.window * per_rollout).sum())
     share = budget / dist.get_world_size(ctx.dp_group)
     parts = torch.tensor([float(-(-need // max(int(share), 1)))])
     dist.all_reduce(parts, op=dist.ReduceOp.MAX)
     return int(min(max(parts.item(), 1), step.num_microbatches))
+
+
+def scores_windows_in_parts(ctx: ScoringContext) -> bool:
+    """Whether the parts of `score_and_detect` also take the served teacher's scores of every candidate's window
+    (teacher_window guidance at the divergent candidates, a divergence that reads the teacher): phase 3 would
+    otherwise score the guided ones after the last part, when the teacher no longer caches the others' prefixes."""
+    obj = ctx.objective
+    return (
+        ctx.teacher is None
+        and obj.guidance == "teacher_window"
+        and obj.guidance_at != "random"
+        and obj.guidance_divergence != "cross_entropy"
+    )
 
 
 def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) -> tuple[Scores, Detected, float]:
@@ -434,7 +453,9 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows (seeded as in
     one call), while the teacher servers still cache the part's prefixes from scoring; then the detection over the
     whole step. Same scores, candidates and window requests either way; the windows' prefixes are not computed
-    again. Returns the scores, the detection and the seconds of phase 1 (the rest is phase 2)."""
+    again. With teacher_window guidance each part also takes the teacher's report on all its candidates' windows
+    (`scores_windows_in_parts`), from which phase 3 keeps the guided ones. Returns the scores, the detection and the
+    seconds of phase 1 (the rest is phase 2)."""
     parts = cache_parts(ctx, step)
     t0 = time.perf_counter()
     if parts == 1:
@@ -446,6 +467,7 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     reports: list[ServedTeacher] = []
     divergence, positions, teacher_windows, student_windows = [], [], [], []
     window_s = 0.0
+    window_scores: list[ServedTeacher] = []
     for first, stop in zip(bounds[:-1], bounds[1:], strict=True):
         part = step.part(first, stop)
         part_scores = score(ctx, part)
@@ -458,6 +480,9 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
             student_windows.append(s)
         else:
             u = sample_windows(ctx, part, cands.positions, "teacher", window_seed, first_window=done)
+        if scores_windows_in_parts(ctx):  # every candidate's window, while the part's prefixes are cached
+            assert ctx.scorer is not None
+            window_scores.append(served_branch_scores(ctx.scorer, part, cands.positions, u, ctx.top_k))
         window_s += time.perf_counter() - t1
         teacher_windows.append(u)
         reports.append(part_scores.teacher)
@@ -469,6 +494,7 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
         teacher=_concat_windows(teacher_windows),
         student=_concat_windows(student_windows) if student_windows else None,
         seconds=window_s,
+        teacher_scores=ServedTeacher.concat(window_scores) if window_scores else None,
     )
     scored = time.perf_counter() - t0 - window_s
     return scores, detect(ctx, step, scores, window_seed=window_seed, sampled=sampled), scored

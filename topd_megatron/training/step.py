@@ -23,8 +23,9 @@ number of micro-batches (Megatron's schedule divides by it) and by the data-para
 over replicas), so the gradient is exactly that of the step's objective.
 
 Teacher served by SGLang (`ctx.scoring.teacher is None`): phase 1 asks the teacher server for the log-probs (top-k
-with teacher_signal='top_k') of every rollout's response tokens, phase 3 for those of the branch windows; the loss
-then uses the served forms (`objective.ServedTeacher`). Nothing else changes.
+with teacher_signal='top_k') of every rollout's response tokens, phase 3 for those of the branch windows (or keeps
+the guided ones of the report the parts of `score_and_detect` took on every candidate's window); the loss then uses
+the served forms (`objective.ServedTeacher`). Nothing else changes.
 
 Memory: the teacher's rollout logits of the whole step are kept until the backward pass ([B, S, V/TP] per last-stage
 rank), in host memory with `train.offload_teacher_logits`; of the branch sequences only the window rows are kept
@@ -140,6 +141,10 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
         teacher = teacher_logits(ctx.teacher, batch.microbatches(), lambda mb, t: batch.window_logits(mb.index, t))
     elif ctx.objective.guidance_divergence == "cross_entropy":  # the cross-entropy on u_j needs no teacher
         teacher = None
+    elif found.teacher_window_scores is not None and found.teacher_windows is not None:
+        # taken part by part (scoring.score_and_detect) for every candidate's window: keep the guided ones
+        rows = found.detection.guidance_rows()
+        teacher = found.teacher_window_scores.select_windows(found.teacher_windows.lengths, rows)
     else:
         assert ctx.scorer is not None
         teacher = served_branch_scores(ctx.scorer, step, positions, windows, ctx.top_k)

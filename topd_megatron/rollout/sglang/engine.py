@@ -327,6 +327,10 @@ class SGLangEngine:
         answer = self._collective(model, lambda: self._window_requests(model, rows, positions, params, first_window))
         return self._counted_windows(answer)
 
+    def serves(self, model: Role) -> bool:
+        """Whether the role has SGLang servers (else its windows come from an in-process fallback)."""
+        return model in self.endpoints
+
     def window_cache_budget(self, model: Role) -> int | None:
         """KV-cache tokens one chunk of the role's window requests may take (`window_cache_share` of its servers'
         pools together); None when the servers did not report their pools."""
@@ -458,22 +462,25 @@ class SGLangEngine:
 
     def _recover(self, *, resync: bool = True) -> None:
         """Collective: rank 0 restarts the dead launched servers (only those); the student's weights are pushed
-        again to every student server."""
+        again to every student server, unless only teacher servers were restarted (a teacher server lost during the
+        windows of both roles, under time slicing, must not read Megatron's offloaded states)."""
         status: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
-                self.restarts += sum(pool.restart_dead() for pool in self.pools.values())
-                status = [{r: pool.endpoint() for r, pool in self.pools.items()}]
+                restarted = {r: pool.restart_dead() for r, pool in self.pools.items()}
+                self.restarts += sum(restarted.values())
+                teacher_only = restarted.get("teacher", 0) > 0 and not restarted.get("student", 0)
+                status = [({r: pool.endpoint() for r, pool in self.pools.items()}, teacher_only)]
             except Exception as e:
                 status = [f"{type(e).__name__}: {e}"]
         dist.broadcast_object_list(status, src=0)
         if isinstance(status[0], str):
             raise SGLangUnavailable(f"restarting the SGLang server failed: {status[0]}")
-        self.endpoints = status[0]
+        self.endpoints, teacher_only = status[0]
         if self.clients:
             self.clients = {r: self._client(r) for r in self.endpoints}
         self.sync.reset(self.server_clients("student"))
-        if resync:
+        if resync and not teacher_only:
             self.sync.sync()
 
     def close(self) -> None:
