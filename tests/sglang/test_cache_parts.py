@@ -120,6 +120,7 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
     return out
 
 
+@pytest.mark.slow  # about 2.5 minutes: it starts its own small-pool teacher server
 def test_scoring_in_parts_that_fit_the_teachers_cache_reuses_every_prefix(
     synthetic_pair, student_server, small_teacher_server, tmp_path
 ) -> None:
