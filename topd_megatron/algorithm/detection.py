@@ -116,6 +116,13 @@ def response_run_end(batch: TokenBatch) -> Tensor:
     return torch.where(m, run_end, torch.full_like(run_end, -1))
 
 
+def candidates_per_rollout(cfg: Config, response_positions: Tensor) -> Tensor:
+    """[B] int64: min(M, ceil(q * n_b)) candidates of rollouts with n_b response positions (`response_positions`
+    [B]); the ceiling guarded against q * n landing a hair above an integer in floating point."""
+    k = torch.ceil(cfg.q * response_positions.to(torch.float64) - 1e-9).to(torch.int64)
+    return k.clamp(max=cfg.max_candidates) if cfg.max_candidates is not None else k
+
+
 def select_candidates(cfg: Config, batch: TokenBatch, per_token_loss: Tensor) -> Candidates:
     """Top-q response positions of each rollout by per-token loss, at most M per rollout (largest first).
 
@@ -139,10 +146,7 @@ def select_candidates(cfg: Config, batch: TokenBatch, per_token_loss: Tensor) ->
     counts = torch.bincount(sorted_seq)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(order.numel(), device=order.device) - starts[sorted_seq]
-    # ceil(q * n), guarded against q * n landing a hair above an integer in floating point
-    k = torch.ceil(cfg.q * counts.to(torch.float64) - 1e-9).to(torch.int64)
-    if cfg.max_candidates is not None:
-        k = k.clamp(max=cfg.max_candidates)
+    k = candidates_per_rollout(cfg, counts)
     pos = torch.sort(resp[order[rank < k[sorted_seq]]]).values
     return Candidates(positions=pos, loss=loss[pos])
 

@@ -248,7 +248,7 @@ def estimate_step_time(
         packed = " (packed after the rollouts)" if shape.packed else ""
         if served:  # the window tokens, and the prefixes the servers' caches no longer hold
             name = "branch scoring (SGLang, window tokens)"
-            again = branch_prefixes_again(cfg, teacher, shape, dp, tokens)
+            again = branch_prefixes_again(cfg, teacher, tokens)
             windows = shape.branches * dp * det.window
             obj = cfg.objective
             if (
@@ -383,7 +383,7 @@ def window_parts(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: in
     return int(min(max(-(-need // max(int(budget / max(dp, 1)), 1)), 1), max(shape.microbatches, 1)))
 
 
-def branch_prefixes_again(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: int, tokens: float) -> float:
+def branch_prefixes_again(cfg: RunConfig, teacher: Architecture, tokens: float) -> float:
     """Share of the step's rollout prefixes a served teacher computes again when it scores the branches in phase 3:
     none when its caches hold the whole step, else all of them (with scoring and windows in parts, the parts score
     the windows instead: `estimate_step_time`)."""

@@ -293,7 +293,7 @@ def sample_windows(
     params = window_params(ctx, seed)
     if not positions.numel():
         return windows_from_generations([], k)
-    if first_window and isinstance(ctx.engine, PairedWindowSampler):
+    if isinstance(ctx.engine, PairedWindowSampler):  # served: window i seeded as window first_window + i of the step
         gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model, first_window=first_window)
     elif isinstance(ctx.engine, WindowSampler):  # per rollout: each rollout's prefix computed once for its windows
         gens = ctx.engine.generate_windows(step.tokens, positions, params, model=model)
@@ -422,9 +422,7 @@ def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
     if budget is None:
         return 1
     resp = step.response_mask[:, 1:]
-    per_rollout = torch.ceil(det.q * resp.sum(dim=1).double() - 1e-9).long()  # select_candidates' count per rollout
-    if det.max_candidates is not None:
-        per_rollout = per_rollout.clamp(max=det.max_candidates)
+    per_rollout = detection.candidates_per_rollout(det, resp.sum(dim=1))
     # a rollout's scored tokens: up to its last response token (served_rollout_scores); resp's column c is token c + 1
     scored = torch.where(resp.any(dim=1), resp.shape[1] + 1 - resp.flip(1).int().argmax(dim=1), 0)
     need = int((scored + det.window * per_rollout).sum())
