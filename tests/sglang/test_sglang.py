@@ -132,7 +132,8 @@ def test_top_k_scores_match_the_models_own_ranking(student_server, synthetic_pai
 
 def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str) -> dict | None:
     """Rollouts from the student server, then the teacher's and the student's windows at the same positions in one
-    call (generate_window_pair), from empty prefix caches; each window scored again by both servers."""
+    call (generate_window_pair), from empty prefix caches, the teacher's with its top-4 at every window position;
+    each window scored again by both servers (the teacher's with its top-4)."""
     from topd_megatron.algorithm.batch import build_step_batch
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
@@ -156,7 +157,8 @@ def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, 
             SGLangClient(urls[role]).flush_cache()
     torch.distributed.barrier()
     engine._cache_metrics()  # reads and resets the counters: the next read covers the pair only
-    both = engine.generate_window_pair(step.tokens, positions, SamplingParams(temperature=1.0, max_new_tokens=5))
+    params = SamplingParams(temperature=1.0, max_new_tokens=5)
+    both = engine.generate_window_pair(step.tokens, positions, params, teacher_top_k=4)
     metrics = engine._cache_metrics()
     s1 = step.tokens.shape[1] - 1
     report: dict = {"metrics": metrics, "positions": positions.numel()}
@@ -174,6 +176,16 @@ def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, 
             scored = engine.score(seqs, starts, model=scorer)
             again = torch.tensor([x for sc in scored for x in sc.logprobs], dtype=torch.float64)
             report[role][f"vs {scorer}"] = (again - sampled).abs().max().item()
+        report[role]["has_top"] = [g.output_top_ids is not None for g in windows]
+    # the teacher's report from the decode that sampled its windows equals a prefill's scores of the same windows
+    teacher = both["teacher"]
+    seqs, starts = [g.prompt_ids + g.output_ids for g in teacher], [len(g.prompt_ids) for g in teacher]
+    scored = engine.score(seqs, starts, top_k=4, model="teacher")
+    report["top_ids_equal"] = [sc.top_ids for sc in scored] == [g.output_top_ids for g in teacher]
+    report["top_logprobs"] = max(
+        (torch.tensor(sc.top_logprobs, dtype=torch.float64) - torch.tensor(g.output_top_logprobs)).abs().max().item()
+        for sc, g in zip(scored, teacher, strict=True)
+    )
     engine.close()
     return None if rank else report
 
@@ -192,6 +204,8 @@ def test_both_roles_windows_at_once_come_from_their_own_servers(
         # each window's log-probs are its own model's (scored again by that server), not the other model's
         assert r[role][f"vs {role}"] <= PARITY_TOL, r[role]
         assert r[role][f"vs {other[role]}"] > 0.1, r[role]
+    assert all(r["teacher"]["has_top"]) and not any(r["student"]["has_top"])  # top-k asked of the teacher only
+    assert r["top_ids_equal"] and r["top_logprobs"] <= PARITY_TOL, r
     m = r["metrics"]  # each role's windows found their rollout's prefix in that server's cache (prefilled first)
     assert m["sglang/window_cached_token_share"] > 0.5 and m["sglang/window_prefix_prompt_tokens"] > 0, m
 
@@ -481,9 +495,9 @@ def test_training_with_a_teacher_served_only_by_sglang(
         assert r["teacher/top_k"] == (8.0 if signal == "top_k" else 0.0)
         assert r["skipped"] == 0.0 and r["grad_norm"] > 0 and math.isfinite(r["loss"])
         assert r["detect/windows_generated"] > 0 and r["guidance/windows"] > 0
-    # per step: the teacher's windows (one call, with the student's windows beside it), the rollouts' scores and the
-    # branches' scores all went to the teacher server
-    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 3
+    # per step: the rollouts' scores and the teacher's windows (one call, with the student's windows beside it; they
+    # carry the teacher's report on their tokens, so no third call scores the branches) went to the teacher server
+    assert rows[1]["sglang/teacher_calls"] - rows[0]["sglang/teacher_calls"] == 2
     assert all(r["sglang/window_cached_token_share"] > 0.5 for r in rows)  # the windows found their prefixes cached
     (check,) = read_metrics(tmp_path / "run", "selftest")  # the served-model self-test ran before step 1
     assert check["step"] == 0 and check["teacher/selftest_repeat_max"] <= 1e-5, check

@@ -46,12 +46,12 @@ class _Servers:
         self.log.calls.append("score")
         return []
 
-    def generate_windows(self, rows, positions, params, *, model, first_window=0):
-        self.log.calls.append(f"windows {model}")
+    def generate_windows(self, rows, positions, params, *, model, first_window=0, top_k=0):
+        self.log.calls.append(f"windows {model}" + (f" top-{top_k}" if top_k else ""))
         return []
 
-    def generate_window_pair(self, rows, positions, params, *, first_window=0):
-        self.log.calls.append("windows teacher and student")
+    def generate_window_pair(self, rows, positions, params, *, first_window=0, teacher_top_k=0):
+        self.log.calls.append("windows teacher and student" + (f" top-{teacher_top_k}" if teacher_top_k else ""))
         return {"teacher": [], "student": []}
 
 
@@ -103,15 +103,15 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
     assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows student", "release kv_cache,weights",
                          "reload megatron"]  # fmt: skip
     log.calls.clear()
-    engine.generate_window_pair(None, None, params)  # both roles' windows at once: the student's servers whole
-    assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows teacher and student",
+    engine.generate_window_pair(None, None, params, teacher_top_k=4)  # both at once: the student's servers whole
+    assert log.calls == ["offload megatron", "resume weights,kv_cache", "windows teacher and student top-4",
                          "release kv_cache,weights", "reload megatron"]  # fmt: skip
     # a teacher without servers (in-process windows) samples before the swap, not next to the whole servers
     log.calls.clear()
     in_process = TimeSlicedEngine(_Servers(log, teacher_served=False), _States(log))
-    in_process.generate_window_pair(None, None, params)
+    in_process.generate_window_pair(None, None, params, teacher_top_k=4)
     assert log.calls == [
-        "windows teacher",
+        "windows teacher top-4",
         "offload megatron",
         "windows student",
         "release kv_cache,weights",

@@ -180,7 +180,7 @@ def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_i
     """topd_70b: the step's 4.2M rollout tokens and their windows exceed half the 10 teacher servers' pools, so
     phases 1-2 run in parts (training/scoring.py `cache_parts`): the teacher's windows find their prefixes cached,
     and under time slicing the student's windows of every part cost one more state swap."""
-    from topd_megatron.plan.step_time import forward_flops, window_parts
+    from topd_megatron.plan.step_time import window_parts
 
     cfg = recipes.get("topd_70b")
     p = plan(cfg, run_preflight=False)
@@ -202,17 +202,16 @@ def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_i
     per_rollout = p.shape.candidates // p.shape.rollouts
     args = (candidates, s // 2, k, int(prefill), k + s / per_rollout)
     assert _decode_seconds(teacher, cfg, "teacher", *args) > 2 * teacher_s
-    # the parts also score every candidate's window while its prefix is cached: C K tokens, no prefix again
-    branch = p.step_time.flops["branch scoring (SGLang, every candidate's window, in the parts)"]
-    window_tokens = p.shape.candidates * p.layout.dp * cfg.objective.detection.window
-    assert branch == pytest.approx(forward_flops(teacher, window_tokens, p.shape.seq))
-    # with guidance at random positions the branches are scored after the parts: every prefix again
+    # the teacher's windows come with its report on their tokens: no branch scoring on its servers
+    assert not any(name.startswith("branch scoring") for name in p.step_time.seconds)
+    assert any(n.startswith("branch scoring: none on the teacher servers") for n in p.step_time.notes)
+    # with guidance at random positions phase 3 samples the teacher's windows there, each prefix prefilled again
     at_random = plan(apply_overrides(cfg, ["objective.guidance_at=random"]), run_preflight=False).step_time
-    assert any("computes 100% of the rollouts' prefixes again" in n for n in at_random.notes)
-    assert (
-        at_random.seconds["branch scoring (SGLang, window tokens)"]
-        > 2 * p.step_time.seconds["branch scoring (SGLang, every candidate's window, in the parts)"]
-    )
+    branches = p.shape.branches * dp
+    prefill = window_prefill_tokens(p.shape.rollouts * dp * s, branches, cached_rollouts=False)
+    args = (branches, s // 2, k, int(prefill), k + s / max(p.shape.branches // p.shape.rollouts, 1))
+    guidance = at_random.seconds["guidance windows (SGLang teacher, per rollout)"]
+    assert guidance == pytest.approx(_decode_seconds(teacher, cfg, "teacher", *args))
     states = p.step_time.seconds["time slicing (Megatron states to host and back)"]
     rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
     once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]

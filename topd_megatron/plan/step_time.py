@@ -30,10 +30,12 @@ token):
                                 rows (B x S_p) and the student's training of the B x (S_p - S) window columns;
                                 objective.guidance_budget caps the branches per rollout
     PP bubble                   pipelined passes take (1 + (PP - 1) / (VPP * M)) longer (M micro-batches)
-A teacher served by SGLang only (teacher_source='sglang') scores on its servers' GPUs at MFU: F(T) for the rollouts,
-and the window tokens of the branches, plus the rollout prefixes its caches no longer hold by then
-(`branch_prefixes_again`); with scoring and windows in parts, each part scores all its candidates' windows while it
-caches their prefixes (C K tokens, no prefix again).
+    guidance windows            teacher_window guidance without window_ot's windows at the divergent candidates (another
+                                detector, guidance_at='random'): the teacher's windows at the B guided positions,
+                                sampled in phase 3 like window_ot's (`_guidance_windows`)
+A teacher served by SGLang only (teacher_source='sglang') scores the rollouts on its servers' GPUs at MFU, F(T); the
+branches cost it nothing more: its windows come with its log-probs and top-k at every window position, computed by
+the decode that sampled them (SGLangEngine windows with top_k, training/scoring.py `report_on_windows`).
 Rollouts: with SGLang, prefill at MFU on the server GPUs, then max_new_tokens decode steps, each bound by HBM
 bandwidth: (weights per GPU + concurrent sequences * S / 2 * KV bytes per token per GPU) / (DECODE_HBM_TBPS *
 DECODE_BANDWIDTH_EFFICIENCY), in waves when the KV pool cannot hold every sequence at once; with the embedded engine
@@ -246,27 +248,15 @@ def estimate_step_time(
         _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""
-        if served:  # the window tokens, and the prefixes the servers' caches no longer hold
-            name = "branch scoring (SGLang, window tokens)"
-            again = branch_prefixes_again(cfg, teacher, tokens)
-            windows = shape.branches * dp * det.window
-            obj = cfg.objective
-            if (
-                window_parts(cfg, teacher, shape, dp) > 1
-                and obj.guidance_divergence != "cross_entropy"
-                and obj.guidance_at != "random"
-            ):
-                # in parts (scoring.scores_windows_in_parts): every candidate's window, its prefix still cached
-                again, windows = 0.0, shape.candidates * dp * det.window
-                name = "branch scoring (SGLang, every candidate's window, in the parts)"
-            scored = windows + again * tokens
-            est.flops[name] = forward_flops(teacher, scored, s)
-            est.seconds[name] = forward_seconds(teacher, scored, s, server_rate, server_fp8)
-            if again:
-                est.notes.append(
-                    f"branch scoring computes {again:.0%} of the rollouts' prefixes again: the teacher servers' caches"
-                    " no longer hold them after the windows"
-                )
+        if not windows_sampled_by_detector(cfg):
+            _guidance_windows(est, cfg, teacher, shape, dp, tokens, rate, t_fp8)
+        if served:  # the teacher's windows come with its report on their tokens: nothing to score again
+            est.notes.append(
+                "branch scoring: none (the cross-entropy on the window tokens reads no teacher)"
+                if cfg.objective.guidance_divergence == "cross_entropy"
+                else "branch scoring: none on the teacher servers: its windows come with its report on their tokens"
+                " (the log-probs and top-k of the decode that sampled them)"
+            )
         else:
             forward(f"branch scoring (teacher forward{packed})", teacher, shape.branch_score_tokens * dp, s, t_fp8)
         name = f"branch training (student forward + backward{packed})"
@@ -383,11 +373,47 @@ def window_parts(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: in
     return int(min(max(-(-need // max(int(budget / max(dp, 1)), 1)), 1), max(shape.microbatches, 1)))
 
 
-def branch_prefixes_again(cfg: RunConfig, teacher: Architecture, tokens: float) -> float:
-    """Share of the step's rollout prefixes a served teacher computes again when it scores the branches in phase 3:
-    none when its caches hold the whole step, else all of them (with scoring and windows in parts, the parts score
-    the windows instead: `estimate_step_time`)."""
-    return 0.0 if rollouts_stay_cached(cfg, "teacher", teacher, tokens) else 1.0
+def windows_sampled_by_detector(cfg: RunConfig) -> bool:
+    """Whether teacher_window guidance reuses window_ot's teacher windows at the divergent candidates; else phase 3
+    samples the teacher's windows at the guided positions (step.build_branches: `_guidance_windows`)."""
+    return cfg.objective.detection.detector == "window_ot" and cfg.objective.guidance_at != "random"
+
+
+def _guidance_windows(
+    est: StepTime,
+    cfg: RunConfig,
+    teacher: Architecture,
+    shape: StepShape,
+    dp: int,
+    tokens: float,
+    rate: float,
+    fp8: bool,
+) -> None:
+    """The teacher's windows at the B guided positions when the detector did not sample them: per rollout on the
+    teacher's servers (each rollout's prefix prefilled again unless its caches hold the step's rollouts), or
+    in-process on the training GPUs."""
+    det, s = cfg.objective.detection, shape.seq
+    count, rollouts = shape.branches * dp, shape.rollouts * dp
+    if cfg.rollout == "sglang" and cfg.sglang.teacher is not None:
+        per_rollout = max(shape.branches // max(shape.rollouts, 1), 1)
+        cached = rollouts_stay_cached(cfg, "teacher", teacher, tokens)
+        prefill = int(window_prefill_tokens(rollouts * s, count, cached_rollouts=cached))
+        est.seconds["guidance windows (SGLang teacher, per rollout)"] = _decode_seconds(
+            teacher,
+            cfg,
+            "teacher",
+            count,
+            int(s * WINDOW_PREFIX_FRACTION),
+            det.window,
+            prefill,
+            det.window + s / per_rollout,
+        )
+        return
+    name, rows = "guidance windows (teacher in-process, per rollout, KV cache)", min(rollouts, count)
+    est.flops[name] = forward_flops(teacher, rows * s, s) + det.window * decode_flops(teacher, count, s)
+    est.seconds[name] = forward_seconds(teacher, rows * s, s, rate, fp8) + det.window * forward_seconds(
+        teacher, count, int(s / CAUSAL_FRACTION), rate, fp8
+    )
 
 
 def rollouts_stay_cached(cfg: RunConfig, role: str, arch: Architecture, rollout_tokens: float) -> bool:

@@ -52,6 +52,11 @@ class Generation:
     """log pi(y_t | x, y_<t) of each output token under the generating model (temperature 1)."""
     finished: bool
     """True when a stop token ended it, False when max_new_tokens did."""
+    output_top_ids: list[list[int]] | None = None
+    """[n][k] the generating model's k most likely ids at each output position, when asked (`top_k` of the served
+    engines' window calls): the distribution each output token was sampled from."""
+    output_top_logprobs: list[list[float]] | None = None
+    """[n][k] their log-probs (temperature 1)."""
     meta: dict = field(default_factory=dict)
     """Engine-specific facts (SGLang: finish_reason, prompt_tokens, cached_tokens)."""
 
@@ -133,16 +138,26 @@ class PairedWindowSampler(Protocol):
     parts with the seeds of one call (`first_window`); the KV-cache budget of a role's window requests."""
 
     def generate_window_pair(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0, teacher_top_k: int = 0
     ) -> dict[Role, list[Generation]]:
         """{'teacher': ..., 'student': ...}, each what `WindowSampler.generate_windows` returns for that model with
-        the same `params` (the same per-window seeds); collective over the model-parallel group."""
+        the same `params` (the same per-window seeds); collective over the model-parallel group. `teacher_top_k` > 0:
+        the teacher's windows also carry its top-k ids and log-probs at every window position
+        (`Generation.output_top_ids`), so that no prefill has to score them again."""
         ...
 
     def generate_windows(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
+        self,
+        rows: Tensor,
+        positions: Tensor,
+        params: SamplingParams,
+        *,
+        model: Role,
+        first_window: int = 0,
+        top_k: int = 0,
     ) -> list[Generation]:
-        """`WindowSampler.generate_windows`, window i seeded as window `first_window + i` of one call."""
+        """`WindowSampler.generate_windows`, window i seeded as window `first_window + i` of one call; with the
+        generating model's top-k at every window position when `top_k` > 0."""
         ...
 
     def window_cache_budget(self, model: Role) -> int | None:

@@ -127,25 +127,37 @@ class TimeSlicedEngine:
             return self.engine.generate(prompts, params, model="student")
 
     def generate_windows(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
+        self,
+        rows: Tensor,
+        positions: Tensor,
+        params: SamplingParams,
+        *,
+        model: Role,
+        first_window: int = 0,
+        top_k: int = 0,
     ) -> Any:
         """Fresh student windows (detection.student_window='fresh') need the student servers too."""
+        kw = {"first_window": first_window, "top_k": top_k}
         if model != "student":
-            return self.engine.generate_windows(rows, positions, params, model=model, first_window=first_window)
+            return self.engine.generate_windows(rows, positions, params, model=model, **kw)
         with self.serving():
-            return self.engine.generate_windows(rows, positions, params, model="student", first_window=first_window)
+            return self.engine.generate_windows(rows, positions, params, model="student", **kw)
 
     def generate_window_pair(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0, teacher_top_k: int = 0
     ) -> Any:
         """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both. A
         teacher without servers samples in-process before the swap, not next to the whole student servers."""
         if not self.engine.serves("teacher"):
-            teacher = self.engine.generate_windows(rows, positions, params, model="teacher", first_window=first_window)
+            teacher = self.engine.generate_windows(
+                rows, positions, params, model="teacher", first_window=first_window, top_k=teacher_top_k
+            )
             student = self.generate_windows(rows, positions, params, model="student", first_window=first_window)
             return {"teacher": teacher, "student": student}
         with self.serving():
-            return self.engine.generate_window_pair(rows, positions, params, first_window=first_window)
+            return self.engine.generate_window_pair(
+                rows, positions, params, first_window=first_window, teacher_top_k=teacher_top_k
+            )
 
     def sync_weights(self) -> dict[str, float]:
         """The servers' weights come back next to Megatron's states (no KV cache) to receive the new weights."""

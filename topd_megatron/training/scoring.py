@@ -39,7 +39,7 @@ from topd_megatron.rollout.engine import (
 )
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
-from topd_megatron.training.teacher import served_branch_scores, served_rollout_scores, teacher_logits
+from topd_megatron.training.teacher import generated_window_scores, served_rollout_scores, teacher_logits
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -184,7 +184,7 @@ class Detected:
     """Wall time of the window sampling (teacher, and fresh student windows) through the engine."""
     teacher_window_scores: ServedTeacher | None = None
     """A served teacher's report on every candidate's teacher window (packed window after window, candidate order),
-    taken part by part while the teacher cached the part (`score_and_detect`); None: phase 3 scores the branches."""
+    taken from the decode that sampled them (`report_on_windows`); None: phase 3 scores the branches."""
 
 
 def teacher_view(
@@ -268,20 +268,40 @@ def window_params(ctx: ScoringContext, seed: int) -> SamplingParams:
 
 
 def sample_window_pair(
-    ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int, *, first_window: int = 0
-) -> tuple[Windows, Windows]:
+    ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int, *, first_window: int = 0, report: bool = False
+) -> tuple[Windows, Windows, ServedTeacher | None]:
     """The teacher's and the student's windows after (x, y_<t) at each flat position t: both at once where the engine
     serves the two models from different servers (PairedWindowSampler), else one after the other; the same requests
-    either way (each window's seed depends on its index in `positions` only)."""
+    either way (each window's seed depends on its index in `positions` only). `report`: also the served teacher's
+    report on its windows' tokens (`sample_teacher_windows`)."""
     if positions.numel() and isinstance(ctx.engine, PairedWindowSampler):
         params = window_params(ctx, seed)
-        gens = ctx.engine.generate_window_pair(step.tokens, positions, params, first_window=first_window)
+        top_k = ctx.top_k if report else 0
+        gens = ctx.engine.generate_window_pair(
+            step.tokens, positions, params, first_window=first_window, teacher_top_k=top_k
+        )
         k = ctx.objective.detection.window
-        return windows_from_generations(gens["teacher"], k), windows_from_generations(gens["student"], k)
-    return (
-        sample_windows(ctx, step, positions, "teacher", seed),
-        sample_windows(ctx, step, positions, "student", seed),
+        scores = generated_window_scores(gens["teacher"], k, top_k) if report else None
+        return windows_from_generations(gens["teacher"], k), windows_from_generations(gens["student"], k), scores
+    u, scores = sample_teacher_windows(ctx, step, positions, seed, report=report)
+    return u, sample_windows(ctx, step, positions, "student", seed), scores
+
+
+def sample_teacher_windows(
+    ctx: ScoringContext, step: StepBatch, positions: Tensor, seed: int, *, first_window: int = 0, report: bool = False
+) -> tuple[Windows, ServedTeacher | None]:
+    """The teacher's windows at `positions` (`sample_windows`) and, with `report` and a served engine
+    (PairedWindowSampler), the teacher's report on their tokens (`generated_window_scores`: packed window after
+    window, what `served_branch_scores` would return) taken from the decode that sampled them; else None."""
+    if not (report and isinstance(ctx.engine, PairedWindowSampler)):
+        return sample_windows(ctx, step, positions, "teacher", seed, first_window=first_window), None
+    k = ctx.objective.detection.window
+    if not positions.numel():
+        return windows_from_generations([], k), generated_window_scores([], k, ctx.top_k)
+    gens = ctx.engine.generate_windows(
+        step.tokens, positions, window_params(ctx, seed), model="teacher", first_window=first_window, top_k=ctx.top_k
     )
+    return windows_from_generations(gens, k), generated_window_scores(gens, k, ctx.top_k)
 
 
 def sample_windows(
@@ -342,16 +362,20 @@ def detect(
         return Detected(detection=None, teacher_windows=None)
     assert scores.divergence is not None, "score() computes d_t whenever a detector is configured"
     cands = detection.select_candidates(cfg, scores.tokens, scores.divergence)
-    u = student_windows = embedding = kinds = None
+    u = student_windows = embedding = kinds = window_scores = None
     t0 = time.perf_counter()
     if cfg.detector == "window_ot":
         if sampled is not None:  # candidates are chosen rollout by rollout: the parts' are the step's
             assert torch.equal(sampled.positions, cands.positions), "the parts' candidates differ from the step's"
-            u, student_windows = sampled.teacher, sampled.student
+            u, student_windows, window_scores = sampled.teacher, sampled.student, sampled.teacher_scores
         elif cfg.student_window == "fresh":
-            u, student_windows = sample_window_pair(ctx, step, cands.positions, window_seed)
+            u, student_windows, window_scores = sample_window_pair(
+                ctx, step, cands.positions, window_seed, report=report_on_windows(ctx)
+            )
         else:
-            u = sample_windows(ctx, step, cands.positions, "teacher", window_seed)
+            u, window_scores = sample_teacher_windows(
+                ctx, step, cands.positions, window_seed, report=report_on_windows(ctx)
+            )
         embedding = student_embedding_shard(ctx.student)
     seconds = time.perf_counter() - t0 + (sampled.seconds if sampled is not None else 0.0)
     if cfg.detector == "oracle":
@@ -370,7 +394,6 @@ def detect(
         group=ctx.tp_group,
     )
     det = place_guidance(ctx.objective, scores.tokens, det, window_seed)
-    window_scores = sampled.teacher_scores if sampled is not None else None
     if ctx.objective.guidance != "none" and ctx.objective.guidance_at == "random":
         u = window_scores = None  # the detection's windows belong to other positions
     return Detected(detection=det, teacher_windows=u, window_seconds=seconds, teacher_window_scores=window_scores)
@@ -406,7 +429,7 @@ class SampledWindows:
     seconds: float
     """Wall time of the sampling (and of the teacher's scores of the windows)."""
     teacher_scores: ServedTeacher | None = None
-    """The served teacher's report on every teacher window (`scores_windows_in_parts`), else None."""
+    """The served teacher's report on every teacher window (`report_on_windows`), else None."""
 
 
 def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
@@ -432,10 +455,12 @@ def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
     return int(min(max(parts.item(), 1), step.num_microbatches))
 
 
-def scores_windows_in_parts(ctx: ScoringContext) -> bool:
-    """Whether the parts of `score_and_detect` also take the served teacher's scores of every candidate's window
-    (teacher_window guidance at the divergent candidates, a divergence that reads the teacher): phase 3 would
-    otherwise score the guided ones after the last part, when the teacher no longer caches the others' prefixes."""
+def report_on_windows(ctx: ScoringContext) -> bool:
+    """Whether window_ot's teacher windows are sampled with the served teacher's report on their tokens (log-prob of
+    each window token, top-k at each window position: `generated_window_scores`), from which phase 3 keeps the
+    guided ones: teacher_window guidance at the divergent candidates with a divergence that reads the teacher. The
+    decode that samples a window computes the teacher's distribution at every window position, so no prefill scores
+    the windows again (`served_branch_scores`, with every prefix again once the teacher's caches lost them)."""
     obj = ctx.objective
     return (
         ctx.teacher is None
@@ -451,9 +476,8 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows (seeded as in
     one call), while the teacher servers still cache the part's prefixes from scoring; then the detection over the
     whole step. Same scores, candidates and window requests either way; the windows' prefixes are not computed
-    again. With teacher_window guidance each part also takes the teacher's report on all its candidates' windows
-    (`scores_windows_in_parts`), from which phase 3 keeps the guided ones. Returns the scores, the detection and the
-    seconds of phase 1 (the rest is phase 2)."""
+    again. With teacher_window guidance the teacher's windows come with its report on their tokens
+    (`report_on_windows`). Returns the scores, the detection and the seconds of phase 1 (the rest is phase 2)."""
     parts = cache_parts(ctx, step)
     t0 = time.perf_counter()
     if parts == 1:
@@ -473,14 +497,18 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
         cands = detection.select_candidates(cfg, part_scores.tokens, part_scores.divergence)
         t1 = time.perf_counter()
         done = sum(p.numel() for p in positions)
+        report = report_on_windows(ctx)
         if cfg.student_window == "fresh":
-            u, s = sample_window_pair(ctx, part, cands.positions, window_seed, first_window=done)
+            u, s, u_scores = sample_window_pair(
+                ctx, part, cands.positions, window_seed, first_window=done, report=report
+            )
             student_windows.append(s)
         else:
-            u = sample_windows(ctx, part, cands.positions, "teacher", window_seed, first_window=done)
-        if scores_windows_in_parts(ctx):  # every candidate's window, while the part's prefixes are cached
-            assert ctx.scorer is not None
-            window_scores.append(served_branch_scores(ctx.scorer, part, cands.positions, u, ctx.top_k))
+            u, u_scores = sample_teacher_windows(
+                ctx, part, cands.positions, window_seed, first_window=done, report=report
+            )
+        if u_scores is not None:
+            window_scores.append(u_scores)
         window_s += time.perf_counter() - t1
         teacher_windows.append(u)
         reports.append(part_scores.teacher)
@@ -492,7 +520,7 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
         teacher=_concat_windows(teacher_windows),
         student=_concat_windows(student_windows) if student_windows else None,
         seconds=window_s,
-        teacher_scores=ServedTeacher.concat(window_scores) if window_scores else None,
+        teacher_scores=ServedTeacher.concat(window_scores) if len(window_scores) == parts else None,
     )
     scored = time.perf_counter() - t0 - window_s
     return scores, detect(ctx, step, scores, window_seed=window_seed, sampled=sampled), scored

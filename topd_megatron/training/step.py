@@ -57,7 +57,7 @@ from topd_megatron.training.scoring import (
     ScoringContext,
     TeacherScores,
     microbatch_tokens,
-    sample_windows,
+    sample_teacher_windows,
     score_and_detect,
     teacher_view,
 )
@@ -123,10 +123,12 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     assert found.detection is not None, "teacher_window guidance needs a detector (objective.Config checks it)"
     positions = found.detection.guidance_positions()
     t0 = time.perf_counter()
+    served = ctx.teacher is None and ctx.objective.guidance_divergence != "cross_entropy"
+    report = None  # a served teacher's report on the windows, from the decode that sampled them
     if found.teacher_windows is not None:  # window_ot sampled them at the divergent candidates: reuse them
         windows = found.detection.guidance_windows(found.teacher_windows)
     else:
-        windows = sample_windows(ctx, step, positions, "teacher", seed)
+        windows, report = sample_teacher_windows(ctx, step, positions, seed, report=served)
     sampled = time.perf_counter() - t0 if found.teacher_windows is None else 0.0
     if not positions.numel():
         return Branches(positions=positions, windows=windows, batch=None, teacher=None, window_seconds=sampled)
@@ -142,9 +144,11 @@ def build_branches(ctx: ScoringContext, step: StepBatch, found: Detected, *, see
     elif ctx.objective.guidance_divergence == "cross_entropy":  # the cross-entropy on u_j needs no teacher
         teacher = None
     elif found.teacher_window_scores is not None and found.teacher_windows is not None:
-        # taken part by part (scoring.score_and_detect) for every candidate's window: keep the guided ones
+        # sampled with every candidate's window (scoring.report_on_windows): keep the guided ones
         rows = found.detection.guidance_rows()
         teacher = found.teacher_window_scores.select_windows(found.teacher_windows.lengths, rows)
+    elif report is not None:
+        teacher = report
     else:
         assert ctx.scorer is not None
         teacher = served_branch_scores(ctx.scorer, step, positions, windows, ctx.top_k)

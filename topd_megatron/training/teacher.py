@@ -9,7 +9,8 @@ It is never wrapped in DDP and never handed to an optimizer: it holds no gradien
 
 A teacher that cannot be colocated is served by SGLang instead (`teacher_source='sglang'`): no Megatron teacher is
 built, and `served_rollout_scores` / `served_branch_scores` ask its server for the log-probs (and top-k) the loss
-needs, laid out on the step's positions (`objective.ServedTeacher`).
+needs, laid out on the step's positions (`objective.ServedTeacher`); `generated_window_scores` lays out the same
+report from the teacher's own windows, which its server returns with the decode's top-k.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.models.build import MegatronLM, ModelConfig, build_model
 from topd_megatron.models.format import hf_dir
 from topd_megatron.models.tokenizer import check_same_tokenizer
+from topd_megatron.rollout.engine import Generation, TokenScores
 from topd_megatron.training.forward import MicroBatch, forward_logits
 
 
@@ -109,4 +111,21 @@ def served_branch_scores(engine: Any, step: StepBatch, positions: torch.Tensor, 
             places.append(list(range(offset, offset + n)))
         offset += n
     scores = engine.score(seqs, starts, top_k=top_k) if seqs else []
+    return _served_report(scores, offset, top_k, places)
+
+
+def generated_window_scores(generations: list[Generation], k: int, top_k: int) -> ServedTeacher:
+    """The teacher's report on its own windows, packed window after window (the first `k` tokens of each generation,
+    `batch.windows_from_generations`' lengths): the log-prob of each window token and, with top_k > 0, the top-k ids
+    and log-probs at each window position, as the decode that sampled the window computed them (temperature 1). The
+    same quantities as `served_branch_scores` on these windows, without a second prefill of the branches."""
+    places, scores, offset = [], [], 0
+    for i, g in enumerate(generations):
+        n = len(g.output_ids[:k])
+        if top_k and (g.output_top_ids is None or g.output_top_logprobs is None or len(g.output_top_ids) < n):
+            raise ValueError(f"window {i} was generated without its top-{top_k} log-probs (ask the engine for top_k)")
+        tops = (g.output_top_ids[:n], g.output_top_logprobs[:n]) if top_k else (None, None)  # type: ignore[index]
+        scores.append(TokenScores(logprobs=g.output_logprobs[:n], top_ids=tops[0], top_logprobs=tops[1]))
+        places.append(list(range(offset, offset + n)))
+        offset += n
     return _served_report(scores, offset, top_k, places)

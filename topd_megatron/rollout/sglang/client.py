@@ -90,10 +90,12 @@ class SGLangClient:
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, seeds: list[int] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, *, seeds: list[int] | None = None, top_k: int = 0
     ) -> list[Generation]:
         """One continuation per prompt, with log pi(y_t | ...) of each output token (temperature 1: the server runs
-        with SGLANG_RETURN_ORIGINAL_LOGPROB=1). Stop tokens are kept in the output, as the embedded engine does."""
+        with SGLANG_RETURN_ORIGINAL_LOGPROB=1) and, when top_k > 0, the k most likely ids and their log-probs at each
+        output position (computed by the decode that sampled the token: no second prefill). Stop tokens are kept in
+        the output, as the embedded engine does."""
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -119,6 +121,8 @@ class SGLangClient:
             "return_logprob": True,
             "logprob_start_len": -1,
         }
+        if top_k:
+            payload["top_logprobs_num"] = top_k
         body = self.post("/generate", payload)
         outs = self._as_list(body, len(prompts), "/generate")
         gens = []
@@ -136,15 +140,20 @@ class SGLangClient:
                 raise SGLangResponseError(f"/generate output {i} is empty (max_new_tokens={params.max_new_tokens})")
             reason = (meta.get("finish_reason") or {}).get("type")
             finished = reason == "stop" or (bool(ids) and int(ids[-1]) in params.stop_token_ids)
-            gens.append(
-                Generation(
-                    prompt_ids=list(prompt),
-                    output_ids=[int(t) for t in ids],
-                    output_logprobs=[float(lp[0]) for lp in lps],
-                    finished=finished,
-                    meta={"finish_reason": reason, **_cache_counts(meta)},
-                )
+            gen = Generation(
+                prompt_ids=list(prompt),
+                output_ids=[int(t) for t in ids],
+                output_logprobs=[float(lp[0]) for lp in lps],
+                finished=finished,
+                meta={"finish_reason": reason, **_cache_counts(meta)},
             )
+            if top_k:
+                tops = meta.get("output_top_logprobs")
+                if tops is None or len(tops) != len(ids) or any(t is None or len(t) < top_k for t in tops):
+                    raise SGLangResponseError(f"/generate output {i} has no top-{top_k} log-probs for every token")
+                gen.output_top_ids = [[int(x[1]) for x in t[:top_k]] for t in tops]
+                gen.output_top_logprobs = [[float(x[0]) for x in t[:top_k]] for t in tops]
+            gens.append(gen)
         return gens
 
     def score(

@@ -15,7 +15,9 @@ Windows (`generate_windows`, the WindowSampler protocol) go out rollout by rollo
 KV caches: first each rollout's longest needed prefix (a prefill without new tokens: it enters the radix cache once,
 or is already there when the teacher server scored the rollout), then its windows, which find their prefix cached.
 SGLang reports per request how many prompt tokens its cache held; `sync_weights` returns the step's shares
-(`sglang/cached_token_share` over all requests, `sglang/window_cached_token_share` over window requests).
+(`sglang/cached_token_share` over all requests, `sglang/window_cached_token_share` over window requests). Asked for
+`top_k`, a role's windows carry the model's top-k ids and log-probs at every window position, from the decode that
+sampled them: a served teacher's report on its windows without a second prefill (training/scoring.py).
 """
 
 from __future__ import annotations
@@ -314,17 +316,27 @@ class SGLangEngine:
         return scores
 
     def generate_windows(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, model: Role, first_window: int = 0
+        self,
+        rows: Tensor,
+        positions: Tensor,
+        params: SamplingParams,
+        *,
+        model: Role,
+        first_window: int = 0,
+        top_k: int = 0,
     ) -> list[Generation]:
         """Windows rollout by rollout (WindowSampler): per chunk of rollouts that fits `window_cache_share` of the
         role's KV cache, first each rollout's longest needed prefix (prefill only), then its windows. Window i gets
-        the seed of window `first_window + i` of one call for the whole step (a step sampled in parts)."""
+        the seed of window `first_window + i` of one call for the whole step (a step sampled in parts). `top_k` > 0:
+        each window also carries the model's top-k at its positions (served roles; an in-process fallback has none)."""
         if model not in self.endpoints:
             if model == "teacher" and self.fallback is not None:
                 return self.fallback.generate_windows(rows, positions, params, model="teacher")
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
-        answer = self._collective(model, lambda: self._window_requests(model, rows, positions, params, first_window))
+        answer = self._collective(
+            model, lambda: self._window_requests(model, rows, positions, params, first_window, top_k)
+        )
         return self._counted_windows(answer)
 
     def serves(self, model: Role) -> bool:
@@ -340,16 +352,18 @@ class SGLangEngine:
         return int(ep.kv_tokens * max(len(ep.servers), 1) * self.cfg.window_cache_share) or None
 
     def generate_window_pair(
-        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0
+        self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0, teacher_top_k: int = 0
     ) -> dict[Role, list[Generation]]:
         """PairedWindowSampler: the teacher's and the student's windows at `positions`, both roles' requests in flight
         at the same time (each role's servers sample on their own GPUs: the step waits for the slower of the two, not
-        for their sum), with the per-window seeds `generate_windows` gives each role. With an in-process fallback
-        teacher, one role after the other."""
+        for their sum), with the per-window seeds `generate_windows` gives each role (the teacher's with its top-k
+        when `teacher_top_k` > 0). With an in-process fallback teacher, one role after the other."""
         roles: tuple[Role, Role] = ("teacher", "student")
+        top_k: dict[Role, int] = {"teacher": teacher_top_k, "student": 0}
         if any(r not in self.endpoints for r in roles):
             return {
-                r: self.generate_windows(rows, positions, params, model=r, first_window=first_window) for r in roles
+                r: self.generate_windows(rows, positions, params, model=r, first_window=first_window, top_k=top_k[r])
+                for r in roles
             }
         for r in roles:
             self.calls[r] += 1
@@ -357,7 +371,8 @@ class SGLangEngine:
         def both() -> dict[Role, tuple[list[Generation], list[tuple[int, int]]]]:
             with ThreadPoolExecutor(max_workers=len(roles)) as pool:
                 futures = {
-                    r: pool.submit(self._window_requests, r, rows, positions, params, first_window) for r in roles
+                    r: pool.submit(self._window_requests, r, rows, positions, params, first_window, top_k[r])
+                    for r in roles
                 }
                 return {r: f.result() for r, f in futures.items()}
 
@@ -365,7 +380,13 @@ class SGLangEngine:
         return {r: self._counted_windows(answers[r]) for r in roles}
 
     def _window_requests(
-        self, model: Role, rows: Tensor, positions: Tensor, params: SamplingParams, first_window: int = 0
+        self,
+        model: Role,
+        rows: Tensor,
+        positions: Tensor,
+        params: SamplingParams,
+        first_window: int = 0,
+        top_k: int = 0,
     ) -> tuple[list[Generation], list[tuple[int, int]]]:
         """On a leader: the role's window requests, chunk by chunk (each chunk's longest prefixes prefilled first);
         the windows and the (prompt, cached) token counts of the prefills."""
@@ -378,7 +399,7 @@ class SGLangEngine:
             warm = [rows[r, : j + 1].tolist() for r, j in longest_prefixes(rows, positions[chunk])]
             prefilled += self._prefill_requests(model, warm)
             prefixes = [rows[int(p) // s1, : int(p) % s1 + 1].tolist() for p in positions[chunk]]
-            out += self._request(model, prefixes, params, seeds[chunk.start : chunk.stop])
+            out += self._request(model, prefixes, params, seeds[chunk.start : chunk.stop], top_k=top_k)
         return out, prefilled
 
     def _counted_windows(self, answer: tuple[list[Generation], list[tuple[int, int]]]) -> list[Generation]:
@@ -430,7 +451,13 @@ class SGLangEngine:
         raise AssertionError("unreachable")
 
     def _request(
-        self, model: str, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+        self,
+        model: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seeds: list[int] | None = None,
+        *,
+        top_k: int = 0,
     ) -> list[Generation]:
         client = self.clients[model]
         if model == "student" and self.cfg.kill_student_at_call == self.calls["student"] and not self._killed:
@@ -440,7 +467,7 @@ class SGLangEngine:
         seeds = seeds if seeds is not None else server_request_seeds(params.seed, len(prompts))
 
         def one(items: list[tuple[list[int], int]]) -> list[Generation]:
-            return client.generate([p for p, _ in items], params, seeds=[s for _, s in items])
+            return client.generate([p for p, _ in items], params, seeds=[s for _, s in items], top_k=top_k)
 
         return self._fan_out(model, one, list(zip(prompts, seeds, strict=True)))
 
