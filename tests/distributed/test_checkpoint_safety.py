@@ -93,16 +93,23 @@ def test_malicious_dist_checkpoint_metadata_is_refused(trained, tmp_path: Path, 
     assert not marker.exists()
 
 
-def test_a_malicious_non_tensor_item_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapped", [False, True], ids=["pickle", "pickle-in-a-bytesio"])
+def test_a_malicious_non_tensor_item_is_refused(tmp_path: Path, wrapped: bool) -> None:
     """torch.distributed.checkpoint stores non-tensor items as bytes that Megatron's loader unpickles with
-    weights_only=False; the check reads them with torch's weights_only unpickler first."""
+    weights_only=False; the check reads them with torch's weights_only unpickler first, and looks inside a byte
+    stream too (importing Megatron-Core allows that unpickler to build BytesIO: the outcome must not depend on what
+    the process imported before)."""
+    import megatron.core  # noqa: F401  (registers its safe globals, BytesIO among them, as a training process has)
     import torch.distributed.checkpoint as dcp
 
     marker = tmp_path / "payload-ran"
-    blob = io.BytesIO()
-    torch.save(Payload(marker), blob)
-    blob.seek(0)
-    dcp.save({"weight": torch.ones(3), "common_state": blob}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    item: object = Payload(marker)  # the default planner pickles it with torch.save
+    if wrapped:
+        blob = io.BytesIO()
+        torch.save(Payload(marker), blob)
+        blob.seek(0)
+        item = blob  # pickled again around the payload's bytes
+    dcp.save({"weight": torch.ones(3), "common_state": item}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     with pytest.raises(UnsafeCheckpointError, match="item 'common_state'"):
         check_dist_checkpoint(tmp_path / "ckpt")
     assert not marker.exists()
