@@ -10,16 +10,18 @@ candidates, 70% of them divergent):
   tokens, 0.27 x the rollout tokens) instead of 5,735 whole-prefix branch rows;
 - the teacher is built in Megatron (bf16) and gives full logits; its rollout logits wait in host memory
   (train.offload_teacher_logits: 32 GiB pinned per rank, 256 GiB per node, instead of 31 GiB per GPU);
-- student rollouts: an SGLang server (TP=4 x DP=2) time-sliced with training (sglang.colocate='time_slice': 0.67 of
-  every GPU while Megatron's states wait in host memory, released while Megatron trains; CUDA only);
+- student rollouts: an SGLang server (TP=4 x DP=2) time-sliced with training (sglang.colocate='time_slice': 0.42 of
+  every GPU from the step's rollouts to the end of its detection, beside Megatron's weights and the d_t pass, while
+  the optimizer state waits in host memory; released while Megatron trains; CUDA only);
 - teacher windows: a colocated SGLang server of the teacher quantized to FP8 at load (`--quantization fp8`, 8.5 GiB
   per GPU at TP=8), mem_fraction 0.14 of each GPU the whole time;
 - 32 prompts x 4 samples per step: the teacher's window rows kept for the branches ([sum K', V/TP], 8.6 GiB per GPU
   here) grow with the rollouts per GPU.
 Per GPU at the peak (the backward): 70.6 of 80 GiB (student states 16.8, teacher 16.4, the teacher server share 14.2,
-activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.8 GiB. About 273 s per
-step (branch scoring by the teacher's packed forward 72, windows 63: the teacher's, with the student's (18) beside them,
-teacher scoring 57, rollouts 40, train 20; the OPD step on this layout: 123 s, TOPD / OPD 2.22); the previous layout
+activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.5 GiB (the
+teacher's 16.4 GiB stay beside it). About 271 s per
+step (branch scoring by the teacher's packed forward 72, windows 63: the teacher's, with the student's (12) beside them,
+teacher scoring 57, rollouts 40, train 20; the OPD step on this layout: 122 s, TOPD / OPD 2.21); the previous layout
 (one whole-prefix row per window) planned 3,967 s, 2,540 s of it the teacher scoring those rows.
 """
 
@@ -43,7 +45,7 @@ def llama3_8b_from_70b() -> RunConfig:
         task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=4, dp=2, mem_fraction=0.67),
+            student=gpu_server("student", tp=4, dp=2, mem_fraction=0.42),
             teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.14, extra_args=("--quantization", "fp8")),
             sync_mode="distributed",
             colocate="time_slice",

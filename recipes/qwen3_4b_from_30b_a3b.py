@@ -12,18 +12,21 @@ Layout (`topd plan qwen3_4b_from_30b_a3b`, 80 GiB H100s; the planner's worst cas
 - the teacher is built in Megatron (bf16) and gives full logits; its rollout logits wait in host memory
   (train.offload_teacher_logits: 96 GiB pinned per rank, 768 GiB per node, instead of 56 GiB per GPU);
 - student rollouts: an SGLang server (TP=2 x DP=4) time-sliced with training (sglang.colocate='time_slice': it takes
-  0.69 of every GPU while Megatron's states wait in host memory, and releases it while Megatron trains; CUDA only);
+  0.55 of every GPU from the step's rollouts to the end of its detection, beside Megatron's weights and the d_t pass,
+  while the optimizer state waits in host memory, and releases it while Megatron trains; CUDA only);
 - teacher windows: a colocated SGLang server of the teacher, TP=8 (bf16), mem_fraction 0.12 of each GPU the whole
   time (generated in-process without a KV cache instead, a step would plan at about 18,400 s);
 - 48 prompts x 4 samples per step: the teacher's window rows kept for the branches ([sum K', V/TP], 15.2 GiB per GPU
   here) grow with the rollouts per GPU, and 64 prompts would need 1 TiB of pinned host memory per node (the offloaded
   blocks round up to powers of two), all of the share the planner allows.
 Per GPU at the peak (the backward): 55.8 of 80 GiB (the teacher server share 12.6, student states 11.2, teacher 7.5,
-window rows 15.2, framework 4, activations and loss 5.2); while the student server samples, 74.8 GiB. About 153 s per
-step (rollouts 59, windows 36: the teacher's, with the student's fresh windows (25) beside them on its own server, train
-24, branch scoring 7, branch training 6; the OPD step on this layout: 95 s, TOPD / OPD 1.61); the previous layout
+window rows 15.2, framework 4, activations and loss 5.2); while the student server samples, 74.6 GiB (the
+teacher's weights stay beside it). About 151 s per
+step (rollouts 59, windows 36: the teacher's, with the student's fresh windows (20, their rollouts still in the server's
+cache) beside them on its own server, train 24, branch scoring 7, branch training 6; the OPD step on this layout:
+94 s, TOPD / OPD 1.60); the previous layout
 (TransformerEngine attention: one whole-prefix row per window, the student server sharing 0.12 of every GPU) planned
-1,483 s, 1,065 s of it training the student on those rows. Selective recomputation plans 4% faster at 77.8 GiB; full
+1,483 s, 1,065 s of it training the student on those rows. Selective recomputation plans 3% faster at 77.8 GiB; full
 recomputation keeps 5 GiB of headroom on every role.
 """
 
@@ -47,7 +50,7 @@ def qwen3_4b_from_30b_a3b() -> RunConfig:
         task=MATH_TASK,
         rollout="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.69),
+            student=gpu_server("student", tp=2, dp=4, mem_fraction=0.55),
             teacher=gpu_server("teacher", tp=8, dp=1, mem_fraction=0.12),
             sync_mode="distributed",
             colocate="time_slice",

@@ -9,21 +9,23 @@ docs/scale.md), 8 + 10 nodes:
   guidance (each rollout's 45 windows packed after it: rows of 10,400 tokens instead of 5,735 whole-prefix branch rows
   per replica; 0.27 x the rollout tokens), with full recomputation; the student alone: 57.4 GiB per GPU at the peak,
   the weight sync (states 37.0, the resumed server weights 16.4, framework 4);
-- student rollouts: one SGLang server per training node (TP=8, bf16), time-sliced with training
-  (sglang.colocate='time_slice'): while a server samples, Megatron's weights, gradients and optimizer shard wait in
-  host memory; while Megatron trains, the server's weights and KV cache are released (SGLang's memory saver, CUDA
-  only); the 8 servers sit behind an sglang-router and all receive the weights after every step;
+- student rollouts: one SGLang server per training node (TP=8, bf16, mem_fraction 0.72), time-sliced with training
+  (sglang.colocate='time_slice'): from a step's rollouts to the end of its detection the servers stay whole beside
+  Megatron's weights (8.2 GiB) and its d_t pass (1.7 GiB), while the optimizer shard waits in host memory
+  (time_slice_span='step': 74.5 GiB per GPU); while Megatron trains, the servers' weights and KV cache are released
+  (SGLang's memory saver, CUDA only); the 8 servers sit behind an sglang-router and all receive the weights after
+  every step;
 - the teacher is served by SGLang only (teacher_source='sglang'): 10 servers, one per node, the bf16 checkpoint
   quantized to FP8 at load (`--quantization fp8`: 47.7 GiB of weights per GPU at TP=8, a 337k-token KV pool each),
-  behind a router: they score the rollouts, sample the near-future windows (per rollout, each prefix prefilled
-  once) and score the branch windows; the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
+  behind a router: they score the rollouts and sample the near-future windows (per rollout, each prefix prefilled
+  once), returning their top-20 log-probs at every window position with them (no second scoring of the branches);
+  the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
 - the Slurm script starts every server and sets sglang.student.urls / sglang.teacher.urls and sglang.sync_address.
-About 427 s per step (train 114, rollouts 88, teacher scoring 66, windows 43: the student's fresh windows on the student
-servers, with the teacher's (24) beside them on theirs, branch training 31, student d_t 29, branch scoring 26, state
-swaps 16, weight sync 15); the step's rollouts and windows do not fit the teacher servers' KV pools at once, so scoring,
-windows and the teacher's scores of the windows run in 4 parts (training/scoring.py `score_and_detect`), each part
-finding its prefixes cached from its scoring, and time slicing swaps once for the rollouts and once per part for the
-student's windows. The OPD step on this layout plans at 287 s (TOPD / OPD 1.49). The previous layout (16 training nodes,
+About 368 s per step (train 114, rollouts 88, teacher scoring 66, branch training 31, student d_t 29, windows 24: the
+teacher's on its servers, with the student's fresh windows (15) beside them on theirs, their rollouts still cached,
+weight sync 15, one state swap 1); the step's rollouts and windows do not fit the teacher servers' KV pools at once, so
+scoring and windows run in 4 parts (training/scoring.py `score_and_detect`), each part finding its prefixes cached from
+its scoring. The OPD step on this layout plans at 285 s (TOPD / OPD 1.29). The previous layout (16 training nodes,
 one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window) planned 4,288 s.
 teacher.fp8 and teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
 objective.teacher_signal=logits ...`).
@@ -59,7 +61,7 @@ def topd_70b() -> RunConfig:
         rollout="sglang",
         teacher_source="sglang",
         sglang=SGLangConfig(
-            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.85, servers=8, startup_timeout_s=1800.0),
+            student=gpu_server("student", tp=8, dp=1, mem_fraction=0.72, servers=8, startup_timeout_s=1800.0),
             teacher=gpu_server(
                 "teacher",
                 tp=8,

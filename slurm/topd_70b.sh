@@ -77,6 +77,10 @@ TEACHER_SERVER_NODES="${TOPD_TEACHER_SERVER_NODES:-10}" # the recipe's teacher i
 TEACHER_SERVER_TP="${TOPD_TEACHER_SERVER_TP:-8}"        # a server per TP x DP GPUs (here one per node)
 TEACHER_SERVER_DP="${TOPD_TEACHER_SERVER_DP:-1}"
 TEACHER_SERVER_ARGS="${TOPD_TEACHER_SERVER_ARGS:---quantization fp8}"  # extra sglang.launch_server arguments
+# SGLang's --mem-fraction-static: a time-sliced student server leaves room for Megatron's weights and the d_t pass
+# beside it (sglang.time_slice_span=step, the recipe's 0.72); servers on nodes of their own take 0.85
+STUDENT_SERVER_MEM="${TOPD_STUDENT_SERVER_MEM_FRACTION:-}"  # [0.72 time-sliced, 0.85 on its own nodes]
+TEACHER_SERVER_MEM="${TOPD_TEACHER_SERVER_MEM_FRACTION:-0.85}"
 GPUS_PER_NODE="${TOPD_GPUS_PER_NODE:-8}"                # training ranks per training node
 # Training nodes: the rest of the allocation (TOPD_TRAIN_NODES to use fewer).
 # ==== end of LAYOUT ================================================================================================
@@ -236,10 +240,11 @@ trap 'on_stop TERM' TERM  # scancel / time limit / preemption
 trap 'exit 130' INT
 
 # ---- (a) SGLang servers: one srun per server (a server of TP x DP GPUs over as many nodes), one task per node ------
-# start_server ROLE MODEL PORT DIST_PORT TP DP OVERLAP NODE... [-- EXTRA SGLANG ARGS]
+# start_server ROLE MODEL PORT DIST_PORT TP DP OVERLAP MEM_FRACTION NODE... [-- EXTRA SGLANG ARGS]
 start_server() {
-    local role="$1" model="$2" port="$3" dist_port="$4" tp="$5" dp="$6" overlap="$7" hosts=() extra=() shared=()
-    shift 7
+    local role="$1" model="$2" port="$3" dist_port="$4" tp="$5" dp="$6" overlap="$7" mem="$8"
+    local hosts=() extra=() shared=()
+    shift 8
     while (($#)) && [[ "$1" != -- ]]; do hosts+=("$1"); shift; done
     (($#)) && { shift; extra=(-- "$@"); }
     [[ "$overlap" == 1 ]] && shared=(--overlap)  # a time-sliced server shares its node with the training step
@@ -251,20 +256,21 @@ start_server() {
         --nodelist="$(join "${hosts[@]}")" --output="$work/serve-$role-${hosts[0]}-%t.out" "${srun_common[@]}" \
         bash -c "$serve_on_node" "$PY" "$work/$role-${hosts[0]}-node" \
         --role "$role" --model "$model" --host 0.0.0.0 --port "$port" --tp "$tp" --dp "$dp" --dtype bfloat16 \
-        --mem-fraction 0.85 --max-total-tokens auto --timeout "$TOPD_SGLANG_TIMEOUT" --log-dir "$work" \
+        --mem-fraction "$mem" --max-total-tokens auto --timeout "$TOPD_SGLANG_TIMEOUT" --log-dir "$work" \
         --nnodes "${#hosts[@]}" --dist-init-addr "${hosts[0]}:$dist_port" "${extra[@]}"
 }
-# start_servers VAR ROLE MODEL PORT DIST_PORT TP DP OVERLAP NODE... [-- EXTRA]: a server per TP x DP GPUs of the nodes;
-# their URLs into the array VAR (the trainer puts an sglang-router in front of them)
+# start_servers VAR ROLE MODEL PORT DIST_PORT TP DP OVERLAP MEM_FRACTION NODE... [-- EXTRA]: a server per TP x DP
+# GPUs of the nodes; their URLs into the array VAR (the trainer puts an sglang-router in front of them)
 start_servers() {
     local -n urls_out="$1"
-    local role="$2" model="$3" port="$4" dist_port="$5" tp="$6" dp="$7" overlap="$8" hosts=() rest=() i per
-    shift 8
+    local role="$2" model="$3" port="$4" dist_port="$5" tp="$6" dp="$7" overlap="$8" mem="$9" hosts=() rest=() i per
+    shift 9
     while (($#)) && [[ "$1" != -- ]]; do hosts+=("$1"); shift; done
     rest=("$@")
     per=$(((tp * dp) / GPUS_PER_NODE))
     for ((i = 0; i < ${#hosts[@]}; i += per)); do
-        start_server "$role" "$model" "$port" "$dist_port" "$tp" "$dp" "$overlap" "${hosts[@]:i:per}" "${rest[@]}"
+        start_server "$role" "$model" "$port" "$dist_port" "$tp" "$dp" "$overlap" "$mem" "${hosts[@]:i:per}" \
+            "${rest[@]}"
         urls_out+=("http://${hosts[i]}:$port")
     done
 }
@@ -291,14 +297,16 @@ student_urls=()
 teacher_urls=()
 sliced=0
 student_args=()
+student_mem="${STUDENT_SERVER_MEM:-0.85}"
 if [[ "$colocate" == time_slice ]]; then  # SGLang's memory saver: release / resume while Megatron trains
     sliced=1
     student_args=(-- --enable-memory-saver --enable-weights-cpu-backup)
+    student_mem="${STUDENT_SERVER_MEM:-0.72}"
 fi
 start_servers student_urls student "$STUDENT_MODEL" "$STUDENT_PORT" "$STUDENT_DIST_PORT" "$STUDENT_SERVER_TP" \
-    "$STUDENT_SERVER_DP" "$sliced" "${student_nodes[@]}" "${student_args[@]}"
+    "$STUDENT_SERVER_DP" "$sliced" "$student_mem" "${student_nodes[@]}" "${student_args[@]}"
 start_servers teacher_urls teacher "$TEACHER_MODEL" "$TEACHER_PORT" "$TEACHER_DIST_PORT" "$TEACHER_SERVER_TP" \
-    "$TEACHER_SERVER_DP" 0 "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
+    "$TEACHER_SERVER_DP" 0 "$TEACHER_SERVER_MEM" "${teacher_nodes[@]}" -- "${teacher_server_args[@]}"
 sets=(--set rollout=sglang --set "sglang.student.urls=$(join "${student_urls[@]}")" --set "sglang.colocate=$colocate")
 sets+=(--set sglang.student.api_key_env=TOPD_SGLANG_API_KEY)  # the variable's name: the key stays in the environment
 sets+=(--set "sglang.student.tp=$STUDENT_SERVER_TP" --set "sglang.student.dp=$STUDENT_SERVER_DP")

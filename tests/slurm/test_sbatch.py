@@ -242,9 +242,10 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     for i, line in enumerate(students, start=1):
         assert "rollout.sglang.serve" in line and "--role student" in line and f"--nodelist=node{i:03d}" in line
         assert "--overlap" in line and "--enable-memory-saver --enable-weights-cpu-backup" in line
+        assert "--mem-fraction 0.72" in line  # room for Megatron's weights and the d_t pass beside the server
     for i, line in enumerate(teachers, start=9):
         assert "--role teacher" in line and f"--nodelist=node{i:03d}" in line and "--overlap" not in line
-        assert "--quantization fp8" in line
+        assert "--quantization fp8" in line and "--mem-fraction 0.85" in line
     assert "torch.distributed.run --nnodes=8" in train and "--rdzv-endpoint=node001:29500" in train
     assert "--overlap" in train and "sglang.colocate=time_slice" in train and "--recipe topd_70b" in train
     urls = ",".join(f"http://node{i:03d}:30000" for i in range(1, 9))
@@ -262,6 +263,7 @@ def test_scripts_parse_and_the_70b_dry_run_prints_its_srun_lines(tmp_path: Path)
     lines = [line for line in dedicated.stdout.splitlines() if line.startswith("+ srun ")]
     assert dedicated.returncode == 0 and len(lines) == 2 + 10 + 1, dedicated.stdout
     assert "--nodelist=node007" in lines[0] and "--overlap" not in lines[0] and "sglang.colocate=share" in lines[-1]
+    assert "--mem-fraction 0.85" in lines[0]  # a student server on its own nodes
 
     misfit = subprocess.run(
         ["bash", str(BIG)], env=dict(env, TOPD_STUDENT_SERVER_NODES="18"), capture_output=True, text=True, timeout=60

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from topd_megatron.rollout.engine import Generation, SamplingParams
-from topd_megatron.training.colocation import TimeSlicedEngine, check_time_slicing
+from topd_megatron.training.colocation import SamplingSpan, TimeSlicedEngine, check_time_slicing
 
 
 class _Log:
@@ -59,8 +59,8 @@ class _States:
     def __init__(self, log: _Log) -> None:
         self.log = log
 
-    def offload(self) -> None:
-        self.log.calls.append("offload megatron")
+    def offload(self, *, weights: bool = True) -> None:
+        self.log.calls.append("offload megatron" if weights else "offload megatron's gradients and optimizer")
 
     def reload(self) -> None:
         self.log.calls.append("reload megatron")
@@ -70,6 +70,19 @@ def test_capability_check_refuses_without_cuda() -> None:
     with pytest.raises(ValueError, match="time_slice' needs CUDA.*colocate='share'"):
         check_time_slicing(cuda=False)
     check_time_slicing(cuda=True)
+
+
+def test_capability_check_refuses_students_the_offload_would_break() -> None:
+    from topd_megatron.models.build import ModelConfig
+
+    mxfp8 = ModelConfig(path="x", fp8="mxfp8", fp8_weights=True)
+    with pytest.raises(ValueError, match="gradient buffer's storage.*fp8_weights=false"):
+        check_time_slicing(cuda=True, student=mxfp8, span="call")
+    fp32 = ModelConfig(path="x", dtype="float32")
+    with pytest.raises(ValueError, match="time_slice_span='step'.*bf16/fp16 student.*time_slice_span=call"):
+        check_time_slicing(cuda=True, student=fp32, span="step")
+    check_time_slicing(cuda=True, student=fp32, span="call")  # everything moves: the weights come back with it
+    check_time_slicing(cuda=True, student=ModelConfig(path="x", fp8="tensorwise", fp8_weights=True), span="step")
 
 
 def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
@@ -117,6 +130,53 @@ def test_students_sample_only_while_megatron_is_in_host_memory() -> None:
         "release kv_cache,weights",
         "reload megatron",
     ]  # fmt: skip (a new engine's servers start whole)
+
+
+def test_a_step_span_swaps_once_and_keeps_megatrons_weights_for_the_d_t_pass() -> None:
+    """span='step': the rollouts, the d_t pass (Megatron's weights on the GPUs) and both roles' windows share one
+    swap; the student servers keep their KV caches (the rollouts) until the detection ends."""
+    log = _Log()
+    engine = TimeSlicedEngine(_Servers(log), _States(log), span="step")
+    params = SamplingParams(max_new_tokens=1)
+    assert isinstance(engine, SamplingSpan)
+    for _ in range(2):
+        engine.begin_sampling()
+        engine.generate([[1, 2]], params)  # the rollouts
+        engine.score([[1, 2]], [1])  # the teacher's scores, then the d_t pass on Megatron's weights
+        engine.generate_window_pair(None, None, params)  # a part's windows: no swap
+        engine.generate_windows(None, None, params, model="student")  # another part's
+        engine.end_sampling()  # train_step, after phase 2
+        engine.end_sampling()  # run_step's safety net: nothing more
+        engine.sync_weights()
+    step = ["generate student", "score", "windows teacher and student", "windows student", "release kv_cache,weights",
+            "reload megatron", "resume weights", "sync"]  # fmt: skip
+    first = ["offload megatron's gradients and optimizer", *step]  # the servers start whole
+    again = ["offload megatron's gradients and optimizer", "resume kv_cache", *step]
+    assert log.calls == first + again
+    # outside a span (evaluation, the oracle) every call swaps Megatron's whole states
+    log.calls.clear()
+    engine.generate([[1]], params)
+    assert log.calls == ["offload megatron", "resume kv_cache", "generate student", "release kv_cache,weights",
+                         "reload megatron"]  # fmt: skip
+    # span='call' ignores the span: one swap per call
+    log.calls.clear()
+    per_call = TimeSlicedEngine(_Servers(log), _States(log), span="call")
+    per_call.begin_sampling()
+    per_call.generate([[1]], params)
+    per_call.generate([[1]], params)
+    per_call.end_sampling()
+    assert log.calls.count("offload megatron") == 2 and log.calls.count("reload megatron") == 2
+
+
+def test_a_failing_call_in_a_span_brings_megatron_back() -> None:
+    log = _Log()
+    engine = TimeSlicedEngine(_Servers(log, fail=True), _States(log), span="step")
+    engine.begin_sampling()
+    with pytest.raises(RuntimeError, match="server lost"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=1))
+    assert log.calls[-2:] == ["release kv_cache,weights", "reload megatron"]
+    engine.end_sampling()  # the loop's safety net after the failure: nothing swaps twice
+    assert log.calls.count("reload megatron") == 1
 
 
 def test_megatron_comes_back_when_sampling_fails() -> None:

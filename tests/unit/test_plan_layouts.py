@@ -110,21 +110,59 @@ def test_time_slicing_frees_the_training_gpus_of_the_student_server() -> None:
     server = next(r for r in sliced.roles if r.role.startswith("student server GPU (time-sliced"))
     assert server.budget_gib == cfg.cluster.gpu_memory_gib and server.fits
     lay = layout_of(cfg)
-    states = sum(
-        student_state_bytes(rank_params(student, lay, student.vocab, "first"), cfg.student, lay, True).values()
-    )
+    states = student_state_bytes(rank_params(student, lay, student.vocab, "first"), cfg.student, lay, True)
+    optimizer = next(v for k, v in states.items() if k.startswith("student optimizer"))
     swap = sliced.step_time.seconds["time slicing (Megatron states to host and back)"]
-    # for the rollouts, and for the fresh student windows of each part of the step (see the next test); once with
-    # the rollout's own windows
+    # the step's span (time_slice_span='step'): one swap of the optimizer state; Megatron's weights and the d_t pass
+    # sit beside the whole student servers, whose caches keep the rollouts for the fresh windows
+    assert swap == pytest.approx(2 * optimizer / (PCIE_GBPS * 1e9))
+    weights_gib = states["student weights"] / GIB  # (the planner pads the vocabulary)
+    assert server.components["Megatron's student weights (kept for the d_t pass)"] == pytest.approx(
+        weights_gib, rel=1e-4
+    )
+    beside = max(training.phases.get(p, 0.0) for p in ("score", "d_t", "detect"))
+    assert server.components["phases 1-2 beside the servers (largest: d_t)"] == pytest.approx(beside)
+    assert not any("teacher weights" in k for k in server.components)  # the teacher is served: none in Megatron
+    assert any("student servers' KV caches hold the step's rollouts" in n for n in sliced.step_time.notes)
+    # per call: the weights move too (the gradient buffers are freed, not copied), for the rollouts and for the fresh
+    # student windows of each part of the step; once with the rollout's own windows
     from topd_megatron.plan.step_time import window_parts
 
+    per_call = apply_overrides(cfg, ["sglang.time_slice_span=call"])
+    call = plan(per_call, run_preflight=False)
     parts = window_parts(cfg, sliced.teacher, sliced.shape, sliced.layout.dp)
-    assert swap == pytest.approx((1 + parts) * 2 * states / (PCIE_GBPS * 1e9))
-    rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
-    swap_once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]
-    assert swap_once == pytest.approx(swap / (1 + parts))
+    moved = states["student weights"] + optimizer
+    call_swap = call.step_time.seconds["time slicing (Megatron states to host and back)"]
+    assert call_swap == pytest.approx((1 + parts) * 2 * moved / (PCIE_GBPS * 1e9))
+    assert not any("student servers' KV caches hold" in n for n in call.step_time.notes)
+    assert call.step_time.total_s > sliced.step_time.total_s + 25  # the student's windows prefill every rollout again
+    rollout_windows = apply_overrides(per_call, ["objective.detection.student_window=rollout"])
+    swap_once = plan(rollout_windows, run_preflight=False).step_time.seconds[
+        "time slicing (Megatron states to host and back)"
+    ]
+    assert swap_once == pytest.approx(call_swap / (1 + parts))
     shared = plan(apply_overrides(cfg, ["sglang.colocate=share"]), run_preflight=False)
     assert not shared.feasible  # a 0.85 share of every training GPU next to training does not fit
+
+
+def test_a_megatron_teacher_stays_beside_time_sliced_servers() -> None:
+    """llama3_8b_from_70b: time slicing offloads the student's states only; the Megatron teacher's weights stay on
+    every GPU next to the whole student server, and the search lowers the server's mem_fraction to leave room."""
+    from topd_megatron.plan.search import leave_room_for_megatron
+
+    cfg = recipes.get("llama3_8b_from_70b")
+    p = plan(cfg, run_preflight=False)
+    training = p.roles[0]
+    server = next(r for r in p.roles if r.role.startswith("student server GPU (time-sliced"))
+    teacher = sum(v for k, v in training.components.items() if k.startswith(("teacher weights", "teacher FP8 weight")))
+    assert teacher > 10 and server.components["Megatron's teacher weights (never offloaded)"] == pytest.approx(teacher)
+    assert server.fits
+    roomy = apply_overrides(cfg, ["sglang.student.mem_fraction=0.67"])  # the share planned before the teacher counted
+    assert not plan(roomy, run_preflight=False).feasible
+    fitted = leave_room_for_megatron(roomy)
+    kept = sum(v for k, v in server.components.items() if k.startswith(("Megatron's", "phases 1-2")))
+    assert fitted.sglang.student.mem_fraction == pytest.approx(0.67 - kept / cfg.cluster.gpu_memory_gib, abs=1e-3)
+    assert plan(fitted, run_preflight=False).feasible
 
 
 def test_search_finds_splits_and_the_recipes_adopt_the_best() -> None:
@@ -179,7 +217,7 @@ def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
 def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_in_parts() -> None:
     """topd_70b: the step's 4.2M rollout tokens and their windows exceed half the 10 teacher servers' pools, so
     phases 1-2 run in parts (training/scoring.py `cache_parts`): the teacher's windows find their prefixes cached,
-    and under time slicing the student's windows of every part cost one more state swap."""
+    and, swapping per call under time slicing, the student's windows of every part cost one more state swap."""
     from topd_megatron.plan.step_time import window_parts
 
     cfg = recipes.get("topd_70b")
@@ -212,7 +250,13 @@ def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_i
     args = (branches, s // 2, k, int(prefill), k + s / max(p.shape.branches // p.shape.rollouts, 1))
     guidance = at_random.seconds["guidance windows (SGLang teacher, per rollout)"]
     assert guidance == pytest.approx(_decode_seconds(teacher, cfg, "teacher", *args))
-    states = p.step_time.seconds["time slicing (Megatron states to host and back)"]
-    rollout_windows = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
-    once = rollout_windows.step_time.seconds["time slicing (Megatron states to host and back)"]
-    assert states == pytest.approx((1 + parts) * once)
+    # swapping per call, the fresh student windows of every part swap once more; in the step's span, never
+    swap = "time slicing (Megatron states to host and back)"
+    per_call = apply_overrides(cfg, ["sglang.time_slice_span=call"])
+    states = plan(per_call, run_preflight=False).step_time.seconds[swap]
+    rollout_windows = plan(
+        apply_overrides(per_call, ["objective.detection.student_window=rollout"]), run_preflight=False
+    )
+    assert states == pytest.approx((1 + parts) * rollout_windows.step_time.seconds[swap])
+    spanned = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
+    assert p.step_time.seconds[swap] == pytest.approx(spanned.step_time.seconds[swap])

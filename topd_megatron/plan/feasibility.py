@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from topd_megatron.config import RunConfig
 from topd_megatron.models.build import check_layout, padded_vocab
 from topd_megatron.plan.architecture import Architecture, resolve
-from topd_megatron.plan.layout import Layout, StepShape, layout_of, step_shape
+from topd_megatron.plan.layout import Layout, StepShape, layout_of, span_keeps_weights, step_shape, time_sliced
 from topd_megatron.plan.memory import (
     GIB,
     HOST_MEMORY_GIB_PER_NODE,
@@ -35,6 +35,7 @@ from topd_megatron.plan.memory import (
     RoleMemory,
     Stage,
     colocated_servers,
+    megatron_beside_servers,
     server_memory,
     server_role,
     teacher_served,
@@ -216,7 +217,8 @@ def memory_plan(
             if server.url and who not in colocated and not nodes:
                 continue  # attached to servers started elsewhere: nothing of ours to plan
             here = who in colocated
-            roles.append(server_role(cfg, who, arch, server, here, shape.seq))
+            kept = megatron_beside_servers(roles[: len(_stages(layout.pp))], span=span_keeps_weights(cfg))
+            roles.append(server_role(cfg, who, arch, server, here, shape.seq, kept if who == "student" else None))
             gpus = layout.world if here else nodes * c.gpus_per_node
             errors += _server_errors(cfg, who, arch, server, gpus, shape.seq)
             per_replica = -(-shape.rollouts * max(layout.dp, 1) // (server.dp * server.servers))
@@ -226,6 +228,17 @@ def memory_plan(
                     f"SGLang {who} server: its KV pool holds {held} sequences of {shape.seq} tokens at once, a step"
                     f" sends {per_replica} to each replica: they decode in {-(-per_replica // held)} waves"
                 )
+    student_server = cfg.sglang.student
+    if time_sliced(cfg) and not (student_server.url or student_server.urls):
+        # SGLang sizes its pool as mem_fraction x the memory free when it starts, less its weights
+        resident = max(r.total_gib - r.phases.get(r.peak_phase, 0.0) for r in roles if r.role.startswith("training"))
+        warnings.append(
+            f"the trainer launches the time-sliced student servers after building the Megatron models ({resident:.1f}"
+            f" GiB per GPU then): SGLang sizes its KV pool from the memory free when it starts, about"
+            f" {student_server.mem_fraction * resident:.1f} GiB less than planned; start the servers first"
+            " (python -m topd_megatron.rollout.sglang.serve, as slurm/topd_70b.sh does) and attach them"
+            " (sglang.student.urls)"
+        )
     host = max((r.host_bytes for r in roles), default=0.0)
     if host:
         ranks = min(c.gpus_per_node, max(layout.world // layout.pp, 1))  # last-stage ranks on one node

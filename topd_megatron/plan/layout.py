@@ -51,6 +51,13 @@ def time_sliced(cfg: RunConfig) -> bool:
     return cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice" and cfg.cluster.student_server_nodes == 0
 
 
+def span_keeps_weights(cfg: RunConfig) -> bool:
+    """Time slicing with sglang.time_slice_span='step': from the rollouts to the end of detection the student servers
+    stay whole and Megatron's weights stay beside them on the GPUs (the d_t pass runs on them); only the optimizer
+    state waits in host memory, and the step swaps once (training/colocation.py)."""
+    return time_sliced(cfg) and cfg.sglang.time_slice_span == "step"
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Parallel sizes of the training ranks (Megatron-Core's groups)."""

@@ -659,10 +659,37 @@ def training_role(
     return role
 
 
+def megatron_beside_servers(training: list[RoleMemory], *, span: bool) -> dict[str, float]:
+    """GiB a training rank keeps on its GPU beside its whole time-sliced student servers (the fullest pipeline stage):
+    a Megatron teacher's weights (and TE's FP8 copies: time slicing never offloads the teacher), and in a step's span
+    (time_slice_span='step') the student's weights and the largest of phases 1-2 that run beside the servers (the
+    teacher's scoring forward, the d_t pass, in-process windows)."""
+
+    def kept(r: RoleMemory) -> dict[str, float]:
+        teacher = sum(v for k, v in r.components.items() if k.startswith(("teacher weights", "teacher FP8 weight")))
+        out = {"Megatron's teacher weights (never offloaded)": teacher}
+        if span:
+            weights = sum(v for k, v in r.components.items() if k.startswith(("student weights", "student FP8 weight")))
+            phases = {p: r.phases.get(p, 0.0) for p in ("score", "d_t", "detect")}
+            largest = max(phases, key=lambda p: phases[p])
+            out["Megatron's student weights (kept for the d_t pass)"] = weights
+            out[f"phases 1-2 beside the servers (largest: {largest})"] = phases[largest]
+        return out
+
+    return max((kept(r) for r in training), key=lambda d: sum(d.values()), default={})
+
+
 def server_role(
-    cfg: RunConfig, who: str, arch: Architecture, server: ServerConfig, colocated: bool, seq: int
+    cfg: RunConfig,
+    who: str,
+    arch: Architecture,
+    server: ServerConfig,
+    colocated: bool,
+    seq: int,
+    beside: dict[str, float] | None = None,
 ) -> RoleMemory:
-    """One GPU of an SGLang server: weights and KV pool inside mem_fraction, plus the runtime outside it."""
+    """One GPU of an SGLang server: weights and KV pool inside mem_fraction, plus the runtime outside it (and, for a
+    time-sliced student server, what Megatron keeps beside it: `beside`, GiB)."""
     gpu = cfg.cluster.gpu_memory_gib
     mem = server_memory(arch, server, gpu)
     sliced = colocated and who == "student" and time_sliced(cfg)
@@ -674,7 +701,8 @@ def server_role(
     weights = f"{who} weights (server TP={server.tp}{', FP8' if mem.fp8 else ''})"
     role.components = _gib({weights: mem.weights, "KV-cache pool": pool})
     if sliced:  # Megatron's states wait in host memory; its CUDA context and framework stay, and other servers
-        role.components["training rank's CUDA context and framework (states offloaded)"] = FRAMEWORK_OVERHEAD_GIB
+        role.components["training rank's CUDA context and framework"] = FRAMEWORK_OVERHEAD_GIB
+        role.components |= {k: v for k, v in (beside or {}).items() if v}
         for other, share in colocated_servers(cfg):
             if other != who:
                 role.components[f"SGLang {other} server share (mem_fraction {share.mem_fraction:g} + runtime)"] = (

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from topd_megatron.config import RunConfig
 from topd_megatron.plan.feasibility import Plan, plan
-from topd_megatron.plan.memory import SGLANG_RUNTIME_OVERHEAD_GIB
+from topd_megatron.plan.layout import span_keeps_weights, time_sliced
+from topd_megatron.plan.memory import SGLANG_RUNTIME_OVERHEAD_GIB, megatron_beside_servers
 
 SERVER_MEM_FRACTION = 0.85
 """mem_fraction of a server on nodes of its own or time-sliced with training (the GPU is the server's then)."""
@@ -125,6 +126,23 @@ def _name(cfg: RunConfig) -> str:
     return f"train {c.nodes} | student servers {student} | teacher servers {teacher} | {attention}"
 
 
+def leave_room_for_megatron(cfg: RunConfig, *, device: str = "cuda") -> RunConfig:
+    """A time-sliced student server with its mem_fraction lowered by what Megatron keeps beside it on the GPU (a
+    Megatron teacher's weights; in a step's span the student's weights and phases 1-2: plan/memory.py
+    `megatron_beside_servers`), so that the GPU holds both; `cfg` unchanged otherwise."""
+    if not time_sliced(cfg):
+        return cfg
+    planned = plan(cfg, device=device, run_preflight=False)
+    training = [r for r in planned.roles if r.role.startswith("training rank")]
+    kept = sum(megatron_beside_servers(training, span=span_keeps_weights(cfg)).values())
+    if not kept:
+        return cfg
+    server = cfg.sglang.student
+    fraction = server.mem_fraction - kept / cfg.cluster.gpu_memory_gib
+    student = dataclasses.replace(server, mem_fraction=round(fraction, 3))
+    return dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, student=student))
+
+
 def search_layouts(cfg: RunConfig, *, device: str = "cuda") -> list[Candidate]:
     """Every split (module docstring), planned; feasible ones first, fastest first."""
     if cfg.rollout != "sglang":
@@ -137,6 +155,7 @@ def search_layouts(cfg: RunConfig, *, device: str = "cuda") -> list[Candidate]:
     for recompute in (None, "selective", "full"):
         for (s_nodes, colocate), t_nodes in itertools.product(options, teacher_options):
             variant = split(cfg, s_nodes, t_nodes, recompute, colocate)
+            variant = leave_room_for_megatron(variant, device=device) if variant is not None else None
             planned = plan(variant, device=device, run_preflight=False) if variant is not None else None
             if planned is None or not planned.feasible:
                 continue
@@ -147,4 +166,4 @@ def search_layouts(cfg: RunConfig, *, device: str = "cuda") -> list[Candidate]:
     return sorted(unique.values(), key=lambda c: c.step_s)
 
 
-__all__ = ["Candidate", "opd_variant", "search_layouts", "split"]
+__all__ = ["Candidate", "leave_room_for_megatron", "opd_variant", "search_layouts", "split"]

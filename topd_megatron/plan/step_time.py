@@ -48,10 +48,12 @@ SGLang servers: a role's `servers` x TP x DP GPUs prefill together and split the
 Weight sync (rollout=sglang, every step): the student's HF weights (P x bytes) gathered to global rank 0's host
 memory (export, PCIE_GBPS), then pushed: 'distributed' one broadcast to every server (host -> GPU at PCIE_GBPS, then
 NETWORK_GBPS), 'tensor' one host -> GPU copy per server, 'disk' a write and one read per server at DISK_GBPS.
-Time-sliced colocation (sglang.colocate='time_slice'): each step offloads the student's Megatron states (weights,
-fp32 gradients, optimizer shard) to host memory before the rollouts and reloads them after (2 x states / PCIE_GBPS);
-once more per part of the step with fresh student windows (they need the student servers again after each part's
-d_t pass).
+Time-sliced colocation (sglang.colocate='time_slice'): each step copies the student's Megatron states to host memory
+before the rollouts and back after (2 x bytes / PCIE_GBPS; the fp32 gradient buffers are freed, not copied). With
+time_slice_span='step' (`span_keeps_weights`) only the optimizer state moves, once: the weights stay for the d_t pass
+beside the whole student servers, whose KV caches keep the rollouts for the fresh student windows. With 'call' the
+weights move too, once more per part of the step with fresh student windows (they need the student servers again
+after each part's d_t pass), and the servers' caches no longer hold the rollouts.
 Not estimated: evaluation, checkpoints, the optimizer step (memory-bound, small), the detector's OT solve (CPU).
 Every phase runs after the previous one (the loop is synchronous), so times add up; the one overlap is the two roles'
 windows on their own servers.
@@ -64,7 +66,7 @@ from dataclasses import dataclass, field
 from topd_megatron.config import RunConfig
 from topd_megatron.models.build import padded_vocab
 from topd_megatron.plan.architecture import Architecture
-from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape, time_sliced
+from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape, span_keeps_weights, time_sliced
 from topd_megatron.plan.memory import (
     GIB,
     dtype_bytes,
@@ -265,10 +267,16 @@ def estimate_step_time(
     if cfg.rollout == "sglang":
         est.seconds["weight sync (student servers)"] = weight_sync_seconds(cfg, student)
     if time_sliced(cfg):
-        states = layout_state_bytes(cfg, student, layout)
-        # the fresh student windows need the student servers again, once per part of the step
-        windows = window_parts(cfg, teacher, shape, dp) if fresh_student_windows(cfg) else 0
+        states = swapped_state_bytes(cfg, student, layout)
+        # per call, the fresh student windows need the student servers again, once per part of the step
+        per_call = fresh_student_windows(cfg) and not span_keeps_weights(cfg)
+        windows = window_parts(cfg, teacher, shape, dp) if per_call else 0
         est.seconds["time slicing (Megatron states to host and back)"] = (1 + windows) * 2 * states / (PCIE_GBPS * 1e9)
+        if span_keeps_weights(cfg):
+            est.notes.append(
+                "time slicing swaps once per step: the student servers stay whole from the rollouts to the end of"
+                " detection, beside Megatron's weights (the d_t pass); only the optimizer state goes to the host"
+            )
         if windows:
             est.notes.append(
                 f"time slicing swaps {1 + windows} times per step: for the rollouts, and for the fresh student windows"
@@ -419,9 +427,10 @@ def _guidance_windows(
 def rollouts_stay_cached(cfg: RunConfig, role: str, arch: Architecture, rollout_tokens: float) -> bool:
     """Whether the role's servers' KV caches, together, still hold every rollout of the step when its windows are
     sampled: the teacher's when it scored them (a served teacher), the student's when it generated them and kept its
-    cache (not when time slicing released it)."""
+    cache (not when time slicing released it before the windows: span 'call')."""
     server = cfg.sglang.teacher if role == "teacher" else cfg.sglang.student
-    if server is None or (role == "teacher" and not teacher_served(cfg)) or (role == "student" and time_sliced(cfg)):
+    released = role == "student" and time_sliced(cfg) and not span_keeps_weights(cfg)
+    if server is None or (role == "teacher" and not teacher_served(cfg)) or released:
         return False
     mem = server_memory(arch, server, cfg.cluster.gpu_memory_gib)
     return mem.kv_tokens * server.dp * server.servers >= rollout_tokens
@@ -439,8 +448,12 @@ def weight_sync_seconds(cfg: RunConfig, student: Architecture) -> float:
     return export + (1 + n) * nbytes / (DISK_GBPS * 1e9)
 
 
-def layout_state_bytes(cfg: RunConfig, student: Architecture, layout: Layout) -> float:
-    """The student's Megatron states on the fullest GPU (first stage): what time slicing moves to the host."""
+def swapped_state_bytes(cfg: RunConfig, student: Architecture, layout: Layout) -> float:
+    """What one time-slicing swap copies to the host (and back) on the fullest GPU (first stage): the optimizer state
+    and, unless the step's span keeps them (`span_keeps_weights`), the weights; the fp32 gradient buffers are freed
+    and zeroed again, not copied (Megatron-Core's offload_to_cpu / reload_from_cpu)."""
     stage = "only" if layout.pp == 1 else "first"
     params = rank_params(student, layout, padded_vocab(student.vocab, cfg.student, layout.tp), stage)
-    return sum(student_state_bytes(params, cfg.student, layout, cfg.optim.use_distributed_optimizer).values())
+    states = student_state_bytes(params, cfg.student, layout, cfg.optim.use_distributed_optimizer)
+    keep = ("student gradient", "student weights") if span_keeps_weights(cfg) else ("student gradient",)
+    return sum(v for k, v in states.items() if not k.startswith(keep))

@@ -37,7 +37,7 @@ from topd_megatron.rollout.engine import Generation, SamplingParams
 from topd_megatron.rollout.sglang.engine import SGLangEngine
 from topd_megatron.seeds import benchmark_eval_seed, rollout_seed, window_seed
 from topd_megatron.tasks import LabelsChoices, Problem, Task, load_task
-from topd_megatron.training.colocation import MegatronStates, TimeSlicedEngine, check_time_slicing
+from topd_megatron.training.colocation import MegatronStates, SamplingSpan, TimeSlicedEngine, check_time_slicing
 from topd_megatron.training.metrics import MetricsLogger, keep_before
 from topd_megatron.training.optim import build_optimizer, build_scheduler, ddp_config
 from topd_megatron.training.preemption import StopSignals, clear_marker, write_marker
@@ -164,12 +164,19 @@ def run_step(
         stop_token_ids=(tok.eos_token_id,),
         seed=rollout_seed(cfg.train.seed, step),
     )
-    rollouts = session.engine.generate([encode_prompt(tok, p.prompt) for p in problems], params)
-    t_rollout = time.perf_counter() - t0
-    batch = build_step_batch(rollouts, pad_id=tok.pad_token_id, micro_batch_size=cfg.train.micro_batch_size)
-    metrics = train_step(
-        ctx, batch, window_seed=window_seed(cfg.train.seed, step), inject_nan=step + 1 in cfg.train.inject_nan_at
-    )
+    span = session.engine if isinstance(session.engine, SamplingSpan) else None
+    if span is not None:  # time slicing: the student servers stay whole until train_step's detection ends
+        span.begin_sampling()
+    try:
+        rollouts = session.engine.generate([encode_prompt(tok, p.prompt) for p in problems], params)
+        t_rollout = time.perf_counter() - t0
+        batch = build_step_batch(rollouts, pad_id=tok.pad_token_id, micro_batch_size=cfg.train.micro_batch_size)
+        metrics = train_step(
+            ctx, batch, window_seed=window_seed(cfg.train.seed, step), inject_nan=step + 1 in cfg.train.inject_nan_at
+        )
+    finally:
+        if span is not None:
+            span.end_sampling()
     sync = session.engine.sync_weights()
     metrics |= rollout_metrics(tok, task, problems, rollouts)
     metrics["time/rollout_s"] = t_rollout
@@ -270,7 +277,8 @@ def open_run(
     optimizer = build_optimizer(cfg.optim, session.student)
     if cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice":
         # the student servers and Megatron take the GPUs by turns (training/colocation.py)
-        session.engine = TimeSlicedEngine(session.engine, MegatronStates(session.student, optimizer))
+        states = MegatronStates(session.student, optimizer)
+        session.engine = TimeSlicedEngine(session.engine, states, span=cfg.sglang.time_slice_span)
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     start, bad_steps, eval_pending = 0, 0, False
     if ckpt is not None:
@@ -370,7 +378,8 @@ def train(rank: int, world: int, cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) `cfg` on this rank; returns the run summary on global rank 0, None elsewhere."""
     task = load_task(cfg.task)
     if cfg.rollout == "sglang" and cfg.sglang.colocate == "time_slice":
-        check_time_slicing()  # before anything is read, any model built or any server started
+        # before anything is read, any model built or any server started
+        check_time_slicing(student=cfg.student, span=cfg.sglang.time_slice_span)
     pool = task.train_problems(cfg.train.problem_pool, seed=cfg.train.seed)
     check_prompt_lengths(cfg, task, pool)
     layout = training_layout(cfg, world)

@@ -50,6 +50,7 @@ from topd_megatron.algorithm.objective import ServedTeacher
 from topd_megatron.algorithm.packing import PackedBatch, pack_windows
 from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.positions import width_multiple
+from topd_megatron.training.colocation import SamplingSpan
 from topd_megatron.training.forward import MicroBatch, run_pipeline
 from topd_megatron.training.scoring import (
     Detected,
@@ -328,6 +329,10 @@ def train_step(ctx: StepContext, step: StepBatch, *, window_seed: int, inject_na
     t0 = time.perf_counter()
     scores, found, times["time/score_s"] = score_and_detect(ctx.scoring, step, window_seed=window_seed)
     times["time/detect_s"] = time.perf_counter() - t0 - times["time/score_s"]
+    if isinstance(ctx.scoring.engine, SamplingSpan):  # time slicing: the student servers give the GPUs back now
+        t0 = time.perf_counter()
+        ctx.scoring.engine.end_sampling()
+        times["time/swap_out_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     branches = build_branches(ctx.scoring, step, found, seed=window_seed)
     times["time/branch_score_s"] = time.perf_counter() - t0

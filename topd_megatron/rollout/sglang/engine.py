@@ -76,6 +76,12 @@ class SGLangConfig:
     mem_fraction of every GPU the whole run) or 'time_slice' (the server releases its weights and KV cache while
     Megatron trains, Megatron's weights, gradients and optimizer state wait in host memory while the server samples:
     SGLang's release/resume_memory_occupation, training/colocation.py; CUDA only, checked at start)."""
+    time_slice_span: Literal["step", "call"] = "step"
+    """With colocate='time_slice', how long the student servers stay whole. 'step': from the step's rollouts to the
+    end of detection (phases 1-2): Megatron's weights stay on the GPUs for the d_t pass beside them, only its
+    gradient buffers and optimizer state wait in host memory, so the fresh student windows find the rollouts in the
+    servers' KV caches and the step swaps once (the servers' mem_fraction must leave room for Megatron's weights and
+    the d_t pass: `topd plan`). 'call': every student call swaps Megatron's whole states out and back."""
     window_cache_share: float = 0.5
     """Share of a role's KV-cache tokens one chunk of per-rollout window requests may take (prefixes + windows), so
     that a chunk's prefixes stay cached until its windows are served."""
