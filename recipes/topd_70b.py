@@ -21,11 +21,12 @@ docs/scale.md), 8 + 10 nodes:
   once), returning their top-20 log-probs at every window position with them (no second scoring of the branches);
   the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
 - the Slurm script starts every server and sets sglang.student.urls / sglang.teacher.urls and sglang.sync_address.
-About 368 s per step (train 114, rollouts 88, teacher scoring 66, branch training 31, student d_t 29, windows 24: the
+About 344 s per step (train 114, rollouts 88, teacher scoring 66, branch training 31, student d_t 29, windows 24: the
 teacher's on its servers, with the student's fresh windows (15) beside them on theirs, their rollouts still cached,
-weight sync 15, one state swap 1); the step's rollouts and windows do not fit the teacher servers' KV pools at once, so
-scoring and windows run in 4 parts (training/scoring.py `score_and_detect`), each part finding its prefixes cached from
-its scoring. The OPD step on this layout plans at 285 s (TOPD / OPD 1.29). The previous layout (16 training nodes,
+weight sync 15, one state swap 1, less 25 s of overlap); the step's rollouts and windows do not fit the teacher
+servers' KV pools at once, so scoring and windows run in 7 pipelined parts (training/scoring.py `score_and_detect`):
+each part finds its prefixes cached from its scoring, and the teacher scores the next part during this part's d_t
+pass and windows. The OPD step on this layout plans at 285 s (TOPD / OPD 1.21). The previous layout (16 training nodes,
 one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window) planned 4,288 s.
 teacher.fp8 and teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
 objective.teacher_signal=logits ...`).

@@ -4,7 +4,8 @@ SGLang teacher server on CPU whose KV pool cannot hold a step's rollouts with th
 Scored as one step, the teacher's cache has evicted most rollouts by the time their windows are sampled, so each
 rollout's prefix is computed again; in parts, each part's windows follow its own scoring and find their prefixes
 cached. Both ways give the same teacher report, d_t and candidates, and as many windows; two data-parallel ranks
-agree on the number of parts.
+agree on the number of parts. The parts are pipelined: the teacher's scoring of part i + 1 goes out before part i's
+d_t pass and windows, each part taking half the budget.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from topd_megatron.rollout.engine import SamplingParams
 from topd_megatron.rollout.sglang.client import SGLangClient
 from topd_megatron.rollout.sglang.server import ServerConfig, launch_server
 
-POOL_TOKENS = 512
-"""The small teacher server's KV pool: a step here (two ranks) has about 1,000 rollout tokens and 700 window tokens."""
+POOL_TOKENS = 768
+"""The small teacher server's KV pool: a step here (two ranks) has about 1,000 rollout tokens and 700 window tokens;
+half the pool is the window-cache budget, a quarter of that a pipelined part's share on each rank."""
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
-    from topd_megatron.training.scoring import cache_parts, detect, score, score_and_detect, scoring_context
+    from topd_megatron.training.scoring import detect, part_plan, score, score_and_detect, scoring_context
     from topd_megatron.training.teacher import served_branch_scores
 
     par = ParallelConfig(tp=1)
@@ -63,7 +65,7 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
     ctx = scoring_context(obj, student, None, engine, eos_id=2, pad_id=0)
     prompts = [[1, 5, 7, 9, 11, 3], [1, 5, 8, 6], [3, 4, 6, 2, 9, 12], [7, 7, 8, 9, 10]] * 3
     gens = engine.generate(prompts, SamplingParams(max_new_tokens=40, seed=3 + rank))
-    step = build_step_batch(gens, pad_id=0, micro_batch_size=2)
+    step = build_step_batch(gens, pad_id=0, micro_batch_size=1)
 
     def flush() -> None:
         if rank == 0:
@@ -83,11 +85,25 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
         return counts
 
     engine._request, engine._prefill_requests = record_request, record_prefill
+    order: list[str] = []  # the leaders' engine calls, in order: pipelined parts begin the next scoring early
+    score_async, pair = engine.score_async, engine.generate_window_pair
 
-    out: dict = {"n_parts": cache_parts(ctx, step), "budget": engine.window_cache_budget("teacher")}
+    def record_score_async(*a, **k):
+        order.append("score")
+        return score_async(*a, **k)
+
+    def record_pair(*a, **k):
+        order.append("windows")
+        return pair(*a, **k)
+
+    engine.score_async, engine.generate_window_pair = record_score_async, record_pair
+
+    n_parts, pipelined = part_plan(ctx, step)
+    out: dict = {"n_parts": n_parts, "pipelined": pipelined, "budget": engine.window_cache_budget("teacher")}
     for how in ("whole", "parts"):
         flush()
         engine._cache_metrics()  # reads and resets the counters: the next read covers this flow only
+        order.clear()
         if how == "whole":
             scores = score(ctx, step)
             found = detect(ctx, step, scores, window_seed=7)
@@ -100,6 +116,8 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
         }
         computed = sum(p - c for kind, m, counts in calls if kind == "prefill" and m == "teacher" for p, c in counts)
         calls.clear()
+        flow = list(order)  # the engine calls of this flow (the checks below score again)
+        order.clear()
         guided = None  # the report sampled with the guided windows, and the teacher scoring them again now
         if found.teacher_window_scores is not None:
             mine = found.teacher_window_scores.select_windows(u.lengths, det.guidance_rows())
@@ -115,6 +133,7 @@ def _parts_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: 
             "candidates": found.detection.candidates.positions,
             "windows": found.teacher_windows.tokens.shape[0],
             "metrics": engine._cache_metrics(),
+            "order": flow,
         }
     engine.close()
     return out
@@ -129,6 +148,7 @@ def test_scoring_in_parts_that_fit_the_teachers_cache_reuses_every_prefix(
     results = spawn(_parts_body, 2, (pair, urls, str(tmp_path)), timeout=900)
     assert results[0]["budget"] == POOL_TOKENS // 2  # window_cache_share 0.5 of the one server's pool
     assert results[0]["n_parts"] == results[1]["n_parts"] > 1, "both data-parallel ranks split the step alike"
+    assert results[0]["pipelined"] and results[1]["pipelined"]
     for r in results:
         whole, parts = r["whole"], r["parts"]
         torch.testing.assert_close(parts["logprobs"], whole["logprobs"], atol=1e-4, rtol=0)
@@ -147,5 +167,8 @@ def test_scoring_in_parts_that_fit_the_teachers_cache_reuses_every_prefix(
         # the teacher's window prefixes: computed again when scored whole, found in its cache in parts
         computed = (parts["teacher_prefill_computed"], whole["teacher_prefill_computed"])
         assert computed[0] < 0.3 * computed[1], computed
+    # pipelined: the teacher's scoring of part i + 1 went out before part i's windows (and its d_t pass)
+    n = results[0]["n_parts"]
+    assert results[0]["parts"]["order"] == ["score", "score"] + ["windows", "score"] * (n - 2) + ["windows"] * 2
     m = results[0]["parts"]["metrics"]  # SGLang's own counts (both roles' window prefixes)
     assert m["sglang/window_prefix_cached_token_share"] > 0.8, m

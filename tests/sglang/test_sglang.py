@@ -133,7 +133,8 @@ def test_top_k_scores_match_the_models_own_ranking(student_server, synthetic_pai
 def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, work: str) -> dict | None:
     """Rollouts from the student server, then the teacher's and the student's windows at the same positions in one
     call (generate_window_pair), from empty prefix caches, the teacher's with its top-4 at every window position;
-    each window scored again by both servers (the teacher's with its top-4)."""
+    each window scored again by both servers (the teacher's with its top-4), and by the teacher once more begun early
+    (score_async) while the engine serves another call."""
     from topd_megatron.algorithm.batch import build_step_batch
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
@@ -186,6 +187,18 @@ def _window_pair_body(rank: int, world: int, pair: tuple[str, str], urls: dict, 
         (torch.tensor(sc.top_logprobs, dtype=torch.float64) - torch.tensor(g.output_top_logprobs)).abs().max().item()
         for sc, g in zip(scored, teacher, strict=True)
     )
+    # the same scoring begun early (score_async), with another collective call of the engine while the server scores
+    pending = engine.score_async(seqs, starts, top_k=4, model="teacher")
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=3, seed=9))
+    early = pending.result()
+    report["async_ids_equal"] = [sc.top_ids for sc in early] == [sc.top_ids for sc in scored]
+    report["async_vs_sync"] = max(
+        (torch.tensor(a.logprobs + sum(a.top_logprobs, [])) - torch.tensor(b.logprobs + sum(b.top_logprobs, [])))
+        .abs()
+        .max()
+        .item()
+        for a, b in zip(early, scored, strict=True)
+    )
     engine.close()
     return None if rank else report
 
@@ -206,6 +219,7 @@ def test_both_roles_windows_at_once_come_from_their_own_servers(
         assert r[role][f"vs {other[role]}"] > 0.1, r[role]
     assert all(r["teacher"]["has_top"]) and not any(r["student"]["has_top"])  # top-k asked of the teacher only
     assert r["top_ids_equal"] and r["top_logprobs"] <= PARITY_TOL, r
+    assert r["async_ids_equal"] and r["async_vs_sync"] <= PARITY_TOL, r
     m = r["metrics"]  # each role's windows found their rollout's prefix in that server's cache (prefilled first)
     assert m["sglang/window_cached_token_share"] > 0.5 and m["sglang/window_prefix_prompt_tokens"] > 0, m
 

@@ -47,3 +47,51 @@ def test_parts_of_a_step_have_its_positions_and_candidates() -> None:
         joined = ServedTeacher.concat(reports)
         assert torch.equal(joined.token_logprobs, report.token_logprobs)
         assert torch.equal(joined.top_logprobs, report.top_logprobs) and torch.equal(joined.top_ids, report.top_ids)
+
+
+class _Servers:
+    """The served engine's side part_plan reads: the teacher's window-cache budget, and (optionally) early scoring."""
+
+    def __init__(self, budget: int, early: bool) -> None:
+        self.budget = budget
+        if early:
+            self.score_async = lambda *a, **k: None
+
+    def window_cache_budget(self, model):
+        return self.budget
+
+    def generate_window_pair(self, *a, **k): ...
+
+    def generate_windows(self, *a, **k): ...
+
+
+def _part_plans(rank: int, world: int) -> list[tuple[int, bool]]:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from topd_megatron.algorithm import objective
+    from topd_megatron.training.scoring import ScoringContext, part_plan
+
+    step = _step(rows=8, mb=1)
+    obj = objective.preset("topd")
+    obj = dataclasses.replace(obj, detection=dataclasses.replace(obj.detection, window=4))
+    out = []
+    for budget, early in ((100_000, True), (100, True), (100, False), (20, True)):
+        servers = _Servers(budget, early)
+        ctx = ScoringContext(objective=obj, student=None, teacher=None, engine=servers, scorer=servers, eos_id=2,
+                             pad_id=0, tp_group=dist.group.WORLD, dp_group=dist.group.WORLD)  # fmt: skip
+        out.append(part_plan(ctx, step))
+    return out
+
+
+def test_parts_are_pipelined_when_two_fit_the_teachers_cache() -> None:
+    """part_plan: one part when the step fits; pipelined parts of half the budget when the step has the micro-batches
+    for them and the engine can score early; else parts in sequence (capped at one micro-batch each)."""
+    from topd_megatron.distributed.launch import spawn
+
+    fits, pipelined, in_sequence, tiny = spawn(_part_plans, 1, timeout=300)[0]
+    assert fits == (1, False)
+    assert pipelined[1] and 1 < pipelined[0] <= 8, (pipelined, in_sequence, tiny)
+    assert not in_sequence[1] and 1 < in_sequence[0] < pipelined[0]  # the whole budget per part: fewer parts
+    assert tiny == (8, False)  # half the budget would need more parts than micro-batches

@@ -55,8 +55,10 @@ beside the whole student servers, whose KV caches keep the rollouts for the fres
 weights move too, once more per part of the step with fresh student windows (they need the student servers again
 after each part's d_t pass), and the servers' caches no longer hold the rollouts.
 Not estimated: evaluation, checkpoints, the optimizer step (memory-bound, small), the detector's OT solve (CPU).
-Every phase runs after the previous one (the loop is synchronous), so times add up; the one overlap is the two roles'
-windows on their own servers.
+Every phase runs after the previous one (the loop is synchronous), so times add up, with two overlaps: the two roles'
+windows on their own servers, and pipelined parts (`_pipelined_parts`: a served teacher scores part i + 1 during
+part i's d_t pass and windows; each part then takes half the window-cache budget, `window_parts`), a row of negative
+seconds.
 """
 
 from __future__ import annotations
@@ -247,7 +249,10 @@ def estimate_step_time(
         copies = 2 + (1 if det.detector != "none" else 0)  # to the host, back for d_t, back for the backward
         est.seconds["teacher logits offload (host copies)"] = copies * per_rank / (PCIE_GBPS * 1e9)
     if det.detector == "window_ot":
-        _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
+        on_servers = _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
+        parts, pipelined = window_part_plan(cfg, teacher, shape, dp)
+        if pipelined:
+            _pipelined_parts(est, parts, on_servers)
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""
         if not windows_sampled_by_detector(cfg):
@@ -309,11 +314,11 @@ def _window_phases(
     tokens: float,
     rate: float,
     fp8: tuple[bool, bool],
-) -> None:
+) -> dict[str, float]:
     """window_ot's near-future windows: the teacher's at every candidate, and the student's with
     student_window='fresh'. Per role on its SGLang servers (per rollout, `_decode_seconds`), or in-process on the
     training GPUs. With both roles on their own servers, both are sampled at once (SGLangEngine.generate_window_pair):
-    the phase takes the slower of the two."""
+    the phase takes the slower of the two. Returns each served role's seconds."""
     det, s = cfg.objective.detection, shape.seq
     candidates, rollouts = shape.candidates * dp, shape.rollouts * dp
     per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
@@ -365,20 +370,56 @@ def _window_phases(
     else:
         for role, seconds in on_servers.items():
             est.seconds[f"{role} windows (SGLang, per rollout)"] = seconds
+    return on_servers
+
+
+PIPELINE_OVERLAP = "overlap: the teacher scores each next part during a part's d_t pass and windows"
+
+
+def _pipelined_parts(est: StepTime, parts: int, windows: dict[str, float]) -> None:
+    """Scoring and windows in P pipelined parts (training/scoring.py `pipelines_parts`): the teacher servers score
+    part i + 1 while the training GPUs run part i's d_t pass and both roles sample part i's windows. Per part (a P-th
+    of each phase): scoring T, d_t D, the teacher's windows W_t, the student's W_s (W = max of the two). In sequence
+    the parts take P (T + D + W); pipelined T + (P - 1) max(D + W, T + W_t) + D + W (the teacher's windows of part i
+    share its servers with the scoring of part i + 1). The difference is a row of negative seconds."""
+    score = next((v for k, v in est.seconds.items() if k.startswith("teacher scoring")), 0.0) / parts
+    d_t = est.seconds.get("student scoring forward", 0.0) / parts
+    w_t, w_s = windows.get("teacher", 0.0) / parts, windows.get("student", 0.0) / parts
+    w = max(w_t, w_s)
+    sequential = parts * (score + d_t + w)
+    pipelined = score + (parts - 1) * max(d_t + w, score + w_t) + d_t + w
+    if sequential - pipelined > 0:
+        est.seconds[PIPELINE_OVERLAP] = -(sequential - pipelined)
+        est.notes.append(
+            f"pipelined parts: the teacher's scoring of each next part runs beside the d_t pass and windows of the one"
+            f" before ({sequential:.1f} s of scoring, d_t and windows take {pipelined:.1f} s)"
+        )
 
 
 def window_parts(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: int) -> int:
-    """Parts of a step that phases 1-2 run one after the other (training/scoring.py `cache_parts`): with window_ot
-    sampling from a teacher served by SGLang, as many as make each part's rollouts and window tokens fit its share
-    of the teacher servers' window-cache budget (window_cache_share of their pools, split over the data-parallel
-    replicas), at most one per micro-batch; else 1."""
+    """The number of parts of `window_part_plan`."""
+    return window_part_plan(cfg, teacher, shape, dp)[0]
+
+
+def window_part_plan(cfg: RunConfig, teacher: Architecture, shape: StepShape, dp: int) -> tuple[int, bool]:
+    """Parts of a step that phases 1-2 run one after the other, and whether they are pipelined (training/scoring.py
+    `part_plan`): with window_ot sampling from a teacher served by SGLang, as many as make each part's rollouts and
+    window tokens fit its share of the teacher servers' window-cache budget (window_cache_share of their pools, split
+    over the data-parallel replicas); half the share each when pipelined (the next part is scored while this one's
+    windows are sampled), which needs that many micro-batches; else parts in sequence, at most one per micro-batch;
+    (1, False) when the step fits."""
     det, server = cfg.objective.detection, cfg.sglang.teacher
     if det.detector != "window_ot" or server is None or not teacher_served(cfg):
-        return 1
+        return 1, False
     mem = server_memory(teacher, server, cfg.cluster.gpu_memory_gib)
     budget = mem.kv_tokens * server.dp * server.servers * cfg.sglang.window_cache_share
     need = shape.rollouts * shape.seq + det.window * shape.candidates
-    return int(min(max(-(-need // max(int(budget / max(dp, 1)), 1)), 1), max(shape.microbatches, 1)))
+    share = budget / max(dp, 1)
+    whole, halves = -(-need // max(int(share), 1)), -(-need // max(int(share / 2), 1))
+    microbatches = max(shape.microbatches, 1)
+    if whole > 1 and halves <= microbatches:
+        return int(halves), True
+    return int(min(max(whole, 1), microbatches)), False
 
 
 def windows_sampled_by_detector(cfg: RunConfig) -> bool:

@@ -112,6 +112,28 @@ class TeacherScorer(Protocol):
         ...
 
 
+class PendingResult(Protocol):
+    """Work a server is doing in the background; `result()` waits for it (collective)."""
+
+    def result(self) -> list[TokenScores]: ...
+
+
+@runtime_checkable
+class AsyncTeacherScorer(Protocol):
+    """A TeacherScorer whose scoring can begin before the caller needs it (SGLangEngine.score_async)."""
+
+    def score_async(
+        self,
+        sequences: list[list[int]],
+        starts: list[int],
+        *,
+        top_k: int = 0,
+        model: Literal["student", "teacher"] = "teacher",
+    ) -> PendingResult:
+        """Begin `TeacherScorer.score` (no collective); its `result()` is the collective `score` would have been."""
+        ...
+
+
 Role = Literal["student", "teacher"]
 """Which model an engine call is for."""
 

@@ -31,6 +31,7 @@ from topd_megatron.algorithm.types import Detection, TokenBatch, Windows
 from topd_megatron.models.build import MegatronLM
 from topd_megatron.models.positions import packing_unsupported_reason
 from topd_megatron.rollout.engine import (
+    AsyncTeacherScorer,
     PairedWindowSampler,
     RolloutEngine,
     SamplingParams,
@@ -39,7 +40,12 @@ from topd_megatron.rollout.engine import (
 )
 from topd_megatron.tasks import ChoiceKind, LabelsChoices
 from topd_megatron.training.forward import MicroBatch, broadcast_from_last_stage, forward_logits
-from topd_megatron.training.teacher import generated_window_scores, served_rollout_scores, teacher_logits
+from topd_megatron.training.teacher import (
+    generated_window_scores,
+    served_rollout_scores,
+    start_served_rollout_scores,
+    teacher_logits,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -253,10 +259,11 @@ def step_divergence(ctx: ScoringContext, step: StepBatch, tokens: TokenBatch, te
     return broadcast_from_last_stage(d_local, (tokens.num_positions,), torch.float32)
 
 
-def score(ctx: ScoringContext, step: StepBatch) -> Scores:
-    """Phase 1 (collective): the teacher's side of every position and, with a detector, the student's d_t."""
+def score(ctx: ScoringContext, step: StepBatch, *, teacher: TeacherScores | None = None) -> Scores:
+    """Phase 1 (collective): the teacher's side of every position (`teacher`, when it was taken already) and, with
+    a detector, the student's d_t."""
     tokens = step.token_batch()
-    teacher = teacher_scores(ctx, step)
+    teacher = teacher_scores(ctx, step) if teacher is None else teacher
     d = step_divergence(ctx, step, tokens, teacher) if ctx.objective.detection.detector != "none" else None
     return Scores(tokens=tokens, teacher=teacher, divergence=d)
 
@@ -432,27 +439,43 @@ class SampledWindows:
     """The served teacher's report on every teacher window (`report_on_windows`), else None."""
 
 
-def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
+def pipelines_parts(ctx: ScoringContext) -> bool:
+    """Whether the served teacher can score part i + 1 while part i's d_t pass and windows run (an
+    AsyncTeacherScorer): `part_plan` pipelines the parts when each can take half the window-cache budget."""
+    return ctx.teacher is None and isinstance(ctx.scorer, AsyncTeacherScorer)
+
+
+def part_plan(ctx: ScoringContext, step: StepBatch) -> tuple[int, bool]:
     """Into how many parts (of whole micro-batches) phases 1-2 split the step so that each part's rollouts, with the
     KV of their windows, fit the served teacher's window-cache budget (`PairedWindowSampler.window_cache_budget`,
-    shared by the data-parallel replicas): 1 unless window_ot samples from a teacher served by SGLang whose caches
-    cannot hold the whole step. Collective (one MAX all-reduce over every rank): every replica makes the same engine
-    calls."""
+    shared by the data-parallel replicas), and whether the parts are pipelined (`score_and_detect`: the next part
+    is scored while this one's windows are sampled, so two parts must fit: half the budget each, when the step has
+    enough micro-batches for that; else parts in sequence, each with the whole budget). (1, False) unless window_ot
+    samples from a teacher served by SGLang whose caches cannot hold the whole step. Collective (one MAX all-reduce
+    over every rank): every replica makes the same engine calls."""
     det = ctx.objective.detection
     if det.detector != "window_ot" or ctx.teacher is not None or not isinstance(ctx.engine, PairedWindowSampler):
-        return 1
+        return 1, False
     budget = ctx.engine.window_cache_budget("teacher")
     if budget is None:
-        return 1
+        return 1, False
     resp = step.response_mask[:, 1:]
     per_rollout = detection.candidates_per_rollout(det, resp.sum(dim=1))
     # a rollout's scored tokens: up to its last response token (served_rollout_scores); resp's column c is token c + 1
     scored = torch.where(resp.any(dim=1), resp.shape[1] + 1 - resp.flip(1).int().argmax(dim=1), 0)
     need = int((scored + det.window * per_rollout).sum())
     share = budget / dist.get_world_size(ctx.dp_group)
-    parts = torch.tensor([float(-(-need // max(int(share), 1)))])
-    dist.all_reduce(parts, op=dist.ReduceOp.MAX)
-    return int(min(max(parts.item(), 1), step.num_microbatches))
+    counts = torch.tensor([float(-(-need // max(int(share), 1))), float(-(-need // max(int(share / 2), 1)))])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    whole, halves = int(counts[0].item()), int(counts[1].item())
+    if whole > 1 and pipelines_parts(ctx) and halves <= step.num_microbatches:
+        return halves, True
+    return min(max(whole, 1), step.num_microbatches), False
+
+
+def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
+    """The number of parts of `part_plan` (collective)."""
+    return part_plan(ctx, step)[0]
 
 
 def report_on_windows(ctx: ScoringContext) -> bool:
@@ -475,10 +498,12 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     rollouts with their windows (`cache_parts` > 1), part by part: each part's rollouts scored by the teacher, their
     d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows (seeded as in
     one call), while the teacher servers still cache the part's prefixes from scoring; then the detection over the
-    whole step. Same scores, candidates and window requests either way; the windows' prefixes are not computed
-    again. With teacher_window guidance the teacher's windows come with its report on their tokens
-    (`report_on_windows`). Returns the scores, the detection and the seconds of phase 1 (the rest is phase 2)."""
-    parts = cache_parts(ctx, step)
+    whole step. Pipelined (`pipelines_parts`): part i + 1's rollouts go to the teacher as soon as part i's report is
+    in, so that the teacher scores them during part i's d_t pass and windows. Same scores, candidates and window
+    requests either way; the windows' prefixes are not computed again. With teacher_window guidance the teacher's
+    windows come with its report on their tokens (`report_on_windows`). Returns the scores, the detection and the
+    seconds of phase 1 (the rest is phase 2)."""
+    parts, pipelined = part_plan(ctx, step)
     t0 = time.perf_counter()
     if parts == 1:
         scores = score(ctx, step)
@@ -490,22 +515,29 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     divergence, positions, teacher_windows, student_windows = [], [], [], []
     window_s = 0.0
     window_scores: list[ServedTeacher] = []
-    for first, stop in zip(bounds[:-1], bounds[1:], strict=True):
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+    pending = start_served_rollout_scores(ctx.scorer, step.part(*spans[0]), ctx.top_k) if pipelined else None
+    for index, (first, stop) in enumerate(spans):
         part = step.part(first, stop)
-        part_scores = score(ctx, part)
+        report: ServedTeacher | None = None
+        if pending is not None:  # this part's report (collective), then the next part's requests go out
+            report = pending()
+            more = index + 1 < len(spans)
+            pending = start_served_rollout_scores(ctx.scorer, step.part(*spans[index + 1]), ctx.top_k) if more else None
+        part_scores = score(ctx, part, teacher=report)
         assert isinstance(part_scores.teacher, ServedTeacher) and part_scores.divergence is not None
         cands = detection.select_candidates(cfg, part_scores.tokens, part_scores.divergence)
         t1 = time.perf_counter()
         done = sum(p.numel() for p in positions)
-        report = report_on_windows(ctx)
+        with_report = report_on_windows(ctx)
         if cfg.student_window == "fresh":
             u, s, u_scores = sample_window_pair(
-                ctx, part, cands.positions, window_seed, first_window=done, report=report
+                ctx, part, cands.positions, window_seed, first_window=done, report=with_report
             )
             student_windows.append(s)
         else:
             u, u_scores = sample_teacher_windows(
-                ctx, part, cands.positions, window_seed, first_window=done, report=report
+                ctx, part, cands.positions, window_seed, first_window=done, report=with_report
             )
         if u_scores is not None:
             window_scores.append(u_scores)

@@ -15,6 +15,7 @@ report from the teacher's own windows, which its server returns with the decode'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from topd_megatron.distributed.parallel import ParallelConfig
 from topd_megatron.models.build import MegatronLM, ModelConfig, build_model
 from topd_megatron.models.format import hf_dir
 from topd_megatron.models.tokenizer import check_same_tokenizer
-from topd_megatron.rollout.engine import Generation, TokenScores
+from topd_megatron.rollout.engine import AsyncTeacherScorer, Generation, TokenScores
 from topd_megatron.training.forward import MicroBatch, forward_logits
 
 
@@ -85,6 +86,15 @@ def served_rollout_scores(engine: Any, step: StepBatch, top_k: int) -> ServedTea
     """The served teacher's report on every position of `step.token_batch()` (collective over the model-parallel
     group, like the engine's calls): one teacher-forced request per rollout scores its response tokens; position
     p = row * (S - 1) + (i - 1) receives the score of token i of that row."""
+    return start_served_rollout_scores(engine, step, top_k, background=False)()
+
+
+def start_served_rollout_scores(
+    engine: Any, step: StepBatch, top_k: int, *, background: bool = True
+) -> Callable[[], ServedTeacher]:
+    """`served_rollout_scores`, begun now on an AsyncTeacherScorer's server (no collective until the returned
+    function is called: it waits for the report, collectively); with `background=False`, or an engine that cannot
+    begin early, the requests go out when it is called."""
     s1 = step.targets_per_row
     seqs, starts, places = [], [], []
     for row in range(step.num_rollouts):
@@ -95,8 +105,11 @@ def served_rollout_scores(engine: Any, step: StepBatch, top_k: int) -> ServedTea
         seqs.append(step.tokens[row, : last + 1].tolist())
         starts.append(first)
         places.append([row * s1 + i - 1 for i in range(first, last + 1)])
-    scores = engine.score(seqs, starts, top_k=top_k) if seqs else []
-    return _served_report(scores, step.tokens.shape[0] * s1, top_k, places)
+    n = step.tokens.shape[0] * s1
+    if seqs and background and isinstance(engine, AsyncTeacherScorer):
+        pending = engine.score_async(seqs, starts, top_k=top_k)
+        return lambda: _served_report(pending.result(), n, top_k, places)
+    return lambda: _served_report(engine.score(seqs, starts, top_k=top_k) if seqs else [], n, top_k, places)
 
 
 def served_branch_scores(engine: Any, step: StepBatch, positions: torch.Tensor, windows: Windows, top_k: int) -> Any:

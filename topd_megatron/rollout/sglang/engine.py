@@ -26,7 +26,7 @@ import dataclasses
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -154,6 +154,8 @@ class SGLangEngine:
         self.cache_counts: dict[str, list[int]] = {}
         """kind -> [prompt tokens, cached tokens] of the requests since the last `sync_weights`."""
         self._killed = False
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-score")
+        """The leader's requests begun by `score_async` (one at a time, in order)."""
         mp_group = ps.get_model_parallel_group()
         self.mp_group = mp_group
         self.mp_src = dist.get_global_rank(mp_group, 0)
@@ -307,6 +309,21 @@ class SGLangEngine:
     ) -> list[TokenScores]:
         """Teacher forcing on the `model`'s server (collective, like `generate`): log p(seq[i] | seq[:i]) for
         i >= starts[j] of each sequence, with the top-k ids and log-probs at those positions when top_k > 0."""
+        return self.score_async(sequences, starts, top_k=top_k, model=model, start=False).result()
+
+    def score_async(
+        self,
+        sequences: list[list[int]],
+        starts: list[int],
+        *,
+        top_k: int = 0,
+        model: Literal["student", "teacher"] = "teacher",
+        start: bool = True,
+    ) -> PendingScores:
+        """`score`, begun now: the leaders send the requests from a background thread and this returns at once (no
+        collective), so the model-parallel group can run other work (a forward pass) while the server scores;
+        `result()` is the collective `score` would have been (a lost server is restarted and the request sent again).
+        Every rank calls it at the same point, like `score`."""
         if model not in self.endpoints:
             raise ValueError(f"no SGLang server for the {model}; configure sglang.{model}")
         self.calls[model] += 1
@@ -316,10 +333,18 @@ class SGLangEngine:
         def one(items: list[tuple[list[int], int]]) -> list[TokenScores]:
             return client.score([q for q, _ in items], [s for _, s in items], top_k=top_k, vocab_size=vocab)
 
-        scores = self._collective(model, lambda: self._fan_out(model, one, list(zip(sequences, starts, strict=True))))
-        for sc in scores:
-            self._count(f"{model}_score", sc.prompt_tokens, sc.cached_tokens)
-        return scores
+        def request() -> list[TokenScores]:
+            return self._fan_out(model, one, list(zip(sequences, starts, strict=True)))
+
+        started = self._background.submit(request) if start and self.leader else None
+
+        def finish() -> list[TokenScores]:
+            scores = self._collective(model, request, started=started)
+            for sc in scores:
+                self._count(f"{model}_score", sc.prompt_tokens, sc.cached_tokens)
+            return scores
+
+        return PendingScores(finish)
 
     def generate_windows(
         self,
@@ -432,14 +457,15 @@ class SGLangEngine:
             counts.append((int(meta.get("prompt_tokens") or 0), int(meta.get("cached_tokens") or 0)))
         return counts
 
-    def _collective(self, model: str, request: Any) -> Any:
-        """Run `request()` on the leaders, restart a lost server and retry (everyone agrees through one all-reduce of
-        a failure flag), then broadcast the leader's answer over the model-parallel group."""
+    def _collective(self, model: str, request: Any, *, started: Future | None = None) -> Any:
+        """Run `request()` on the leaders (the first attempt: the answer of `started`, the same request begun in the
+        background, when given), restart a lost server and retry (everyone agrees through one all-reduce of a failure
+        flag), then broadcast the leader's answer over the model-parallel group."""
         for attempt in range(self.cfg.max_restarts + 1):
             result, error = None, None
             if self.leader:
                 try:
-                    result = request()
+                    result = started.result() if attempt == 0 and started is not None else request()
                 except SGLangUnavailable as e:
                     error = str(e)
             failed = torch.tensor([0.0 if error is None else 1.0])
@@ -518,11 +544,23 @@ class SGLangEngine:
 
     def close(self) -> None:
         """Stop the routers and servers this engine launched (rank 0; attached servers are left running)."""
+        if getattr(self, "_background", None) is not None:
+            self._background.shutdown(wait=True)
         if getattr(self, "sync", None) is not None:
             self.sync.close()
         for pool in getattr(self, "pools", {}).values():
             pool.stop()
         self.pools = {}
+
+
+@dataclass(frozen=True, slots=True)
+class PendingScores:
+    """Scores being computed by a server (`SGLangEngine.score_async`); `result()` is collective."""
+
+    finish: Callable[[], list[TokenScores]]
+
+    def result(self) -> list[TokenScores]:
+        return self.finish()
 
 
 def longest_prefixes(rows: torch.Tensor, positions: torch.Tensor) -> list[tuple[int, int]]:
