@@ -23,9 +23,11 @@ number of micro-batches (Megatron's schedule divides by it) and by the data-para
 over replicas), so the gradient is exactly that of the step's objective.
 
 Teacher served by SGLang (`ctx.scoring.teacher is None`): phase 1 asks the teacher server for the log-probs (top-k
-with teacher_signal='top_k') of every rollout's response tokens, phase 3 for those of the branch windows (or keeps
-the guided ones of the report the parts of `score_and_detect` took on every candidate's window); the loss then uses
-the served forms (`objective.ServedTeacher`). Nothing else changes.
+with teacher_signal='top_k') of every rollout's response tokens; its windows come with its report on their tokens
+(the decode's log-probs and top-k: `scoring.report_on_windows`), of which phase 3 keeps the guided ones (an engine
+whose windows cannot carry it has the branch windows scored instead: `served_branch_scores`); the loss then uses the
+served forms (`objective.ServedTeacher`). With time slicing, `train_step` ends the step's sampling span after
+phase 2 (training/colocation.py). Nothing else changes.
 
 Memory: the teacher's rollout logits of the whole step are kept until the backward pass ([B, S, V/TP] per last-stage
 rank), in host memory with `train.offload_teacher_logits`; of the branch sequences only the window rows are kept
