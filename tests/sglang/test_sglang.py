@@ -339,7 +339,8 @@ def test_training_survives_a_killed_student_server(synthetic_pair, tmp_path) -> 
 
 
 def _teacher_killed_while_scoring_body(rank: int, world: int, pair: tuple[str, str], url: str, work: str) -> dict:
-    """An engine with a teacher server it launched: score, SIGKILL the server, score again."""
+    """An engine with a teacher server it launched: score, SIGKILL the server, score again, begun in the background
+    (score_async, as pipelined parts do); the student's weights are not pushed again for a teacher's failure."""
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.sglang.engine import SGLangConfig, SGLangEngine
@@ -355,13 +356,17 @@ def _teacher_killed_while_scoring_body(rank: int, world: int, pair: tuple[str, s
     try:
         seqs = [[1, 5, 7, 9, 11, 13, 4], [3, 4, 6, 2, 9]]
         before = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
+        pushes: list[int] = []
+        push = engine.sync.sync
+        engine.sync.sync = lambda: pushes.append(1) or push()
         pid = engine.pools["teacher"].servers[0].pid if rank == 0 else None
         if rank == 0:  # the teacher server dies between two scoring calls of a step, as in a crash
             os.killpg(pid, signal.SIGKILL)
             engine.pools["teacher"].servers[0].process.wait()
-        after = [s.logprobs for s in engine.score(seqs, [2, 3], model="teacher")]
+        pending = engine.score_async(seqs, [2, 3], model="teacher")  # its requests fail in the background
+        after = [s.logprobs for s in pending.result()]
         new_pid = engine.pools["teacher"].servers[0].pid if rank == 0 else None
-        return {"before": before, "after": after, "restarts": engine.restarts, "pids": (pid, new_pid)}
+        return {"before": before, "after": after, "restarts": engine.restarts, "pids": (pid, new_pid), "pushes": pushes}
     finally:
         engine.close()
 
@@ -373,6 +378,7 @@ def test_a_teacher_server_that_dies_during_scoring_is_restarted_and_the_call_ret
     (r,) = spawn(_teacher_killed_while_scoring_body, 1, (pair, student_server.url, str(tmp_path)), timeout=900)
     assert r["restarts"] == 1 and r["pids"][0] != r["pids"][1]
     assert r["after"] == r["before"]  # the same scores from the restarted server
+    assert r["pushes"] == []  # the teacher's servers receive no weights: the student's were not pushed again
     assert not Path(f"/proc/{r['pids'][1]}").exists(), "the restarted teacher server outlived the engine"
 
 

@@ -251,7 +251,7 @@ def estimate_step_time(
     if det.detector == "window_ot":
         on_servers = _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
         parts, pipelined = window_part_plan(cfg, teacher, shape, dp)
-        if pipelined:
+        if pipelined and cfg.cluster.teacher_server_nodes > 0:  # teacher servers on the training GPUs: no overlap
             _pipelined_parts(est, parts, on_servers)
     if shape.branches:
         packed = " (packed after the rollouts)" if shape.packed else ""

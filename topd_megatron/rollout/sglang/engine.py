@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,8 +155,6 @@ class SGLangEngine:
         self.cache_counts: dict[str, list[int]] = {}
         """kind -> [prompt tokens, cached tokens] of the requests since the last `sync_weights`."""
         self._killed = False
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-score")
-        """The leader's requests begun by `score_async` (one at a time, in order)."""
         mp_group = ps.get_model_parallel_group()
         self.mp_group = mp_group
         self.mp_src = dist.get_global_rank(mp_group, 0)
@@ -336,7 +335,7 @@ class SGLangEngine:
         def request() -> list[TokenScores]:
             return self._fan_out(model, one, list(zip(sequences, starts, strict=True)))
 
-        started = self._background.submit(request) if start and self.leader else None
+        started = _in_background(request) if start and self.leader else None
 
         def finish() -> list[TokenScores]:
             scores = self._collective(model, request, started=started)
@@ -479,7 +478,7 @@ class SGLangEngine:
                     f"the SGLang {model} server failed {attempt + 1} times in one call (max_restarts ="
                     f" {self.cfg.max_restarts}); last error: {error}"
                 )
-            self._recover()
+            self._recover(resync="student" in model)  # the teacher's servers never receive weights
         raise AssertionError("unreachable")
 
     def _request(
@@ -520,9 +519,10 @@ class SGLangEngine:
             server.process.wait()
 
     def _recover(self, *, resync: bool = True) -> None:
-        """Collective: rank 0 restarts the dead launched servers (only those); the student's weights are pushed
-        again to every student server, unless only teacher servers were restarted (a teacher server lost during the
-        windows of both roles, under time slicing, must not read Megatron's offloaded states)."""
+        """Collective: rank 0 restarts the dead launched servers (only those); with `resync` (a call that involved the
+        student's servers) the student's weights are pushed again to every student server, unless only teacher
+        servers were restarted (a teacher server lost during the windows of both roles, under time slicing, must not
+        read Megatron's offloaded states)."""
         status: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
@@ -544,13 +544,27 @@ class SGLangEngine:
 
     def close(self) -> None:
         """Stop the routers and servers this engine launched (rank 0; attached servers are left running)."""
-        if getattr(self, "_background", None) is not None:
-            self._background.shutdown(wait=True)
         if getattr(self, "sync", None) is not None:
             self.sync.close()
         for pool in getattr(self, "pools", {}).values():
             pool.stop()
         self.pools = {}
+
+
+def _in_background(fn: Callable[[], Any]) -> Future:
+    """`fn()` on a daemon thread (a run that stops, or fails, does not wait for an HTTP request in flight)."""
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # handed to whoever waits for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="sglang-score").start()
+    return future
 
 
 @dataclass(frozen=True, slots=True)
