@@ -216,7 +216,8 @@ class TimeSlicedEngine:
         self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0, teacher_top_k: int = 0
     ) -> Any:
         """The teacher's windows (its own servers) while the student servers sample theirs: one swap for both. A
-        teacher without servers samples in-process before the swap, not next to the whole student servers."""
+        teacher without servers samples in-process before the swap, not next to the whole student servers (inside a
+        step's span they are whole already: the planner counts those windows' memory beside them)."""
         if not self.engine.serves("teacher"):
             teacher = self.engine.generate_windows(
                 rows, positions, params, model="teacher", first_window=first_window, top_k=teacher_top_k
