@@ -219,7 +219,7 @@ def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
 
 def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_in_parts() -> None:
     """topd_70b: the step's 4.2M rollout tokens and their windows exceed half the 10 teacher servers' pools, so
-    phases 1-2 run in parts (training/scoring.py `cache_parts`): the teacher's windows find their prefixes cached,
+    phases 1-2 run in parts (training/scoring.py `part_plan`): the teacher's windows find their prefixes cached,
     and, swapping per call under time slicing, the student's windows of every part cost one more state swap."""
     from topd_megatron.plan.step_time import window_parts
 

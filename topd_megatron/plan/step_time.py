@@ -24,7 +24,7 @@ token):
                                 decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context. Both roles on
                                 servers sample at once (SGLangEngine.generate_window_pair): the slower one counts. A
                                 served teacher whose caches cannot hold the step scores and samples in `window_parts`
-                                parts (training/scoring.py `cache_parts`): its windows' prefixes are cached
+                                parts (training/scoring.py `part_plan`): its windows' prefixes are cached
     branches (teacher_window)   per-branch rows: teacher F(T_b) + student training of T_b over R rows of S_b tokens
                                 (whole prefixes); packed (StepShape.packed): the teacher's forward over the packed
                                 rows (B x S_p) and the student's training of the B x (S_p - S) window columns;
@@ -248,9 +248,9 @@ def estimate_step_time(
         per_rank = shape.rows * s * rows / layout.tp * dtype_bytes(cfg.teacher.dtype)
         copies = 2 + (1 if det.detector != "none" else 0)  # to the host, back for d_t, back for the backward
         est.seconds["teacher logits offload (host copies)"] = copies * per_rank / (PCIE_GBPS * 1e9)
+    parts, pipelined = window_part_plan(cfg, teacher, shape, dp)
     if det.detector == "window_ot":
-        on_servers = _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8))
-        parts, pipelined = window_part_plan(cfg, teacher, shape, dp)
+        on_servers = _window_phases(est, cfg, student, teacher, shape, dp, tokens, rate, (s_fp8, t_fp8), parts)
         if pipelined and cfg.cluster.teacher_server_nodes > 0:  # teacher servers on the training GPUs: no overlap
             _pipelined_parts(est, parts, on_servers)
     if shape.branches:
@@ -275,7 +275,7 @@ def estimate_step_time(
         states = swapped_state_bytes(cfg, student, layout)
         # per call, the fresh student windows need the student servers again, once per part of the step
         per_call = fresh_student_windows(cfg) and not span_keeps_weights(cfg)
-        windows = window_parts(cfg, teacher, shape, dp) if per_call else 0
+        windows = parts if per_call else 0
         est.seconds["time slicing (Megatron states to host and back)"] = (1 + windows) * 2 * states / (PCIE_GBPS * 1e9)
         if span_keeps_weights(cfg):
             est.notes.append(
@@ -314,11 +314,13 @@ def _window_phases(
     tokens: float,
     rate: float,
     fp8: tuple[bool, bool],
+    teacher_parts: int,
 ) -> dict[str, float]:
     """window_ot's near-future windows: the teacher's at every candidate, and the student's with
     student_window='fresh'. Per role on its SGLang servers (per rollout, `_decode_seconds`), or in-process on the
     training GPUs. With both roles on their own servers, both are sampled at once (SGLangEngine.generate_window_pair):
-    the phase takes the slower of the two. Returns each served role's seconds."""
+    the phase takes the slower of the two; `teacher_parts`: the step's parts (`window_part_plan`). Returns each served
+    role's seconds."""
     det, s = cfg.objective.detection, shape.seq
     candidates, rollouts = shape.candidates * dp, shape.rollouts * dp
     per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
@@ -329,7 +331,7 @@ def _window_phases(
         if cfg.rollout == "sglang" and server is not None:
             # per rollout: each rollout's prefix prefilled once (nothing when the role's KV caches still hold the
             # step's rollouts), then every candidate adds its K window tokens
-            parts = window_parts(cfg, teacher, shape, dp) if role == "teacher" else 1
+            parts = teacher_parts if role == "teacher" else 1
             held = rollouts_stay_cached(cfg, role, arch, tokens)
             cached = held or parts > 1
             if parts > 1:

@@ -473,11 +473,6 @@ def part_plan(ctx: ScoringContext, step: StepBatch) -> tuple[int, bool]:
     return min(max(whole, 1), step.num_microbatches), False
 
 
-def cache_parts(ctx: ScoringContext, step: StepBatch) -> int:
-    """The number of parts of `part_plan` (collective)."""
-    return part_plan(ctx, step)[0]
-
-
 def report_on_windows(ctx: ScoringContext) -> bool:
     """Whether window_ot's teacher windows are sampled with the served teacher's report on their tokens (log-prob of
     each window token, top-k at each window position: `generated_window_scores`), from which phase 3 keeps the
@@ -495,14 +490,14 @@ def report_on_windows(ctx: ScoringContext) -> bool:
 
 def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) -> tuple[Scores, Detected, float]:
     """Phases 1-2 (collective): `score` then `detect`, or, where the served teacher's KV caches cannot hold the step's
-    rollouts with their windows (`cache_parts` > 1), part by part: each part's rollouts scored by the teacher, their
-    d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows (seeded as in
-    one call), while the teacher servers still cache the part's prefixes from scoring; then the detection over the
-    whole step. Pipelined (`pipelines_parts`): part i + 1's rollouts go to the teacher as soon as part i's report is
-    in, so that the teacher scores them during part i's d_t pass and windows. Same scores, candidates and window
-    requests either way; the windows' prefixes are not computed again. With teacher_window guidance the teacher's
-    windows come with its report on their tokens (`report_on_windows`). Returns the scores, the detection and the
-    seconds of phase 1 (the rest is phase 2)."""
+    rollouts with their windows (`part_plan`: more than one part), part by part: each part's rollouts scored by the
+    teacher, their d_t, their candidates (chosen rollout by rollout: the same as the whole step's) and their windows
+    (seeded as in one call), while the teacher servers still cache the part's prefixes from scoring; then the
+    detection over the whole step. Pipelined (`pipelines_parts`): part i + 1's rollouts go to the teacher as soon as
+    part i's report is in, so that the teacher scores them during part i's d_t pass and windows. Same scores,
+    candidates and window requests either way; the windows' prefixes are not computed again. With teacher_window
+    guidance the teacher's windows come with its report on their tokens (`report_on_windows`). Returns the scores,
+    the detection and the seconds of phase 1 (the rest is phase 2)."""
     parts, pipelined = part_plan(ctx, step)
     t0 = time.perf_counter()
     if parts == 1:
@@ -515,21 +510,21 @@ def score_and_detect(ctx: ScoringContext, step: StepBatch, *, window_seed: int) 
     divergence, positions, teacher_windows, student_windows = [], [], [], []
     window_s = 0.0
     window_scores: list[ServedTeacher] = []
-    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    pending = start_served_rollout_scores(ctx.scorer, step.part(*spans[0]), ctx.top_k) if pipelined else None
-    for index, (first, stop) in enumerate(spans):
-        part = step.part(first, stop)
+    firsts = bounds[:-1]
+    steps = [step.part(first, stop) for first, stop in zip(firsts, bounds[1:], strict=True)]
+    with_report = report_on_windows(ctx)
+    pending = start_served_rollout_scores(ctx.scorer, steps[0], ctx.top_k) if pipelined else None
+    for index, (first, part) in enumerate(zip(firsts, steps, strict=True)):
         report: ServedTeacher | None = None
         if pending is not None:  # this part's report (collective), then the next part's requests go out
             report = pending()
-            more = index + 1 < len(spans)
-            pending = start_served_rollout_scores(ctx.scorer, step.part(*spans[index + 1]), ctx.top_k) if more else None
+            more = index + 1 < len(steps)
+            pending = start_served_rollout_scores(ctx.scorer, steps[index + 1], ctx.top_k) if more else None
         part_scores = score(ctx, part, teacher=report)
         assert isinstance(part_scores.teacher, ServedTeacher) and part_scores.divergence is not None
         cands = detection.select_candidates(cfg, part_scores.tokens, part_scores.divergence)
         t1 = time.perf_counter()
         done = sum(p.numel() for p in positions)
-        with_report = report_on_windows(ctx)
         if cfg.student_window == "fresh":
             u, s, u_scores = sample_window_pair(
                 ctx, part, cands.positions, window_seed, first_window=done, report=with_report
