@@ -200,9 +200,11 @@ def test_split_refuses_what_does_not_tile() -> None:
 
 def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
     """window_ot samples the student's own windows too (student_window='fresh'): on the student servers at the same
-    time as the teacher's on theirs, so the windows phase is the slower of the two; without them, the teacher's only."""
+    time as the teacher's on theirs, so the windows phase is the slower of the two when the teacher's servers have
+    nodes of their own (topd_70b), and the sum of the two when both roles' servers share the training GPUs (qwen3:
+    their decodes share the GPUs' HBM bandwidth); without them, the teacher's only."""
     both_name = "windows (SGLang, per rollout; teacher's and student's servers at once)"
-    for name in ("topd_70b", "qwen3_4b_from_30b_a3b"):
+    for name, combine in (("topd_70b", max), ("qwen3_4b_from_30b_a3b", lambda a, b: a + b)):
         cfg = recipes.get(name)
         fresh = plan(cfg, run_preflight=False).step_time
         rollout = plan(apply_overrides(cfg, ["objective.detection.student_window=rollout"]), run_preflight=False)
@@ -210,7 +212,8 @@ def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
         assert both_name not in rollout.step_time.seconds
         note = next(n for n in fresh.notes if n.startswith("windows: the teacher's servers"))
         student_s = float(note.split("the student's ")[1].split(" s")[0])
-        assert student_s > 0 and fresh.seconds[both_name] == pytest.approx(max(teacher_only, student_s), abs=0.05)
+        assert ("on the same GPUs" in note) == (combine is not max)
+        assert student_s > 0 and fresh.seconds[both_name] == pytest.approx(combine(teacher_only, student_s), abs=0.1)
     # rollouts in-process (no servers): the student's windows are its own forward passes on the training GPUs
     tiny = plan(recipes.get("tiny"), run_preflight=False, device="cpu").step_time.seconds
     assert tiny["student windows (in-process, per rollout, KV cache)"] > 0

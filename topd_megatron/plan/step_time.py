@@ -22,7 +22,9 @@ token):
                                 caches, over all its servers, still hold the step's rollouts: a served teacher's from
                                 scoring, the student's from generating them unless time slicing released them) + K
                                 decode steps of C sequences with S * WINDOW_PREFIX_FRACTION of context. Both roles on
-                                servers sample at once (SGLangEngine.generate_window_pair): the slower one counts. A
+                                servers sample at once (SGLangEngine.generate_window_pair): the slower one counts on
+                                servers of their own; on the same GPUs (both sharing the training GPUs) the two add
+                                up (each decode is bound by the GPUs' HBM bandwidth, which they share). A
                                 served teacher whose caches cannot hold the step scores and samples in `window_parts`
                                 parts (training/scoring.py `part_plan`): its windows' prefixes are cached
     branches (teacher_window)   per-branch rows: teacher F(T_b) + student training of T_b over R rows of S_b tokens
@@ -71,6 +73,7 @@ from topd_megatron.plan.architecture import Architecture
 from topd_megatron.plan.layout import RESPONSE_FRACTION, Layout, StepShape, span_keeps_weights, time_sliced
 from topd_megatron.plan.memory import (
     GIB,
+    colocated_servers,
     dtype_bytes,
     offloads_teacher_logits,
     rank_params,
@@ -319,7 +322,8 @@ def _window_phases(
     """window_ot's near-future windows: the teacher's at every candidate, and the student's with
     student_window='fresh'. Per role on its SGLang servers (per rollout, `_decode_seconds`), or in-process on the
     training GPUs. With both roles on their own servers, both are sampled at once (SGLangEngine.generate_window_pair):
-    the phase takes the slower of the two; `teacher_parts`: the step's parts (`window_part_plan`). Returns each served
+    the phase takes the slower of the two, or their sum when both roles' servers share the training GPUs (their HBM
+    bandwidth); `teacher_parts`: the step's parts (`window_part_plan`). Returns each served
     role's seconds."""
     det, s = cfg.objective.detection, shape.seq
     candidates, rollouts = shape.candidates * dp, shape.rollouts * dp
@@ -363,11 +367,13 @@ def _window_phases(
                     " own forward passes); set sglang.teacher to serve them"
                 )
     if len(on_servers) == 2:
-        est.seconds["windows (SGLang, per rollout; teacher's and student's servers at once)"] = max(on_servers.values())
+        same_gpus = {"teacher", "student"} <= {role for role, _ in colocated_servers(cfg)}
+        est.seconds[WINDOWS_AT_ONCE] = sum(on_servers.values()) if same_gpus else max(on_servers.values())
         est.notes.append(
             "windows: the teacher's servers {teacher:.1f} s and the student's {student:.1f} s, at the same time".format(
                 **on_servers
             )
+            + (" on the same GPUs (both roles' servers share the training GPUs): their times add up" * same_gpus)
         )
     else:
         for role, seconds in on_servers.items():
@@ -375,6 +381,8 @@ def _window_phases(
     return on_servers
 
 
+WINDOWS_AT_ONCE = "windows (SGLang, per rollout; teacher's and student's servers at once)"
+"""The windows phase when both roles sample on servers (SGLangEngine.generate_window_pair)."""
 PIPELINE_OVERLAP = "overlap: the teacher scores each next part during a part's d_t pass and windows"
 
 
