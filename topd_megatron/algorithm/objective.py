@@ -9,6 +9,9 @@ with every sum normalised by N (token mean, per-sequence mean or a constant). Pr
     opd_suppress         opd + window_ot detector + suppression (beta_s = 0), no guidance: the paper's middle arm
     topd                 window_ot detector + suppression + teacher_window guidance (the paper's method; Config())
     topd_lookahead       lookahead detector + suppression + on_path guidance: TOPD without any extra generation
+    topd_budget          topd with a guidance budget of B = 1 window per rollout (its most divergent candidate): the
+                         tiny job's counterpart of the cap a recipe states (topd_70b: 16 of its ~45 guided windows per
+                         rollout); a recipe sets its own objective.guidance_budget
     controls (docs/tiny.md):
     topd_upweight        topd's detector and suppression; lambda more weight on d_t at divergent t, no window
     topd_random_windows  topd, with its windows at as many random response positions instead of the divergent ones
@@ -71,11 +74,16 @@ PRESETS: tuple[str, ...] = (
     "opd_suppress",
     "topd",
     "topd_lookahead",
+    "topd_budget",
     "topd_upweight",
     "topd_random_windows",
     "topd_oracle",
     "opd_kl_discount",
 )
+
+TINY_GUIDANCE_BUDGET = 1
+"""guidance_budget of the topd_budget preset. The tiny task's rollouts have ~2.3 guided windows each; B = 1 keeps about
+the share of them that topd_70b's B = 16 keeps of its ~45 (docs/tiny.md, "The guidance budget")."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -202,6 +210,7 @@ def preset(name: str) -> Config:
         "opd_suppress": lambda: Config(detection=det(detector="window_ot"), guidance="none"),
         "topd": lambda: Config(detection=det(detector="window_ot"), guidance="teacher_window"),
         "topd_lookahead": lambda: Config(detection=det(detector="lookahead"), guidance="on_path"),
+        "topd_budget": lambda: Config(detection=det(detector="window_ot"), guidance_budget=TINY_GUIDANCE_BUDGET),
         "topd_upweight": lambda: Config(detection=det(detector="window_ot"), guidance="upweight"),
         "topd_random_windows": lambda: Config(detection=det(detector="window_ot"), guidance_at="random"),
         "topd_oracle": lambda: Config(detection=det(detector="oracle"), guidance="teacher_window"),

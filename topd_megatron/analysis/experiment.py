@@ -50,7 +50,8 @@ from topd_megatron.training.optim import OptimConfig
 from topd_megatron.training.session import EngineSpec, rank_session
 
 DEFAULT_ARMS = objective.PRESETS
-"""Every preset: the five methods and the four controls (objective.PRESETS)."""
+"""Every preset: the six methods (topd_budget: topd under a guidance budget) and the four controls
+(objective.PRESETS)."""
 PRIMARY = "avg"
 """The pre-registered primary metric: avg@k at T=1 on the held-out problems after the last step (docs/tiny.md)."""
 RECORDS = "eval_records.jsonl"
@@ -60,6 +61,7 @@ TUNED_LR: dict[str, float] = {
     "opd_suppress": 2e-4,
     "topd": 2e-4,
     "topd_lookahead": 4e-4,
+    "topd_budget": 2e-4,
     "topd_upweight": 2e-4,
     "topd_random_windows": 2e-4,
     "topd_oracle": 2e-4,
@@ -353,6 +355,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("topd", "topd_upweight", "H3: the windows' content (same extra mass at the same positions, no window)"),
     ("topd", "topd_random_windows", "H3: the windows' placement (as many windows, at random positions)"),
     ("topd_oracle", "topd", "H4: detection (the task's own fork labels instead of window-OT)"),
+    ("topd_budget", "topd", "H5: the guidance budget (at most B windows per rollout instead of every divergent one)"),
 )
 """The pre-registered comparisons between arms other than OPD (docs/tiny.md), run where both arms are in the job."""
 
