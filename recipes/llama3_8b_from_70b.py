@@ -19,10 +19,10 @@ candidates, 70% of them divergent):
   here) grow with the rollouts per GPU.
 Per GPU at the peak (the backward): 70.6 of 80 GiB (student states 16.8, teacher 16.4, the teacher server share 14.2,
 activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.5 GiB (the
-teacher's 16.4 GiB stay beside it). About 271 s per
-step (branch scoring by the teacher's packed forward 72, windows 63: the teacher's, with the student's (12) beside them,
-teacher scoring 57, rollouts 40, train 20; the OPD step on this layout: 122 s, TOPD / OPD 2.21); the previous layout
-(one whole-prefix row per window) planned 3,967 s, 2,540 s of it the teacher scoring those rows.
+teacher's 16.4 GiB stay beside it). About 283 s per step (windows 75: the teacher's 63 and the student's 12, at
+once on the same GPUs, so their times add up; branch scoring by the teacher's packed forward 72, teacher scoring 57,
+rollouts 40, train 20; the OPD step on this layout: 122 s, TOPD / OPD 2.32); the previous layout (one whole-prefix
+row per window) planned 3,967 s, 2,540 s of it the teacher scoring those rows.
 """
 
 from __future__ import annotations

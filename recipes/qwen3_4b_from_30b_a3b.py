@@ -20,14 +20,13 @@ Layout (`topd plan qwen3_4b_from_30b_a3b`, 80 GiB H100s; the planner's worst cas
   here) grow with the rollouts per GPU, and 64 prompts would need 1 TiB of pinned host memory per node (the offloaded
   blocks round up to powers of two), all of the share the planner allows.
 Per GPU at the peak (the backward): 55.8 of 80 GiB (the teacher server share 12.6, student states 11.2, teacher 7.5,
-window rows 15.2, framework 4, activations and loss 5.2); while the student server samples, 74.6 GiB (the
-teacher's weights stay beside it). About 151 s per
-step (rollouts 59, windows 36: the teacher's, with the student's fresh windows (20, their rollouts still in the server's
-cache) beside them on its own server, train 24, branch scoring 7, branch training 6; the OPD step on this layout:
-94 s, TOPD / OPD 1.60); the previous layout
-(TransformerEngine attention: one whole-prefix row per window, the student server sharing 0.12 of every GPU) planned
-1,483 s, 1,065 s of it training the student on those rows. Selective recomputation plans 3% faster at 77.8 GiB; full
-recomputation keeps 5 GiB of headroom on every role.
+window rows 15.2, framework 4, activations and loss 5.2); while the student server samples, 74.6 GiB (the teacher's
+weights stay beside it). About 171 s per step (rollouts 59, windows 56: the teacher's 36 and the student's fresh windows
+20 (their rollouts still in the server's cache), sampled at once but on the same GPUs, whose HBM bandwidth both decodes
+need, so their times add up; train 24, branch scoring 7, branch training 6; the OPD step on this layout: 94 s, TOPD /
+OPD 1.82); the previous layout (TransformerEngine attention: one whole-prefix row per window, the student server sharing
+0.12 of every GPU) planned 1,483 s, 1,065 s of it training the student on those rows. Selective recomputation plans 3%
+faster at 77.8 GiB; full recomputation keeps 5 GiB of headroom on every role.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ Layout (`topd plan topd_70b`, the fastest feasible split of its 18 nodes that th
 docs/scale.md), 8 + 10 nodes:
 - training, 8 nodes: TP=8 within a node, PP=2 (40 student layers per stage), DP=4, sequence parallelism, micro-batches
   of 1; Megatron-Core's local attention (`transformer_engine=False`), which takes the per-window mask of packed
-  guidance (each rollout's 45 windows packed after it: rows of 10,400 tokens instead of 5,735 whole-prefix branch rows
-  per replica; 0.27 x the rollout tokens), with full recomputation; the student alone: 57.4 GiB per GPU at the peak,
-  the weight sync (states 37.0, the resumed server weights 16.4, framework 4);
+  guidance (each rollout's guided windows packed after it: rows of 8,976 tokens instead of 2,048 whole-prefix branch
+  rows per replica; 0.10 x the rollout tokens), with selective recomputation; the student alone: 78.5 GiB per GPU at
+  the peak on the first PP stage (the backward: activations 36.8, states 37.0, framework 4; 1.5 GiB of headroom;
+  `--set student.recompute=full` plans 324 s with 57.4 GiB);
 - student rollouts: one SGLang server per training node (TP=8, bf16, mem_fraction 0.72), time-sliced with training
   (sglang.colocate='time_slice'): from a step's rollouts to the end of its detection the servers stay whole beside
   Megatron's weights (8.2 GiB) and its d_t pass (1.7 GiB), while the optimizer shard waits in host memory
@@ -21,13 +22,23 @@ docs/scale.md), 8 + 10 nodes:
   once), returning their top-20 log-probs at every window position with them (no second scoring of the branches);
   the loss takes their top-20 log-probs (objective.teacher_signal='top_k');
 - the Slurm script starts every server and sets sglang.student.urls / sglang.teacher.urls and sglang.sync_address.
-About 344 s per step (train 114, rollouts 88, teacher scoring 66, branch training 31, student d_t 29, windows 24: the
-teacher's on its servers, with the student's fresh windows (15) beside them on theirs, their rollouts still cached,
-weight sync 15, one state swap 1, less 25 s of overlap); the step's rollouts and windows do not fit the teacher
+Guidance budget (objective.guidance_budget = 16, stated here because it departs from the method's default of a window
+at every divergent candidate): teacher-window guidance on the 16 most divergent candidates of each rollout, of the
+~45 the planner's worst case makes divergent (64 candidates, 70% divergent); the others stay divergent (not
+suppressed, their OPD term kept) without a window. The windows are still sampled at every candidate (window_ot's
+detection needs them); the budget bounds what is trained. On the tiny job its counterpart (topd_budget: one window
+per rollout, 43% of the guided windows kept against 36% here) measured +0.060 [-0.026, +0.147] avg@4 against
+uncapped topd over 10 paired seeds (docs/tiny.md): no difference detected, with an interval that cannot rule out a
+loss of up to 0.03. `--set objective.guidance_budget=None --set student.recompute=full` restores the method's
+default (selective recomputation does not fit its wider rows): 344 s, TOPD / OPD 1.21 (its OPD step: 285 s).
+About 295 s per step (rollouts 88, train 88, teacher scoring 66, student d_t 29, windows 24: the teacher's on its
+servers, with the student's fresh windows (15) beside them on theirs, their rollouts still cached, weight sync 15,
+branch training 8, one state swap 1, less 25 s of overlap); the step's rollouts and windows do not fit the teacher
 servers' KV pools at once, so scoring and windows run in 7 pipelined parts (training/scoring.py `score_and_detect`):
 each part finds its prefixes cached from its scoring, and the teacher scores the next part during this part's d_t
-pass and windows. The OPD step on this layout plans at 285 s (TOPD / OPD 1.21). The previous layout (16 training nodes,
-one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window) planned 4,288 s.
+pass and windows. The OPD step on this layout plans at 258 s (TOPD / OPD 1.14). The previous layout (16 training
+nodes, one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window)
+planned 4,288 s.
 teacher.fp8 and teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
 objective.teacher_signal=logits ...`).
 """
@@ -49,7 +60,7 @@ from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, packing_model
 
 def topd_70b() -> RunConfig:
     return RunConfig(
-        student=packing_model("Llama-3.3-70B-Instruct", recompute="full"),
+        student=packing_model("Llama-3.3-70B-Instruct", recompute="selective"),
         teacher=ModelConfig(
             path=checkpoint("Llama-3.1-405B-Instruct"),
             dtype="bfloat16",
@@ -76,7 +87,7 @@ def topd_70b() -> RunConfig:
             colocate="time_slice",
         ),
         parallel=ParallelConfig(tp=8, pp=2, sequence_parallel=True),
-        objective=dataclasses.replace(objective.preset("topd"), teacher_signal="top_k"),
+        objective=dataclasses.replace(objective.preset("topd"), teacher_signal="top_k", guidance_budget=16),
         optim=OptimConfig(lr=5e-7, clip_grad=1.0),
         train=TrainConfig(
             steps=100,

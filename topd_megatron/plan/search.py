@@ -53,9 +53,12 @@ class Candidate:
 
 def opd_variant(cfg: RunConfig) -> RunConfig:
     """The same run with the detector and guidance off (`--set objective.detection.detector=none --set
-    objective.guidance=none`)."""
+    objective.guidance=none`, and `--set objective.guidance_budget=None` where the recipe caps the windows)."""
     obj = dataclasses.replace(
-        cfg.objective, detection=dataclasses.replace(cfg.objective.detection, detector="none"), guidance="none"
+        cfg.objective,
+        detection=dataclasses.replace(cfg.objective.detection, detector="none"),
+        guidance="none",
+        guidance_budget=None,
     )
     return dataclasses.replace(cfg, objective=obj)
 
