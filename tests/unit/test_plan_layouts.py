@@ -181,6 +181,25 @@ def test_search_finds_splits_and_the_recipes_adopt_the_best() -> None:
         assert opd < mine.step_time.total_s and math.isfinite(best.ratio)
 
 
+def test_the_opd_step_of_a_capped_recipe_turns_the_budget_off() -> None:
+    """topd_70b states a guidance budget; its OPD step (detector and guidance off) must drop it, or the objective
+    refuses a budget without teacher-window guidance."""
+    cfg = recipes.get("topd_70b")
+    assert cfg.objective.guidance_budget == 16
+    opd = opd_variant(cfg)
+    assert (opd.objective.guidance, opd.objective.guidance_budget, opd.objective.detection.detector) == (
+        "none",
+        None,
+        "none",
+    )
+    uncapped = plan(
+        apply_overrides(cfg, ["objective.guidance_budget=None", "student.recompute=full"]), run_preflight=False
+    )
+    capped = plan(cfg, run_preflight=False)
+    assert capped.shape.branch_tokens < uncapped.shape.branch_tokens
+    assert plan(opd, run_preflight=False).step_time.total_s < capped.step_time.total_s
+
+
 def test_topd_70b_plans_within_600_s_on_its_18_nodes() -> None:
     cfg = recipes.get("topd_70b")
     p = plan(cfg, run_preflight=False)
