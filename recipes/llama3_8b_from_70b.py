@@ -21,7 +21,7 @@ Per GPU at the peak (the backward): 70.6 of 80 GiB (student states 16.8, teacher
 activations and loss 10.6, window rows 8.6, framework 4); while the student server samples, 74.5 GiB (the
 teacher's 16.4 GiB stay beside it). About 283 s per step (windows 75: the teacher's 63 and the student's 12, at
 once on the same GPUs, so their times add up; branch scoring by the teacher's packed forward 72, teacher scoring 57,
-rollouts 40, train 20; the OPD step on this layout: 122 s, TOPD / OPD 2.32); the previous layout (one whole-prefix
+rollouts 40, train 20; the OPD step on this layout: 122 s, TOPD / OPD 2.31); the previous layout (one whole-prefix
 row per window) planned 3,967 s, 2,540 s of it the teacher scoring those rows.
 """
 

@@ -2,14 +2,15 @@
 prompts, MATH-500 held out; responses up to 6,144 tokens in 8,192-token sequences, K = 50 teacher windows;
 `sbatch slurm/topd_70b.sh` runs it on 18 nodes of 8 H100-80GB.
 
-Layout (`topd plan topd_70b`, the fastest feasible split of its 18 nodes that the planner's search finds; see
-docs/scale.md), 8 + 10 nodes:
+Layout (`topd plan topd_70b`, the fastest feasible split of its 18 nodes that the planner's search finds with at least
+2 GiB of headroom on every GPU; see docs/scale.md), 8 + 10 nodes:
 - training, 8 nodes: TP=8 within a node, PP=2 (40 student layers per stage), DP=4, sequence parallelism, micro-batches
   of 1; Megatron-Core's local attention (`transformer_engine=False`), which takes the per-window mask of packed
   guidance (each rollout's guided windows packed after it: rows of 8,976 tokens instead of 2,048 whole-prefix branch
-  rows per replica; 0.10 x the rollout tokens), with selective recomputation; the student alone: 78.5 GiB per GPU at
-  the peak on the first PP stage (the backward: activations 36.8, states 37.0, framework 4; 1.5 GiB of headroom;
-  `--set student.recompute=full` plans 324 s with 57.4 GiB);
+  rows per replica; 0.10 x the rollout tokens), with full recomputation; the student alone: 57.4 GiB per GPU at the
+  peak, the weight sync (states 37.0, the resumed server weights 16.4, framework 4). Selective recomputation plans
+  295 s (OPD 258 s) but leaves 1.5 GiB of headroom on the first PP stage, within what the planner's packed
+  activations are measured to miss (topd plan marks it tight);
 - student rollouts: one SGLang server per training node (TP=8, bf16, mem_fraction 0.72), time-sliced with training
   (sglang.colocate='time_slice'): from a step's rollouts to the end of its detection the servers stay whole beside
   Megatron's weights (8.2 GiB) and its d_t pass (1.7 GiB), while the optimizer shard waits in host memory
@@ -29,14 +30,13 @@ suppressed, their OPD term kept) without a window. The windows are still sampled
 detection needs them); the budget bounds what is trained. On the tiny job its counterpart (topd_budget: one window
 per rollout, 43% of the guided windows kept against 36% here) measured +0.060 [-0.026, +0.147] avg@4 against
 uncapped topd over 10 paired seeds (docs/tiny.md): no difference detected, with an interval that cannot rule out a
-loss of up to 0.03. `--set objective.guidance_budget=None --set student.recompute=full` restores the method's
-default (selective recomputation does not fit its wider rows): 344 s, TOPD / OPD 1.21 (its OPD step: 285 s).
-About 295 s per step (rollouts 88, train 88, teacher scoring 66, student d_t 29, windows 24: the teacher's on its
+loss of up to 0.03. `--set objective.guidance_budget=None` restores the method's default: 344 s, TOPD / OPD 1.21.
+About 324 s per step (train 114, rollouts 88, teacher scoring 66, student d_t 29, windows 24: the teacher's on its
 servers, with the student's fresh windows (15) beside them on theirs, their rollouts still cached, weight sync 15,
-branch training 8, one state swap 1, less 25 s of overlap); the step's rollouts and windows do not fit the teacher
+branch training 11, one state swap 1, less 25 s of overlap); the step's rollouts and windows do not fit the teacher
 servers' KV pools at once, so scoring and windows run in 7 pipelined parts (training/scoring.py `score_and_detect`):
 each part finds its prefixes cached from its scoring, and the teacher scores the next part during this part's d_t
-pass and windows. The OPD step on this layout plans at 258 s (TOPD / OPD 1.14). The previous layout (16 training
+pass and windows. The OPD step on this layout plans at 285 s (TOPD / OPD 1.14). The previous layout (16 training
 nodes, one student and one teacher server node, TransformerEngine attention: one whole-prefix row per window)
 planned 4,288 s.
 teacher.fp8 and teacher.fp8_weights below apply when the teacher is built in Megatron (`--set teacher_source=megatron
@@ -60,7 +60,7 @@ from ._common import MATH_TASK, checkpoint, gpu_server, math_eval, packing_model
 
 def topd_70b() -> RunConfig:
     return RunConfig(
-        student=packing_model("Llama-3.3-70B-Instruct", recompute="selective"),
+        student=packing_model("Llama-3.3-70B-Instruct", recompute="full"),
         teacher=ModelConfig(
             path=checkpoint("Llama-3.1-405B-Instruct"),
             dtype="bfloat16",

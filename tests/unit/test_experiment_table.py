@@ -71,3 +71,18 @@ def test_pre_registered_contrasts_pair_arms_other_than_opd(capsys: pytest.Captur
     }
     print_table(results)
     assert "topd - topd_upweight (paired): avg@4 -0.103" in capsys.readouterr().out
+
+
+def test_the_guidance_budget_is_compared_with_topd() -> None:
+    """H5: topd_budget - topd seed by seed, where both arms ran."""
+    arms = ["opd", "topd", "topd_budget"]
+    cfg = TinyConfig(arms=tuple(arms), seeds=3)
+    runs = {("opd", s): _run(0.70, 0.90) for s in range(3)}
+    runs |= {("topd", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.60, 0.62, 0.61))}
+    runs |= {("topd_budget", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.61, 0.60, 0.64))}
+    refs = {f"start-seed{s}": {"avg": 0.40, "greedy": 0.44} for s in range(3)} | {"teacher": {"avg": 1, "greedy": 1}}
+    oracle = {"tau": {"window_ot": 0.5}, "detectors": {}, "evaluation": {}, "calibration": {}}
+    [con] = compile_results(cfg, arms, runs, refs, oracle, {})["contrasts"]
+    assert (con["arm"], con["other"]) == ("topd_budget", "topd")
+    assert con["avg"]["per_seed"] == pytest.approx([0.01, -0.02, 0.03])
+    assert con["avg"]["verdict"] == "no difference detected"

@@ -62,6 +62,9 @@ def test_presets_are_the_documented_algorithms():
     assert (p["opd_suppress"].detection.detector, p["opd_suppress"].guidance) == ("window_ot", "none")
     assert (p["topd"].detection.detector, p["topd"].guidance) == ("window_ot", "teacher_window")
     assert (p["topd_lookahead"].detection.detector, p["topd_lookahead"].guidance) == ("lookahead", "on_path")
+    budget = p["topd_budget"]  # topd with at most TINY_GUIDANCE_BUDGET windows per rollout, nothing else changed
+    assert budget.guidance_budget == objective.TINY_GUIDANCE_BUDGET == 1
+    assert dataclasses.replace(budget, guidance_budget=None) == p["topd"]
     d = p["topd"].detection
     assert (d.q, d.window, d.q_d, p["topd"].suppress_weight) == (0.2, 50, 0.3, 0.0)
     with pytest.raises(ValueError, match="unknown preset"):

@@ -82,7 +82,7 @@ PRESETS: tuple[str, ...] = (
 )
 
 TINY_GUIDANCE_BUDGET = 1
-"""guidance_budget of the topd_budget preset. The tiny task's rollouts have ~2.3 guided windows each; B = 1 keeps about
+"""guidance_budget of the topd_budget preset. The tiny task's rollouts have ~2.2 guided windows each; B = 1 keeps about
 the share of them that topd_70b's B = 16 keeps of its ~45 (docs/tiny.md, "The guidance budget")."""
 
 
@@ -656,6 +656,7 @@ def _loss_metrics(
 
 __all__ = [
     "PRESETS",
+    "TINY_GUIDANCE_BUDGET",
     "BranchTerms",
     "Config",
     "ServedTeacher",

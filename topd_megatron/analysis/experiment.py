@@ -357,7 +357,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("topd_oracle", "topd", "H4: detection (the task's own fork labels instead of window-OT)"),
     ("topd_budget", "topd", "H5: the guidance budget (at most B windows per rollout instead of every divergent one)"),
 )
-"""The pre-registered comparisons between arms other than OPD (docs/tiny.md), run where both arms are in the job."""
+"""The comparisons between arms other than OPD (docs/tiny.md: H3 and H4 pre-registered, H5 added with the guidance
+budget), run where both arms are in the job."""
 
 
 def compile_results(

@@ -16,7 +16,7 @@ from rich.table import Table
 from topd_megatron.plan.architecture import Architecture
 from topd_megatron.plan.feasibility import Plan
 from topd_megatron.plan.memory import GIB, RoleMemory, human_count
-from topd_megatron.plan.search import Candidate
+from topd_megatron.plan.search import SAFE_HEADROOM_GIB, Candidate
 
 
 def _model_line(role: str, arch: Architecture | None, source: str) -> str:
@@ -142,10 +142,13 @@ def render_layouts(layouts: list[Candidate], current: Plan, console: Console) ->
         table.add_column(col, justify="left" if col == "layout" else "right")
     for c in layouts:
         worst = max((r.total_gib for r in c.plan.roles), default=0.0)
-        table.add_row(f"{c.step_s:,.0f}", f"{c.opd_s:,.0f}", f"{c.ratio:.2f}", f"{worst:.1f}", c.name)
+        tight = " (tight)" if c.tight else ""
+        table.add_row(f"{c.step_s:,.0f}", f"{c.opd_s:,.0f}", f"{c.ratio:.2f}", f"{worst:.1f}{tight}", c.name)
     table.caption = (
-        "OPD s: the same layout with the detector and guidance off; set a layout with its cluster.*, sglang.* and"
-        " student.* fields (docs/scale.md)"
+        "OPD s: the same layout with the detector and guidance off; tight: less than"
+        f" {SAFE_HEADROOM_GIB:g} GiB of headroom on some GPU (the planner's packed activations measure a few per cent"
+        " low), not adopted by the recipes; set a layout with its cluster.*, sglang.* and student.* fields"
+        " (docs/scale.md)"
     )
     console.print(table)
 
@@ -157,6 +160,8 @@ def layout_to_json(c: Candidate) -> dict[str, Any]:
         "step_s": c.step_s,
         "opd_s": c.opd_s,
         "ratio": c.ratio,
+        "headroom_gib": c.headroom_gib,
+        "tight": c.tight,
         "cluster": dataclasses.asdict(cfg.cluster),
         "student_servers": cfg.sglang.student.servers,
         "teacher_servers": cfg.sglang.teacher.servers if cfg.sglang.teacher is not None else 0,

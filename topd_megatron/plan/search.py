@@ -13,8 +13,10 @@ What varies, on the recipe's total nodes (cluster.total_nodes) and GPUs per node
   TransformerEngine's cannot: layout.packs) with selective or full recomputation (the local attention keeps an
   S x S softmax per layer otherwise).
 Training takes the remaining nodes; a split is kept only if its world size divides into TP x PP and the prompts into
-data-parallel replicas. Each candidate is planned like `topd plan` (`plan(cfg, run_preflight=False)`), and with the
-detector and guidance off (the OPD step on the same layout) for the TOPD / OPD ratio.
+data-parallel replicas. A feasible layout with less than SAFE_HEADROOM_GIB to spare on some GPU is listed but marked
+tight: the recipes adopt the fastest layout that is not. Each candidate is planned like `topd plan` (`plan(cfg,
+run_preflight=False)`), and with the detector and guidance off (the OPD step on the same layout) for the TOPD / OPD
+ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from topd_megatron.plan.feasibility import Plan, plan
 from topd_megatron.plan.layout import span_keeps_weights, time_sliced
 from topd_megatron.plan.memory import SGLANG_RUNTIME_OVERHEAD_GIB, megatron_beside_servers
 
+SAFE_HEADROOM_GIB = 2.0
+"""The least headroom on every GPU of a layout that a recipe adopts; below it a layout is `tight`. The planner's
+activations of packed rows measure at 0.95-0.97 of what Megatron allocates (bench/plan_vs_measured.py, docs/scale.md
+"Validation"): on topd_70b's 36.8 GiB of activations with selective recomputation that is 1.1-2.0 GiB, before any
+allocator fragmentation."""
 SERVER_MEM_FRACTION = 0.85
 """mem_fraction of a server on nodes of its own or time-sliced with training (the GPU is the server's then)."""
 
@@ -49,6 +56,18 @@ class Candidate:
     @property
     def ratio(self) -> float:
         return self.step_s / self.opd_s if self.opd_s else float("inf")
+
+    @property
+    def headroom_gib(self) -> float:
+        """The least headroom of any whole GPU of the layout (a server's share of a training GPU is sized to its share
+        by construction; the training GPU's own table counts it)."""
+        whole = [r for r in self.plan.roles if r.budget_gib >= self.cfg.cluster.gpu_memory_gib]
+        return min((r.headroom_gib for r in whole), default=0.0)
+
+    @property
+    def tight(self) -> bool:
+        """Feasible on paper with less than SAFE_HEADROOM_GIB to spare on some GPU: not a layout to adopt."""
+        return self.headroom_gib < SAFE_HEADROOM_GIB
 
 
 def opd_variant(cfg: RunConfig) -> RunConfig:
@@ -169,4 +188,4 @@ def search_layouts(cfg: RunConfig, *, device: str = "cuda") -> list[Candidate]:
     return sorted(unique.values(), key=lambda c: c.step_s)
 
 
-__all__ = ["Candidate", "leave_room_for_megatron", "opd_variant", "search_layouts", "split"]
+__all__ = ["SAFE_HEADROOM_GIB", "Candidate", "leave_room_for_megatron", "opd_variant", "search_layouts", "split"]

@@ -321,10 +321,11 @@ def _window_phases(
 ) -> dict[str, float]:
     """window_ot's near-future windows: the teacher's at every candidate, and the student's with
     student_window='fresh'. Per role on its SGLang servers (per rollout, `_decode_seconds`), or in-process on the
-    training GPUs. With both roles on their own servers, both are sampled at once (SGLangEngine.generate_window_pair):
-    the phase takes the slower of the two, or their sum when both roles' servers share the training GPUs (their HBM
-    bandwidth); `teacher_parts`: the step's parts (`window_part_plan`). Returns each served
-    role's seconds."""
+    training GPUs. With both roles on servers, both are sampled at once (SGLangEngine.generate_window_pair): the
+    phase takes the slower of the two where their servers have GPUs of their own, their sum where both share the
+    training GPUs (`colocated_servers`: they share those GPUs' HBM bandwidth; every colocated server is assumed to
+    span all the training GPUs, as the recipes' do); `teacher_parts`: the step's parts (`window_part_plan`). Returns
+    each served role's seconds."""
     det, s = cfg.objective.detection, shape.seq
     candidates, rollouts = shape.candidates * dp, shape.rollouts * dp
     per_rollout = max(shape.candidates // max(shape.rollouts, 1), 1)
@@ -387,11 +388,12 @@ PIPELINE_OVERLAP = "overlap: the teacher scores each next part during a part's d
 
 
 def _pipelined_parts(est: StepTime, parts: int, windows: dict[str, float]) -> None:
-    """Scoring and windows in P pipelined parts (training/scoring.py `pipelines_parts`): the teacher servers score
-    part i + 1 while the training GPUs run part i's d_t pass and both roles sample part i's windows. Per part (a P-th
-    of each phase): scoring T, d_t D, the teacher's windows W_t, the student's W_s (W = max of the two). In sequence
-    the parts take P (T + D + W); pipelined T + (P - 1) max(D + W, T + W_t) + D + W (the teacher's windows of part i
-    share its servers with the scoring of part i + 1). The difference is a row of negative seconds."""
+    """Scoring and windows in P pipelined parts (training/scoring.py `pipelines_parts`): the teacher servers score part
+    i + 1 while the training GPUs run part i's d_t pass and both roles sample part i's windows. Per part (a P-th of each
+    phase): scoring T, d_t D, the teacher's windows W_t, the student's W_s (W = max of the two: the teacher servers have
+    nodes of their own whenever parts are pipelined). In sequence the parts take P (T + D + W); pipelined T + (P - 1)
+    max(D + W, T + W_t) + D + W (the teacher's windows of part i share its servers with the scoring of part i + 1). The
+    difference is a row of negative seconds."""
     score = next((v for k, v in est.seconds.items() if k.startswith("teacher scoring")), 0.0) / parts
     d_t = est.seconds.get("student scoring forward", 0.0) / parts
     w_t, w_s = windows.get("teacher", 0.0) / parts, windows.get("student", 0.0) / parts

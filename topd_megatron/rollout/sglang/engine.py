@@ -385,9 +385,10 @@ class SGLangEngine:
         self, rows: Tensor, positions: Tensor, params: SamplingParams, *, first_window: int = 0, teacher_top_k: int = 0
     ) -> dict[Role, list[Generation]]:
         """PairedWindowSampler: the teacher's and the student's windows at `positions`, both roles' requests in flight
-        at the same time (each role's servers sample on their own GPUs: the step waits for the slower of the two, not
-        for their sum), with the per-window seeds `generate_windows` gives each role (the teacher's with its top-k
-        when `teacher_top_k` > 0). With an in-process fallback teacher, one role after the other."""
+        at the same time (where each role's servers have GPUs of their own the step waits for the slower of the two, not
+        for their sum; servers sharing the same GPUs share their memory bandwidth too), with the per-window seeds
+        `generate_windows` gives each role (the teacher's with its top-k when `teacher_top_k` > 0). With an in-process
+        fallback teacher, one role after the other."""
         roles: tuple[Role, Role] = ("teacher", "student")
         top_k: dict[Role, int] = {"teacher": teacher_top_k, "student": 0}
         if any(r not in self.endpoints for r in roles):
