@@ -365,7 +365,9 @@ def _window_phases(
             if role == "teacher":
                 est.notes.append(
                     "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs'"
-                    " own forward passes); set sglang.teacher to serve them"
+                    " own forward passes); set sglang.teacher to serve them. The in-process windows are counted at MFU"
+                    " (a rollout's windows share its cache, so each decode forward reads the prefix once), without"
+                    " eager decoding's per-forward overheads or weight reads: a lower bound, unmeasured on GPUs"
                 )
     if len(on_servers) == 2:
         same_gpus = {"teacher", "student"} <= {role for role, _ in colocated_servers(cfg)}
