@@ -372,11 +372,12 @@ def _window_phases(
     if len(on_servers) == 2:
         same_gpus = {"teacher", "student"} <= {role for role, _ in colocated_servers(cfg)}
         est.seconds[WINDOWS_AT_ONCE] = sum(on_servers.values()) if same_gpus else max(on_servers.values())
+        shared = " on the same GPUs (both roles' servers share the training GPUs): their times add up"
         est.notes.append(
             "windows: the teacher's servers {teacher:.1f} s and the student's {student:.1f} s, at the same time".format(
                 **on_servers
             )
-            + (" on the same GPUs (both roles' servers share the training GPUs): their times add up" * same_gpus)
+            + (shared if same_gpus else "")
         )
     else:
         for role, seconds in on_servers.items():
