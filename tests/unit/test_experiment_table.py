@@ -50,17 +50,22 @@ def test_paired_comparison_claims_only_what_the_intervals_support(capsys: pytest
     assert "higher" in out and "n.d." in out and "halfway 0.680" in out
 
 
-def test_pre_registered_contrasts_pair_arms_other_than_opd(capsys: pytest.CaptureFixture[str]) -> None:
-    """topd - topd_upweight is computed seed by seed like the OPD comparisons; a contrast whose arm is not in the job
-    (topd_random_windows, topd_oracle here) is left out rather than reported empty."""
-    arms = ["opd", "topd", "topd_upweight"]
+def _opd_topd_and(arm: str, avgs: tuple[float, ...]) -> dict:
+    """compile_results over 3 seeds of opd (0.70), topd (0.60, 0.62, 0.61) and `arm` (avg@4 `avgs`); greedy 0.9."""
+    arms = ["opd", "topd", arm]
     cfg = TinyConfig(arms=tuple(arms), seeds=3)
     runs = {("opd", s): _run(0.70, 0.90) for s in range(3)}
     runs |= {("topd", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.60, 0.62, 0.61))}
-    runs |= {("topd_upweight", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.70, 0.71, 0.73))}
+    runs |= {(arm, s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate(avgs)}
     refs = {f"start-seed{s}": {"avg": 0.40, "greedy": 0.44} for s in range(3)} | {"teacher": {"avg": 1, "greedy": 1}}
     oracle = {"tau": {"window_ot": 0.5}, "detectors": {}, "evaluation": {}, "calibration": {}}
-    results = compile_results(cfg, arms, runs, refs, oracle, {})
+    return compile_results(cfg, arms, runs, refs, oracle, {})
+
+
+def test_pre_registered_contrasts_pair_arms_other_than_opd(capsys: pytest.CaptureFixture[str]) -> None:
+    """topd - topd_upweight is computed seed by seed like the OPD comparisons; a contrast whose arm is not in the job
+    (topd_random_windows, topd_oracle here) is left out rather than reported empty."""
+    results = _opd_topd_and("topd_upweight", (0.70, 0.71, 0.73))
     [con] = results["contrasts"]
     assert (con["arm"], con["other"]) == ("topd", "topd_upweight")
     assert con["avg"]["per_seed"] == pytest.approx([-0.10, -0.09, -0.12])
@@ -75,14 +80,7 @@ def test_pre_registered_contrasts_pair_arms_other_than_opd(capsys: pytest.Captur
 
 def test_the_guidance_budget_is_compared_with_topd() -> None:
     """H5: topd_budget - topd seed by seed, where both arms ran."""
-    arms = ["opd", "topd", "topd_budget"]
-    cfg = TinyConfig(arms=tuple(arms), seeds=3)
-    runs = {("opd", s): _run(0.70, 0.90) for s in range(3)}
-    runs |= {("topd", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.60, 0.62, 0.61))}
-    runs |= {("topd_budget", s): _run(v, 0.9, 1.0, 0.5) for s, v in enumerate((0.61, 0.60, 0.64))}
-    refs = {f"start-seed{s}": {"avg": 0.40, "greedy": 0.44} for s in range(3)} | {"teacher": {"avg": 1, "greedy": 1}}
-    oracle = {"tau": {"window_ot": 0.5}, "detectors": {}, "evaluation": {}, "calibration": {}}
-    [con] = compile_results(cfg, arms, runs, refs, oracle, {})["contrasts"]
+    [con] = _opd_topd_and("topd_budget", (0.61, 0.60, 0.64))["contrasts"]
     assert (con["arm"], con["other"]) == ("topd_budget", "topd")
     assert con["avg"]["per_seed"] == pytest.approx([0.01, -0.02, 0.03])
     assert con["avg"]["verdict"] == "no difference detected"
