@@ -15,6 +15,8 @@
 #              rows in float64 with the local attention, and the fallback (a warning, the per-branch rows) for models
 #              whose attention cannot take the per-window mask; with TransformerEngine installed, also the student
 #              built with the TE spec (`TOPD_PACKING_TE=1`)
+#   windows    bench/window_decode.py on the GPU at Qwen3-4B's width (4 layers, bf16, 4 rows of 4,096 tokens, 64
+#              windows of 50 tokens per row): the in-process window sampler against the planner's lower bound for it
 # Environment: TOPD_PYTHON (default .venv/bin/python when present, else python3), TOPD_CACHE_DIR (where the
 # prepared tiny pair is cached), TOPD_GPU_CHECK_STEPS (default 5).
 # Exit status: 0 when every step that could run passed, 1 when one failed, 2 when there is no usable GPU.
@@ -100,5 +102,14 @@ if importable megatron.core && importable pytest; then
     TOPD_PACKING_TE="$te" run_step packing "$py" -m pytest tests/distributed/test_packing.py -x -q -k "TP1 or fall"
 else
     record packing "skipped: megatron.core or pytest is not importable with $py"
+fi
+
+# ---- in-process windows against the planner's lower bound ----------------------------------------------------------
+if importable megatron.core && importable "topd_megatron.models.bridge_import as b; b.import_bridge()"; then
+    run_step windows "$py" bench/window_decode.py --device cuda --dtype bfloat16 --hidden 2560 --layers 4 --heads 32 \
+        --kv-heads 8 --ffn 9728 --seq 4096 --rows 4 --windows 64 --window 50 --markdown \
+        --json-out "$out/windows.json"
+else
+    record windows "skipped: megatron.core/megatron.bridge are not importable with $py"
 fi
 exit "$failed"

@@ -307,6 +307,22 @@ def fresh_student_windows(cfg: RunConfig) -> bool:
     return det.detector == "window_ot" and det.student_window == "fresh"
 
 
+def in_process_window_flops(arch: Architecture, rows: int, windows: int, seq: int, window: int) -> float:
+    """In-process windows (rollout/windows.py): a prefill of `rows` rollout rows of `seq` tokens, then `window` decode
+    forwards of all `windows` windows at once, each query attending to a whole row (`seq` keys)."""
+    return forward_flops(arch, rows * seq, seq) + window * decode_flops(arch, windows, seq)
+
+
+def in_process_window_seconds(
+    arch: Architecture, rows: int, windows: int, seq: int, window: int, rate: float, fp8: bool
+) -> float:
+    """`in_process_window_flops` at `rate` FLOP/s (the training GPUs' peak x MFU): no per-forward overheads, weight
+    or KV reads, a lower bound that bench/window_decode.py measures against on a device."""
+    return forward_seconds(arch, rows * seq, seq, rate, fp8) + window * forward_seconds(
+        arch, windows, int(seq / CAUSAL_FRACTION), rate, fp8
+    )
+
+
 def _window_phases(
     est: StepTime,
     cfg: RunConfig,
@@ -358,10 +374,8 @@ def _window_phases(
                 est.notes.append(f"the {role} servers' KV caches hold the step's rollouts: its windows reuse them")
         else:
             name, rows = f"{role} windows (in-process, per rollout, KV cache)", min(rollouts, candidates)
-            est.flops[name] = forward_flops(arch, rows * s, s) + det.window * decode_flops(arch, candidates, s)
-            est.seconds[name] = forward_seconds(arch, rows * s, s, rate, role_fp8) + det.window * forward_seconds(
-                arch, candidates, int(s / CAUSAL_FRACTION), rate, role_fp8
-            )
+            est.flops[name] = in_process_window_flops(arch, rows, candidates, s, det.window)
+            est.seconds[name] = in_process_window_seconds(arch, rows, candidates, s, det.window, rate, role_fp8)
             if role == "teacher":
                 est.notes.append(
                     "window_ot without a teacher SGLang server generates the windows in-process (the training GPUs'"
