@@ -5,8 +5,8 @@ The planner counts in-process windows (`plan.step_time.in_process_window_seconds
 bound, and the one figure between the qwen3 recipe's served-teacher plan and its in-process alternative
 (docs/scale.md). This measures it on one rank of this device:
 
-- a random Qwen3-architecture model (`--layers`, `--hidden`, `--heads`, `--kv-heads`, `--ffn`, `--vocab`;
-  Megatron-Core's local spec, the one the per-window mask runs on), in `--dtype`;
+- a random Qwen3-architecture model (`--layers`, `--hidden`, `--heads`, `--kv-heads`, `--head-dim`, `--ffn`,
+  `--vocab`; Megatron-Core's local spec, the one the per-window mask runs on), in `--dtype`;
 - `--rows` rollout rows of `--seq` random tokens, `--windows` windows per row at distinct random anchors in each row's
   second half, K = `--window` tokens each, temperature 1, all rows in one KV cache (`sample_windows_packed`);
 - the prefill alone (a call with K = 1: the rows' prefill and each window's first token) and the whole call (the
@@ -14,14 +14,16 @@ bound, and the one figure between the qwen3 recipe's served-teacher plan and its
 - the planner's formula for the same shape, at the FLOP rate a dense matmul of the model's width reaches on this
   device in `--dtype` in the same run (the best a forward's GEMMs reach here, standing in for peak x MFU).
 
-planned / measured below 1 is what the forwards cost beyond that GEMM rate: per-forward overheads, attention over the
-per-window mask, weight and KV reads, sampling. The planner counts K decode forwards where the sampler runs K - 1 after
-the prefill (its u_1 comes from the prefill's logits), so its decode figure is K / (K - 1) of the same forwards' cost.
+planned / measured below 1 is what the call costs beyond that GEMM rate: per-forward overheads, attention over the
+per-window mask and building that mask, weight and KV reads, sampling. The planner counts K decode forwards where the
+sampler runs K - 1 after the prefill (its u_1 comes from the prefill's logits): the decode row compares K - 1 of the
+planner's forwards with the measured K - 1, the whole-call row the planner's whole formula with the whole call.
 
 Run from the repository root:
     .venv/bin/python bench/window_decode.py                 # CPU, one thread, a small shape: about a minute
-    .venv/bin/python bench/window_decode.py --device cuda --dtype bfloat16 --hidden 2560 --layers 4 --heads 32 \\
-        --kv-heads 8 --ffn 9728 --seq 4096 --rows 4 --windows 64 --window 50    # tools/gpu_check.sh: Qwen3-4B's width
+    .venv/bin/python bench/window_decode.py --device cuda --dtype bfloat16 --layers 4 --hidden 2560 --heads 32 \\
+        --kv-heads 8 --head-dim 128 --ffn 9728 --vocab 151936 --seq 4096 --rows 4 --windows 64 --window 50
+        # tools/gpu_check.sh: 4 of Qwen3-4B's 36 layers, its widths and vocabulary
 The recorded results are in docs/benchmarks.md.
 """
 
@@ -53,6 +55,8 @@ class Shape:
     hidden: int = 256
     heads: int = 8
     kv_heads: int = 4
+    head_dim: int = 0
+    """0: hidden // heads."""
     ffn: int = 768
     vocab: int = 1024
     seq: int = 256
@@ -62,6 +66,7 @@ class Shape:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 1
+    """CPU threads of the timed rank (on CUDA torch's default is kept: the host only launches kernels)."""
     rounds: int = 3
 
     def __post_init__(self) -> None:
@@ -107,7 +112,8 @@ def measure(rank: int, world: int, model_dir: str, shape: Shape) -> dict[str, fl
     from topd_megatron.rollout.engine import SamplingParams
     from topd_megatron.rollout.windows import sample_windows_packed
 
-    torch.set_num_threads(shape.threads)
+    if shape.device == "cpu":
+        torch.set_num_threads(shape.threads)
     par = ParallelConfig()
     init_model_parallel(par)
     cfg = ModelConfig(path=model_dir, dtype=shape.dtype, seq_length=shape.columns, transformer_engine=False)
@@ -166,6 +172,7 @@ def make_model(shape: Shape, out: Path) -> Path:
         num_layers=shape.layers,
         num_heads=shape.heads,
         num_kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim or None,
         intermediate_size=shape.ffn,
         max_position_embeddings=max(shape.columns, 2048),
         seed=5,
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "hidden",
         "heads",
         "kv_heads",
+        "head_dim",
         "ffn",
         "vocab",
         "seq",
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     k = shape.window
     rows = [
         ("prefill (K = 1)", m["prefill_s"], p["prefill_s"]),
-        (f"{k - 1} decode forwards", m["whole_s"] - m["prefill_s"], p["whole_s"] - p["prefill_s"]),
+        (f"{k - 1} decode forwards", m["whole_s"] - m["prefill_s"], (p["whole_s"] - p["prefill_s"]) * (k - 1) / k),
         ("whole call", m["whole_s"], p["whole_s"]),
     ]
     title = (

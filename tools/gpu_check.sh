@@ -15,8 +15,8 @@
 #              rows in float64 with the local attention, and the fallback (a warning, the per-branch rows) for models
 #              whose attention cannot take the per-window mask; with TransformerEngine installed, also the student
 #              built with the TE spec (`TOPD_PACKING_TE=1`)
-#   windows    bench/window_decode.py on the GPU at Qwen3-4B's width (4 layers, bf16, 4 rows of 4,096 tokens, 64
-#              windows of 50 tokens per row): the in-process window sampler against the planner's lower bound for it
+#   windows    bench/window_decode.py on the GPU: 4 of Qwen3-4B's layers at its widths and vocabulary, bf16, 4 rows of
+#              4,096 tokens, 64 windows of 50 tokens per row: the in-process window sampler against the planner's bound
 # Environment: TOPD_PYTHON (default .venv/bin/python when present, else python3), TOPD_CACHE_DIR (where the
 # prepared tiny pair is cached), TOPD_GPU_CHECK_STEPS (default 5).
 # Exit status: 0 when every step that could run passed, 1 when one failed, 2 when there is no usable GPU.
@@ -106,9 +106,9 @@ fi
 
 # ---- in-process windows against the planner's lower bound ----------------------------------------------------------
 if importable megatron.core && importable "topd_megatron.models.bridge_import as b; b.import_bridge()"; then
-    run_step windows "$py" bench/window_decode.py --device cuda --dtype bfloat16 --hidden 2560 --layers 4 --heads 32 \
-        --kv-heads 8 --ffn 9728 --seq 4096 --rows 4 --windows 64 --window 50 --markdown \
-        --json-out "$out/windows.json"
+    run_step windows "$py" bench/window_decode.py --device cuda --dtype bfloat16 --layers 4 --hidden 2560 --heads 32 \
+        --kv-heads 8 --head-dim 128 --ffn 9728 --vocab 151936 --seq 4096 --rows 4 --windows 64 --window 50 \
+        --markdown --json-out "$out/windows.json"
 else
     record windows "skipped: megatron.core/megatron.bridge are not importable with $py"
 fi

@@ -244,7 +244,7 @@ def test_the_fresh_student_windows_are_planned_beside_the_teachers() -> None:
 def test_in_process_windows_are_the_formula_bench_window_decode_measures() -> None:
     """qwen3 with its teacher's windows in-process (sglang.teacher=None): the phase is `in_process_window_seconds` of
     the step's rollout rows and candidates at the training GPUs' rate, the function bench/window_decode.py evaluates
-    against a measured call; its decode term grows with K, one forward of every window per window token."""
+    against a measured call, with the shape (rows, windows, sequence, K) and rate the plan uses."""
     cfg = apply_overrides(recipes.get("qwen3_4b_from_30b_a3b"), ["sglang.teacher=None"])
     p = plan(cfg, run_preflight=False)
     assert p.step_time is not None and p.teacher is not None
@@ -253,8 +253,6 @@ def test_in_process_windows_are_the_formula_bench_window_decode_measures() -> No
     rows, windows, k = p.shape.rollouts * dp, p.shape.candidates * dp, cfg.objective.detection.window
     expected = in_process_window_seconds(p.teacher, rows, windows, p.shape.seq, k, rate, False)
     assert p.step_time.seconds["teacher windows (in-process, per rollout, KV cache)"] == pytest.approx(expected)
-    prefill, once = (in_process_window_seconds(p.teacher, rows, windows, p.shape.seq, n, rate, False) for n in (0, 1))
-    assert 0 < prefill < once and expected - prefill == pytest.approx(k * (once - prefill))
 
 
 def test_a_served_teacher_whose_caches_cannot_hold_the_step_scores_and_samples_in_parts() -> None:

@@ -172,11 +172,14 @@ class _WindowDecoder:
             pos[r, cols], anchor[r, cols], window[r, cols] = j + 1 + blocks, j, g
         free = window[:, s:] < 0  # columns of no window (a row with fewer than c windows): they see column 0 only
         anchor[:, s:][free], pos[:, s:][free] = 0, 0
-        q = torch.arange(total).view(1, total, 1)
-        key = torch.arange(total).view(1, 1, total)
+        # the [b, total, total] comparisons on the device: on a GPU, building them on the host would cost more than
+        # the decode forwards (bench/window_decode.py)
+        window, anchor = window.to(device), anchor.to(device)
+        q = torch.arange(total, device=device).view(1, total, 1)
+        key = torch.arange(total, device=device).view(1, 1, total)
         same = (window.unsqueeze(2) == window.unsqueeze(1)) & (window.unsqueeze(2) >= 0) & (key <= q)
         allowed = (key <= anchor.unsqueeze(2)) | same
-        return pos.to(device), (~allowed).unsqueeze(1).to(device)
+        return pos.to(device), (~allowed).unsqueeze(1)
 
     def run(self) -> list[Generation]:
         from megatron.core.inference.contexts import StaticInferenceContext
