@@ -120,7 +120,7 @@ def measure(rank: int, world: int, model_dir: str, shape: Shape) -> dict[str, fl
     lm = build_model(cfg, par, role="teacher")
     for m in lm.modules:
         m.eval()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if shape.device == "cuda" else torch.device("cpu")
     gen = torch.Generator().manual_seed(11)
     rows = torch.randint(0, shape.vocab, (shape.rows, shape.seq), generator=gen)
     s1 = shape.seq - 1
@@ -150,13 +150,14 @@ def measure(rank: int, world: int, model_dir: str, shape: Shape) -> dict[str, fl
 def planned(model_dir: str, shape: Shape, rate: float) -> dict[str, float]:
     """The planner's in-process windows for this shape at `rate`: the prefill term alone and the whole formula."""
     from topd_megatron.plan.architecture import resolve
-    from topd_megatron.plan.step_time import forward_seconds, in_process_window_seconds
+    from topd_megatron.plan.step_time import in_process_window_seconds
 
     arch, _ = resolve(model_dir)
-    whole = in_process_window_seconds(
-        arch, shape.rows, shape.rows * shape.windows, shape.seq, shape.window, rate, fp8=False
+    prefill, whole = (
+        in_process_window_seconds(arch, shape.rows, shape.rows * shape.windows, shape.seq, k, rate, fp8=False)
+        for k in (0, shape.window)
     )
-    return {"prefill_s": forward_seconds(arch, shape.rows * shape.seq, shape.seq, rate, False), "whole_s": whole}
+    return {"prefill_s": prefill, "whole_s": whole}
 
 
 def make_model(shape: Shape, out: Path) -> Path:
