@@ -10,7 +10,8 @@ bound, and the one figure between the qwen3 recipe's served-teacher plan and its
 - `--rows` rollout rows of `--seq` random tokens, `--windows` windows per row at distinct random anchors in each row's
   second half, K = `--window` tokens each, temperature 1, all rows in one KV cache (`sample_windows_packed`);
 - the prefill alone (a call with K = 1: the rows' prefill and each window's first token) and the whole call (the
-  prefill, then K - 1 decode forwards of every window at once): the median of `--rounds` timed calls after a warm-up;
+  prefill, then K - 1 decode forwards of every window at once), one of each per round for `--rounds` rounds after a
+  warm-up (a round's decode: its whole call minus its prefill call); the median and the min-max over the rounds;
 - the planner's formula for the same shape, at the FLOP rate a dense matmul of the model's width reaches on this
   device in `--dtype` in the same run (the best a forward's GEMMs reach here, standing in for peak x MFU).
 
@@ -67,7 +68,7 @@ class Shape:
     device: str = "cpu"
     threads: int = 1
     """CPU threads of the timed rank (on CUDA torch's default is kept: the host only launches kernels)."""
-    rounds: int = 3
+    rounds: int = 5
 
     def __post_init__(self) -> None:
         if self.windows > self.seq // 2 - 1:
@@ -106,7 +107,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(rank: int, world: int, model_dir: str, shape: Shape) -> dict[str, float]:
-    """On one rank: the GEMM rate, then the prefill-only and whole calls' median seconds."""
+    """On one rank: the GEMM rate, then the seconds of each round's prefill-only and whole call."""
     from topd_megatron.distributed.parallel import ParallelConfig, init_model_parallel
     from topd_megatron.models.build import ModelConfig, build_model
     from topd_megatron.rollout.engine import SamplingParams
@@ -142,8 +143,10 @@ def measure(rank: int, world: int, model_dir: str, shape: Shape) -> dict[str, fl
 
     rate = gemm_rate(shape, device)
     call(shape.window)  # warm-up
-    prefill = statistics.median(call(1) for _ in range(shape.rounds))
-    whole = statistics.median(call(shape.window) for _ in range(shape.rounds))
+    prefill, whole = [], []
+    for _ in range(shape.rounds):  # a prefill-only call, then a whole call: the decode of a round is their difference
+        prefill.append(call(1))
+        whole.append(call(shape.window))
     return {"gemm_rate": rate, "prefill_s": prefill, "whole_s": whole}
 
 
@@ -217,32 +220,44 @@ def main(argv: list[str] | None = None) -> int:
         m = spawn(measure, 1, (model_dir, shape), timeout=1800)[0]
         p = planned(model_dir, shape, m["gemm_rate"])
     k = shape.window
+    decode = [w - f for f, w in zip(m["prefill_s"], m["whole_s"], strict=True)]
     rows = [
         ("prefill (K = 1)", m["prefill_s"], p["prefill_s"]),
-        (f"{k - 1} decode forwards", m["whole_s"] - m["prefill_s"], (p["whole_s"] - p["prefill_s"]) * (k - 1) / k),
+        (f"{k - 1} decode forwards", decode, (p["whole_s"] - p["prefill_s"]) * (k - 1) / k),
         ("whole call", m["whole_s"], p["whole_s"]),
     ]
     title = (
         f"{shape.rows} rows x {shape.seq} tokens, {shape.windows} windows per row, K = {k}; {shape.layers} layers of"
         f" {shape.hidden}, {shape.dtype} on {shape.device}; GEMM rate {m['gemm_rate'] / 1e12:.3f} TFLOP/s"
     )
+    table_rows = [
+        (
+            name,
+            (
+                f"{statistics.median(meas):.4f} ({min(meas):.4f}-{max(meas):.4f})",
+                f"{plan:.4f}",
+                f"{plan / statistics.median(meas):.3f}",
+            ),
+        )
+        for name, meas, plan in rows
+    ]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"shape": asdict(shape), "measured": m, "planned": p}) + "\n")
     if args.markdown:
         print(title + "\n")
-        print("| part | measured s | planned s | planned / measured |")
+        print("| part | measured s, median (min-max) | planned s | planned / measured median |")
         print("|---|---:|---:|---:|")
-        for name, meas, plan in rows:
-            print(f"| {name} | {meas:.4f} | {plan:.4f} | {plan / meas:.3f} |")
+        for name, cells in table_rows:
+            print("| " + " | ".join((name, *cells)) + " |")
     else:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=title)
-        for col in ("part", "measured s", "planned s", "planned / measured"):
+        for col in ("part", "measured s, median (min-max)", "planned s", "planned / measured median"):
             table.add_column(col, justify="left" if col == "part" else "right")
-        for name, meas, plan in rows:
-            table.add_row(name, f"{meas:.4f}", f"{plan:.4f}", f"{plan / meas:.3f}")
+        for name, cells in table_rows:
+            table.add_row(name, *cells)
         Console(width=140).print(table)
     return 0
 
